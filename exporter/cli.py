@@ -1,0 +1,241 @@
+"""Command line, wiring and signals.
+
+Flags follow Prometheus' conventions and win over the config file. SIGTERM/SIGINT stop
+gracefully (in-flight responses finish, NVML is shut down, exit 0); SIGHUP reloads the config
+file, keeping the old configuration if the new one is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from exporter import __version__, logs
+from exporter.collectors import COLLECTORS
+from exporter.config import (
+    DEFAULT_LISTEN_ADDRESS,
+    Config,
+    ConfigError,
+    Overrides,
+    apply_overrides,
+    load_config,
+)
+from exporter.nvml import Driver, PynvmlDriver
+from exporter.sampler import Sampler
+from exporter.simulate import SimulatedDriver, fleet_description
+from exporter.web import WebServer
+
+log = logging.getLogger("exporter")
+
+EXIT_CONFIG = 2
+# Graceful stop must fit in the 5 s most orchestrators wait before SIGKILL... with margin.
+HTTP_GRACE_SECONDS = 2.5
+SAMPLER_GRACE_SECONDS = 1.5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nvml-exporter",
+        description="Prometheus exporter for NVIDIA GPUs, sampling NVML in the background.",
+    )
+    parser.add_argument(
+        "--config.file",
+        dest="config_file",
+        metavar="PATH",
+        help="YAML configuration file (default: built-in defaults)",
+    )
+    parser.add_argument(
+        "--config.check",
+        dest="config_check",
+        action="store_true",
+        help="validate the configuration and exit (0 valid, 2 invalid)",
+    )
+    parser.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        metavar="HOST:PORT",
+        help=f"address to serve on (default {DEFAULT_LISTEN_ADDRESS})",
+    )
+    parser.add_argument(
+        "--sampling.interval",
+        dest="interval",
+        metavar="DURATION",
+        help="how often NVML is read, e.g. 1s or 500ms (default 1s)",
+    )
+    parser.add_argument(
+        "--log.level",
+        dest="log_level",
+        metavar="LEVEL",
+        help="debug, info, warn or error (default info)",
+    )
+    parser.add_argument(
+        "--log.format", dest="log_format", metavar="FORMAT", help="logfmt or json (default logfmt)"
+    )
+    parser.add_argument(
+        "--simulate",
+        dest="simulate",
+        metavar="N",
+        nargs="?",
+        const=8,
+        type=int,
+        help="serve a simulated fleet of N GPUs (default 8) instead of real NVML",
+    )
+    for name, cls in COLLECTORS.items():
+        state = "on" if cls.default_enabled else "off"
+        parser.add_argument(
+            f"--collector.{name}",
+            dest=f"collector_{name}",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=f"enable the {name} collector (default {state})",
+        )
+    parser.add_argument("--version", action="version", version=f"nvml-exporter {__version__}")
+    return parser
+
+
+def _normalise_no_flags(argv: Sequence[str]) -> list[str]:
+    """Also accepts `--collector.X=true|false`, as some Prometheus exporters do."""
+    out = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if sep and name.startswith("--collector.") and value.lower() in ("false", "true"):
+            out.append(name if value.lower() == "true" else "--no-" + name[2:])
+        else:
+            out.append(arg)
+    return out
+
+
+def overrides_from(args: argparse.Namespace) -> Overrides:
+    if args.simulate is not None and not 1 <= args.simulate <= 64:
+        raise ConfigError(f"--simulate: must be between 1 and 64, got {args.simulate}")
+    collectors = {
+        name: value
+        for name in COLLECTORS
+        if (value := getattr(args, f"collector_{name}")) is not None
+    }
+    return Overrides(
+        listen_address=args.listen_address,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        interval=args.interval,
+        simulate=args.simulate,
+        collectors=collectors,
+    )
+
+
+def load(args: argparse.Namespace) -> Config:
+    return apply_overrides(load_config(args.config_file), overrides_from(args))
+
+
+def make_driver(config: Config) -> Driver:
+    if config.backend == "simulated":
+        return SimulatedDriver(config.simulation)
+    return PynvmlDriver()
+
+
+class App:
+    def __init__(self, args: argparse.Namespace, config: Config, sampler: Sampler) -> None:
+        self.args = args
+        self.config = config
+        self.sampler = sampler
+        self.stopping = asyncio.Event()
+
+    def reload(self) -> None:
+        try:
+            new = load(self.args)
+        except ConfigError as err:
+            self.sampler.reload_successful = False
+            log.error(
+                "configuration reload failed; keeping the running configuration",
+                extra={"reason": str(err)},
+            )
+            return
+        restart_only = [
+            key
+            for key, old_value, new_value in (
+                ("web", self.config.web, new.web),
+                ("backend", self.config.backend, new.backend),
+                ("simulation", self.config.simulation, new.simulation),
+            )
+            if old_value != new_value
+        ]
+        if restart_only:
+            log.warning(
+                "configuration changes that take effect only after a restart",
+                extra={"keys": ",".join(restart_only)},
+            )
+            new = dataclasses.replace(
+                new,
+                web=self.config.web,
+                backend=self.config.backend,
+                simulation=self.config.simulation,
+            )
+        logs.setup(new.log.level, new.log.format)
+        self.sampler.reconfigure(new)
+        self.sampler.reload_successful = True
+        self.sampler.reload_timestamp = time.time()
+        self.config = new
+        log.info("configuration reloaded", extra={"source": new.source})
+
+    async def serve(self) -> int:
+        server = WebServer(self.sampler, self.config.web, self.config.backend)
+        try:
+            await server.start()
+        except OSError as err:
+            log.error(
+                "cannot listen",
+                extra={
+                    "address": self.config.web.listen_address,
+                    "reason": err.strerror or str(err),
+                },
+            )
+            self.sampler.stop(SAMPLER_GRACE_SECONDS)
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.stopping.wait()
+        log.info("shutting down")
+        await server.close(HTTP_GRACE_SECONDS)
+        clean = await loop.run_in_executor(None, self.sampler.stop, SAMPLER_GRACE_SECONDS)
+        if not clean:
+            log.warning("an NVML call was still running; exiting without nvmlShutdown")
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_normalise_no_flags(sys.argv[1:] if argv is None else argv))
+    try:
+        config = load(args)
+    except ConfigError as err:
+        print(f"nvml-exporter: invalid configuration: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.config_check:
+        print(f"nvml-exporter: configuration is valid ({config.source})")
+        return 0
+    logs.setup(config.log.level, config.log.format)
+    if config.backend == "simulated":
+        log.warning(
+            "serving a SIMULATED fleet, not real GPUs",
+            extra={"fleet": fleet_description(config.simulation)},
+        )
+    log.info(
+        "starting",
+        extra={
+            "version": __version__,
+            "config": config.source,
+            "interval": f"{config.sampling.interval:g}s",
+            "collectors": ",".join(config.enabled_collectors()),
+        },
+    )
+    sampler = Sampler(config, make_driver(config))
+    sampler.start()
+    return asyncio.run(App(args, config, sampler).serve())

@@ -1,0 +1,34 @@
+"""The collector registry: name -> class, and each collector's default on/off."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from exporter.collectors.base import Collector, Emitter, MetricSpec
+from exporter.collectors.clocks import ClocksCollector
+from exporter.collectors.info import InfoCollector
+from exporter.collectors.memory import MemoryCollector
+from exporter.collectors.power import PowerCollector
+from exporter.collectors.thermal import ThermalCollector
+from exporter.collectors.utilization import UtilizationCollector
+
+COLLECTORS: Mapping[str, type[Collector]] = MappingProxyType(
+    {
+        cls.name: cls
+        for cls in (
+            InfoCollector,
+            UtilizationCollector,
+            MemoryCollector,
+            PowerCollector,
+            ThermalCollector,
+            ClocksCollector,
+        )
+    }
+)
+
+COLLECTOR_DEFAULTS: Mapping[str, bool] = MappingProxyType(
+    {name: cls.default_enabled for name, cls in COLLECTORS.items()}
+)
+
+__all__ = ["COLLECTORS", "COLLECTOR_DEFAULTS", "Collector", "Emitter", "MetricSpec"]

@@ -1,0 +1,434 @@
+"""YAML configuration: parsed into frozen dataclasses, validated strictly.
+
+Every error names the key path and the reason, so an operator can fix a file at 3 a.m. without
+reading code. Validation happens before anything binds a port or touches NVML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import yaml
+
+from exporter.collectors import COLLECTOR_DEFAULTS
+
+DEFAULT_PORT = 9471
+DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("logfmt", "json")
+BACKENDS = ("nvml", "simulated")
+FAULT_KINDS = ("lost", "unsupported", "slow", "init_failure")
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as `source: key.path: reason`."""
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    listen_address: str = DEFAULT_LISTEN_ADDRESS
+    # Beyond this many requests in flight the server answers 503 instead of queueing.
+    max_requests: int = 40
+    # Time a client gets to send a complete request head; guards against slow clients.
+    read_timeout: float = 10.0
+    # Idle keep-alive connections are closed after this long.
+    idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    interval: float = 1.0
+    # Deadline for reading all devices in one sample; None means "the interval".
+    timeout: float | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self.timeout if self.timeout is not None else self.interval
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "logfmt"
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """A fault the simulated backend injects, for demos and fault-handling tests."""
+
+    kind: str
+    device: int | None = None  # None: every device (or the library, for init_failure)
+    function: str | None = None  # for `unsupported` and `slow`; None means every function
+    start: float = 0.0  # seconds after the simulation starts
+    duration: float | None = None  # None: until the process ends
+    delay: float = 0.0  # for `slow`
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    devices: int = 8
+    model: str = "NVIDIA H200"
+    seed: int = 0
+    processes_per_device: int = 2
+    faults: tuple[FaultConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str = "<defaults>"
+    backend: str = "nvml"
+    web: WebConfig = field(default_factory=WebConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Selected devices by index or UUID; empty means every device NVML reports.
+    devices: tuple[int | str, ...] = ()
+    collectors: Mapping[str, bool] = field(
+        default_factory=lambda: MappingProxyType(dict(COLLECTOR_DEFAULTS))
+    )
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def enabled_collectors(self) -> tuple[str, ...]:
+        return tuple(name for name, on in self.collectors.items() if on)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line flags; each one that is set wins over the file."""
+
+    listen_address: str | None = None
+    log_level: str | None = None
+    log_format: str | None = None
+    interval: str | None = None
+    simulate: int | None = None
+    collectors: Mapping[str, bool] = field(default_factory=dict)
+
+
+# --- value parsers: each takes (value, path) and raises ConfigError naming the path -------------
+
+T = TypeVar("T")
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class _Invalid(Exception):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+def parse_duration(value: object, path: str) -> float:
+    """Seconds from a number or a Prometheus-style duration such as `500ms`, `1m30s`."""
+    if isinstance(value, bool):
+        raise _Invalid(path, f"must be a duration like 1s or 500ms, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        parts = _DURATION_PART.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    raise _Invalid(path, f"must be a duration like 1s or 500ms, got {value!r}")
+
+
+def _positive_duration(value: object, path: str, *, minimum: float, maximum: float) -> float:
+    seconds = parse_duration(value, path)
+    if seconds <= 0:
+        raise _Invalid(path, f"must be > 0, got {value!r}")
+    if seconds < minimum or seconds > maximum:
+        raise _Invalid(path, f"must be between {minimum:g}s and {maximum:g}s, got {value!r}")
+    return seconds
+
+
+def _int(value: object, path: str, *, minimum: int, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(path, f"must be an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise _Invalid(path, f"must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _str(value: object, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(path, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _choice(value: object, path: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _Invalid(path, f"must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(path, f"must be true or false, got {value!r}")
+    return value
+
+
+def parse_listen_address(value: object, path: str) -> str:
+    """Accepts `host:port`, `:port` (all interfaces) and `[v6]:port`; port 0 picks a free port."""
+    text = _str(value, path)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise _Invalid(path, f"must be host:port with a port from 0 to 65535, got {text!r}")
+    if host.startswith("[") != host.endswith("]"):
+        raise _Invalid(path, f"has an unbalanced IPv6 bracket: {text!r}")
+    if ":" in host and not host.startswith("["):
+        raise _Invalid(path, f"IPv6 hosts must be bracketed, e.g. [::1]:{port}, got {text!r}")
+    return text
+
+
+def split_listen_address(address: str) -> tuple[str | None, int]:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    return (host or None), int(port)
+
+
+def _mapping(value: object, path: str, known: tuple[str, ...]) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Invalid(path, f"must be a mapping, got {type(value).__name__}")
+    for key in value:
+        if key not in known:
+            raise _Invalid(_join(path, str(key)), f"unknown key (known: {', '.join(known)})")
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _section(
+    cls: type[T],
+    raw: object,
+    path: str,
+    parsers: Mapping[str, Callable[[object, str], Any]],
+) -> T:
+    """Builds dataclass `cls` from `raw`, parsing each present key with its parser."""
+    data = _mapping(raw, path, tuple(parsers))
+    values = {key: parsers[key](data[key], _join(path, key)) for key in data}
+    return cls(**values)
+
+
+def _optional(parser: Callable[[object, str], T]) -> Callable[[object, str], T | None]:
+    def parse(value: object, path: str) -> T | None:
+        return None if value is None else parser(value, path)
+
+    return parse
+
+
+def _parse_interval(value: object, path: str) -> float:
+    return _positive_duration(value, path, minimum=0.05, maximum=3600)
+
+
+def _parse_web(raw: object, path: str) -> WebConfig:
+    return _section(
+        WebConfig,
+        raw,
+        path,
+        {
+            "listen_address": parse_listen_address,
+            "max_requests": lambda v, p: _int(v, p, minimum=1, maximum=10_000),
+            "read_timeout": lambda v, p: _positive_duration(v, p, minimum=0.1, maximum=600),
+            "idle_timeout": lambda v, p: _positive_duration(v, p, minimum=0.1, maximum=3600),
+        },
+    )
+
+
+def _parse_sampling(raw: object, path: str) -> SamplingConfig:
+    sampling = _section(
+        SamplingConfig,
+        raw,
+        path,
+        {
+            "interval": _parse_interval,
+            "timeout": _optional(lambda v, p: _positive_duration(v, p, minimum=0.01, maximum=3600)),
+        },
+    )
+    if sampling.timeout is not None and sampling.timeout > sampling.interval:
+        raise _Invalid(
+            _join(path, "timeout"),
+            f"must not exceed sampling.interval ({sampling.interval:g}s), "
+            f"got {sampling.timeout:g}s",
+        )
+    return sampling
+
+
+def _parse_log(raw: object, path: str) -> LogConfig:
+    return _section(
+        LogConfig,
+        raw,
+        path,
+        {
+            "level": lambda v, p: _choice(v, p, LOG_LEVELS),
+            "format": lambda v, p: _choice(v, p, LOG_FORMATS),
+        },
+    )
+
+
+def _parse_devices(raw: object, path: str) -> tuple[int | str, ...]:
+    if raw is None or raw == "all":
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise _Invalid(path, f"must be `all` or a non-empty list of indexes or UUIDs, got {raw!r}")
+    selected: list[int | str] = []
+    for i, item in enumerate(raw):
+        item_path = f"{path}[{i}]"
+        if isinstance(item, str) and item.startswith(("GPU-", "MIG-")):
+            selected.append(item)
+        else:
+            selected.append(_int(item, item_path, minimum=0, maximum=1023))
+    if len(set(selected)) != len(selected):
+        raise _Invalid(path, "lists a device twice")
+    return tuple(selected)
+
+
+def _parse_collectors(raw: object, path: str) -> Mapping[str, bool]:
+    data = _mapping(raw, path, tuple(COLLECTOR_DEFAULTS))
+    merged = dict(COLLECTOR_DEFAULTS)
+    for name, on in data.items():
+        merged[name] = _bool(on, _join(path, name))
+    return MappingProxyType(merged)
+
+
+def _parse_fault(raw: object, path: str) -> FaultConfig:
+    if isinstance(raw, dict) and "kind" not in raw:
+        raise _Invalid(_join(path, "kind"), f"is required (one of {', '.join(FAULT_KINDS)})")
+    fault = _section(
+        FaultConfig,
+        raw,
+        path,
+        {
+            "kind": lambda v, p: _choice(v, p, FAULT_KINDS),
+            "device": _optional(lambda v, p: _int(v, p, minimum=0, maximum=1023)),
+            "function": _optional(_str),
+            "start": parse_duration,
+            "duration": _optional(
+                lambda v, p: _positive_duration(v, p, minimum=0.001, maximum=10**7)
+            ),
+            "delay": lambda v, p: _positive_duration(v, p, minimum=0.001, maximum=3600),
+        },
+    )
+    if fault.kind == "slow" and fault.delay <= 0:
+        raise _Invalid(_join(path, "delay"), "is required for a `slow` fault")
+    return fault
+
+
+def _parse_faults(raw: object, path: str) -> tuple[FaultConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise _Invalid(path, f"must be a list, got {type(raw).__name__}")
+    return tuple(_parse_fault(item, f"{path}[{i}]") for i, item in enumerate(raw))
+
+
+def _model(value: object, path: str) -> str:
+    from exporter.simulate import MODELS
+
+    return _choice(value, path, tuple(MODELS))
+
+
+def _parse_simulation(raw: object, path: str) -> SimulationConfig:
+    return _section(
+        SimulationConfig,
+        raw,
+        path,
+        {
+            "devices": lambda v, p: _int(v, p, minimum=1, maximum=64),
+            "model": _model,
+            "seed": lambda v, p: _int(v, p, minimum=0, maximum=2**31),
+            "processes_per_device": lambda v, p: _int(v, p, minimum=0, maximum=1000),
+            "faults": _parse_faults,
+        },
+    )
+
+
+_TOP_LEVEL: Mapping[str, Callable[[object, str], Any]] = {
+    "backend": lambda v, p: _choice(v, p, BACKENDS),
+    "web": _parse_web,
+    "sampling": _parse_sampling,
+    "log": _parse_log,
+    "devices": _parse_devices,
+    "collectors": _parse_collectors,
+    "simulation": _parse_simulation,
+}
+
+
+def parse_config(raw: object, source: str = "<config>") -> Config:
+    """Validates an already-loaded YAML document."""
+    try:
+        data = _mapping(raw, "", tuple(_TOP_LEVEL))
+        values = {key: _TOP_LEVEL[key](data[key], key) for key in data}
+    except _Invalid as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return Config(source=source, **values)
+
+
+def load_config(path: str | None) -> Config:
+    """Reads and validates a YAML file; no path means the built-in defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    return parse_config({} if raw is None else raw, path)
+
+
+def apply_overrides(config: Config, overrides: Overrides) -> Config:
+    """Applies command-line flags on top of the file, validating them the same way."""
+    try:
+        web, sampling, log = config.web, config.sampling, config.log
+        if overrides.listen_address is not None:
+            web = dataclasses.replace(
+                web,
+                listen_address=parse_listen_address(
+                    overrides.listen_address, "--web.listen-address"
+                ),
+            )
+        if overrides.interval is not None:
+            interval = _parse_interval(overrides.interval, "--sampling.interval")
+            timeout = sampling.timeout
+            if timeout is not None and timeout > interval:
+                timeout = None
+            sampling = SamplingConfig(interval=interval, timeout=timeout)
+        if overrides.log_level is not None:
+            log = dataclasses.replace(
+                log, level=_choice(overrides.log_level, "--log.level", LOG_LEVELS)
+            )
+        if overrides.log_format is not None:
+            log = dataclasses.replace(
+                log, format=_choice(overrides.log_format, "--log.format", LOG_FORMATS)
+            )
+    except _Invalid as err:
+        raise ConfigError(str(err)) from None
+    backend, simulation = config.backend, config.simulation
+    if overrides.simulate is not None:
+        backend = "simulated"
+        simulation = dataclasses.replace(simulation, devices=overrides.simulate)
+    collectors = MappingProxyType({**config.collectors, **overrides.collectors})
+    return dataclasses.replace(
+        config,
+        web=web,
+        sampling=sampling,
+        log=log,
+        backend=backend,
+        simulation=simulation,
+        collectors=collectors,
+    )

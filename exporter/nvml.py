@@ -1,0 +1,523 @@
+"""The one place that talks to NVML, and the one place that decides what its errors mean.
+
+`Driver` is the narrow surface the exporter needs, in NVML's raw units (mW, mJ, MHz, percent).
+`PynvmlDriver` implements it with `pynvml` (the only import of it in the project);
+`exporter.simulate.SimulatedDriver` implements it with a simulated fleet.
+
+`Device.read` applies the error policy for every call, whichever driver is behind it:
+- NOT_SUPPORTED, FUNCTION_NOT_FOUND, NO_PERMISSION, ARGUMENT_VERSION_MISMATCH: the value is absent;
+  remembered per device and call, so it is not attempted again every interval;
+- GPU_IS_LOST, RESET_REQUIRED, GPU_NOT_FOUND: the device is down (`DeviceLost`);
+- anything else: the value is absent this time, counted as an error, logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+
+import pynvml
+
+log = logging.getLogger(__name__)
+
+# NVML return codes, spelled once here so that the simulated backend speaks the same language.
+SUCCESS = 0
+UNINITIALIZED = 1
+INVALID_ARGUMENT = 2
+NOT_SUPPORTED = 3
+NO_PERMISSION = 4
+NOT_FOUND = 6
+INSUFFICIENT_SIZE = 7
+DRIVER_NOT_LOADED = 9
+TIMEOUT = 10
+LIBRARY_NOT_FOUND = 12
+FUNCTION_NOT_FOUND = 13
+GPU_IS_LOST = 15
+RESET_REQUIRED = 16
+ARGUMENT_VERSION_MISMATCH = 25
+GPU_NOT_FOUND = 28
+UNKNOWN = 999
+
+ABSENT_CODES = frozenset(
+    {NOT_SUPPORTED, FUNCTION_NOT_FOUND, NO_PERMISSION, ARGUMENT_VERSION_MISMATCH}
+)
+LOST_CODES = frozenset({GPU_IS_LOST, RESET_REQUIRED, GPU_NOT_FOUND})
+
+_ERROR_NAMES = {
+    UNINITIALIZED: "uninitialized",
+    INVALID_ARGUMENT: "invalid_argument",
+    NOT_SUPPORTED: "not_supported",
+    NO_PERMISSION: "no_permission",
+    NOT_FOUND: "not_found",
+    INSUFFICIENT_SIZE: "insufficient_size",
+    DRIVER_NOT_LOADED: "driver_not_loaded",
+    TIMEOUT: "timeout",
+    LIBRARY_NOT_FOUND: "library_not_found",
+    FUNCTION_NOT_FOUND: "function_not_found",
+    GPU_IS_LOST: "gpu_is_lost",
+    RESET_REQUIRED: "reset_required",
+    ARGUMENT_VERSION_MISMATCH: "argument_version_mismatch",
+    GPU_NOT_FOUND: "gpu_not_found",
+    UNKNOWN: "unknown",
+}
+
+# Enumerations from nvml.h that the collectors use.
+TEMPERATURE_GPU = 0
+CLOCK_GRAPHICS, CLOCK_SM, CLOCK_MEM, CLOCK_VIDEO = 0, 1, 2, 3
+PSTATE_UNKNOWN = 32
+ARCHITECTURES = {
+    2: "kepler",
+    3: "maxwell",
+    4: "pascal",
+    5: "volta",
+    6: "turing",
+    7: "ampere",
+    8: "ada",
+    9: "hopper",
+    10: "blackwell",
+    13: "rubin",
+}
+
+
+def error_name(code: int) -> str:
+    return _ERROR_NAMES.get(code, f"error_{code}")
+
+
+class NvmlError(Exception):
+    """An NVML return code other than SUCCESS, from either driver."""
+
+    def __init__(self, code: int, function: str = "") -> None:
+        super().__init__(f"{function or 'NVML'}: {error_name(code)} ({code})")
+        self.code = code
+        self.function = function
+
+
+class DeviceLost(Exception):
+    """The device stopped answering (fell off the bus, needs a reset)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def error_code(exc: BaseException) -> int | None:
+    """The NVML return code an exception stands for, or None if it is not an NVML error."""
+    if isinstance(exc, NvmlError):
+        return exc.code
+    if isinstance(exc, pynvml.NVMLError):
+        return int(exc.value)
+    if isinstance(exc, pynvml.NVMLLibraryMismatchError):
+        # pynvml raises this instead of FunctionNotFound for some unversioned wrappers.
+        return FUNCTION_NOT_FOUND
+    return None
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    total: int
+    used: int
+    free: int
+    reserved: int | None  # only the v2 call reports it
+
+
+@dataclass(frozen=True)
+class Utilization:
+    gpu: int  # percent of the sample period a kernel ran
+    memory: int  # percent of the sample period device memory was read or written
+
+
+Handle = Any
+
+
+class Driver(Protocol):
+    """What the exporter needs from NVML, in NVML's own units."""
+
+    def init(self) -> None: ...
+    def shutdown(self) -> None: ...
+    def driver_version(self) -> str: ...
+    def cuda_driver_version(self) -> int: ...
+    def device_count(self) -> int: ...
+    def device_handle(self, index: int) -> Handle: ...
+    def uuid(self, handle: Handle) -> str: ...
+    def name(self, handle: Handle) -> str: ...
+    def pci_bus_id(self, handle: Handle) -> str: ...
+    def serial(self, handle: Handle) -> str: ...
+    def vbios_version(self, handle: Handle) -> str: ...
+    def architecture(self, handle: Handle) -> int: ...
+    def minor_number(self, handle: Handle) -> int: ...
+    def utilization(self, handle: Handle) -> Utilization: ...
+    def memory(self, handle: Handle) -> MemoryInfo: ...
+    def temperature(self, handle: Handle, sensor: int) -> int: ...
+    def power_usage(self, handle: Handle) -> int: ...
+    def enforced_power_limit(self, handle: Handle) -> int: ...
+    def total_energy(self, handle: Handle) -> int: ...
+    def clock(self, handle: Handle, clock_type: int) -> int: ...
+    def fan_count(self, handle: Handle) -> int: ...
+    def fan_speed(self, handle: Handle, fan: int) -> int: ...
+    def performance_state(self, handle: Handle) -> int: ...
+
+
+def binding_version() -> str:
+    try:
+        return metadata.version("nvidia-ml-py")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class PynvmlDriver:
+    """`Driver` over the real library through pynvml's ctypes bindings."""
+
+    def __init__(self) -> None:
+        # Which variant of a versioned call works with the installed driver, learned once.
+        self._variant: dict[str, int] = {}
+        self._variant_lock = threading.Lock()
+
+    def _first_working(self, name: str, variants: Sequence[Callable[[], Any]]) -> Any:
+        """Calls the newest variant the library has; older drivers lack the versioned symbols."""
+        index = self._variant.get(name, 0)
+        while True:
+            try:
+                return variants[index]()
+            except pynvml.NVMLError as err:
+                retryable = err.value in (FUNCTION_NOT_FOUND, ARGUMENT_VERSION_MISMATCH)
+                if not retryable or index + 1 >= len(variants):
+                    raise
+                index += 1
+                with self._variant_lock:
+                    self._variant[name] = index
+
+    def init(self) -> None:
+        pynvml.nvmlInit()
+
+    def shutdown(self) -> None:
+        pynvml.nvmlShutdown()
+
+    def driver_version(self) -> str:
+        return str(pynvml.nvmlSystemGetDriverVersion())
+
+    def cuda_driver_version(self) -> int:
+        return int(pynvml.nvmlSystemGetCudaDriverVersion())
+
+    def device_count(self) -> int:
+        return int(pynvml.nvmlDeviceGetCount())
+
+    def device_handle(self, index: int) -> Handle:
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+    def uuid(self, handle: Handle) -> str:
+        return str(pynvml.nvmlDeviceGetUUID(handle))
+
+    def name(self, handle: Handle) -> str:
+        return str(pynvml.nvmlDeviceGetName(handle))
+
+    def pci_bus_id(self, handle: Handle) -> str:
+        bus_id = pynvml.nvmlDeviceGetPciInfo(handle).busId
+        return bus_id.decode() if isinstance(bus_id, bytes) else str(bus_id)
+
+    def serial(self, handle: Handle) -> str:
+        return str(pynvml.nvmlDeviceGetSerial(handle))
+
+    def vbios_version(self, handle: Handle) -> str:
+        return str(pynvml.nvmlDeviceGetVbiosVersion(handle))
+
+    def architecture(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetArchitecture(handle))
+
+    def minor_number(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetMinorNumber(handle))
+
+    def utilization(self, handle: Handle) -> Utilization:
+        rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+        return Utilization(gpu=int(rates.gpu), memory=int(rates.memory))
+
+    def memory(self, handle: Handle) -> MemoryInfo:
+        info = self._first_working(
+            "memory",
+            (
+                lambda: pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2),
+                lambda: pynvml.nvmlDeviceGetMemoryInfo(handle),
+            ),
+        )
+        return MemoryInfo(
+            total=int(info.total),
+            used=int(info.used),
+            free=int(info.free),
+            reserved=int(info.reserved) if hasattr(info, "reserved") else None,
+        )
+
+    def temperature(self, handle: Handle, sensor: int) -> int:
+        return int(
+            self._first_working(
+                "temperature",
+                (
+                    lambda: pynvml.nvmlDeviceGetTemperatureV(handle, sensor),
+                    lambda: pynvml.nvmlDeviceGetTemperature(handle, sensor),
+                ),
+            )
+        )
+
+    def power_usage(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetPowerUsage(handle))
+
+    def enforced_power_limit(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetEnforcedPowerLimit(handle))
+
+    def total_energy(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+
+    def clock(self, handle: Handle, clock_type: int) -> int:
+        return int(pynvml.nvmlDeviceGetClockInfo(handle, clock_type))
+
+    def fan_count(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetNumFans(handle))
+
+    def fan_speed(self, handle: Handle, fan: int) -> int:
+        return int(pynvml.nvmlDeviceGetFanSpeed_v2(handle, fan))
+
+    def performance_state(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetPerformanceState(handle))
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_UNKNOWN = object()
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    index: int
+    uuid: str
+    name: str = ""
+    pci_bus_id: str = ""
+    serial: str = ""
+    vbios_version: str = ""
+    architecture: str = ""
+    minor_number: int | None = None
+
+
+@dataclass(frozen=True)
+class System:
+    driver_version: str
+    cuda_driver_version: str
+
+
+class Device:
+    """One GPU: its handle, static identity, and the error policy for every read."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        handle: Handle,
+        identity: DeviceIdentity,
+        system: System = System("", ""),
+    ) -> None:
+        self.driver = driver
+        self.handle = handle
+        self.identity = identity
+        self.system = system
+        self._absent: set[tuple[str, tuple[object, ...]]] = set()
+        self._cached: dict[tuple[str, tuple[object, ...]], object] = {}
+        self._logged: set[tuple[str, int]] = set()
+        # Read by the sampler around each collector to attribute errors to it.
+        self.errors = 0
+        # Set when the device could not be opened at all; the sampler reports it down.
+        self.down_reason: str | None = None
+
+    @property
+    def index(self) -> int:
+        return self.identity.index
+
+    @property
+    def uuid(self) -> str:
+        return self.identity.uuid
+
+    def read(
+        self, fn: Callable[Concatenate[Handle, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T | None:
+        """Calls a driver method for this device; None when the value is not available."""
+        key = (fn.__name__, args)
+        if key in self._absent:
+            return None
+        try:
+            return fn(self.handle, *args, **kwargs)
+        except Exception as exc:
+            code = error_code(exc)
+            if code is None:
+                raise
+            if code in LOST_CODES:
+                raise DeviceLost(error_name(code)) from exc
+            if code in ABSENT_CODES:
+                self._absent.add(key)
+                log.debug(
+                    "value not available, not asking again",
+                    extra={"gpu": self.index, "call": fn.__name__, "reason": error_name(code)},
+                )
+                return None
+            self.errors += 1
+            if (fn.__name__, code) not in self._logged:
+                self._logged.add((fn.__name__, code))
+                log.warning(
+                    "NVML call failed; further failures of this kind are counted, not logged",
+                    extra={"gpu": self.index, "call": fn.__name__, "reason": error_name(code)},
+                )
+            return None
+
+    def cached(
+        self, fn: Callable[Concatenate[Handle, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T | None:
+        """Like `read`, for values that cannot change while the driver is loaded."""
+        key = (fn.__name__, args)
+        value = self._cached.get(key, _UNKNOWN)
+        if value is _UNKNOWN:
+            value = self.read(fn, *args, **kwargs)
+            if value is not None or key in self._absent:
+                self._cached[key] = value
+        return value  # type: ignore[return-value]
+
+    def is_absent(self, fn: Callable[..., object], *args: object) -> bool:
+        return (fn.__name__, args) in self._absent
+
+
+def _cuda_version_text(raw: int) -> str:
+    return f"{raw // 1000}.{raw % 1000 // 10}"
+
+
+class Session:
+    """NVML's lifecycle: init with capped exponential backoff, enumeration, shutdown."""
+
+    INITIAL_BACKOFF = 0.5
+    MAX_BACKOFF = 30.0
+
+    def __init__(
+        self,
+        driver: Driver,
+        selection: tuple[int | str, ...] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.driver = driver
+        self.selection = selection
+        self._clock = clock
+        self.up = False
+        self.devices: list[Device] = []
+        self.system = System(driver_version="", cuda_driver_version="")
+        self.total_devices = 0
+        self.last_error = ""
+        self.attempts = 0
+        self._backoff = self.INITIAL_BACKOFF
+        self._next_attempt = 0.0
+
+    def start(self) -> bool:
+        """Tries to initialise NVML unless backing off; True when NVML is up."""
+        if self.up:
+            return True
+        now = self._clock()
+        if now < self._next_attempt:
+            return False
+        self.attempts += 1
+        try:
+            self.driver.init()
+        except Exception as exc:
+            code = error_code(exc)
+            if code is None:
+                raise
+            self._failed(error_name(code), now)
+            return False
+        try:
+            self._enumerate()
+        except Exception as exc:
+            code = error_code(exc)
+            if code is None:
+                raise
+            self._shutdown_quietly()
+            self._failed(error_name(code), now)
+            return False
+        self.up = True
+        self._backoff = self.INITIAL_BACKOFF
+        log.info(
+            "NVML initialised",
+            extra={
+                "attempts": self.attempts,
+                "devices": self.total_devices,
+                "selected": len(self.devices),
+                "driver": self.system.driver_version,
+            },
+        )
+        return True
+
+    def _failed(self, reason: str, now: float) -> None:
+        first = self.last_error != reason
+        self.last_error = reason
+        self._next_attempt = now + self._backoff
+        (log.warning if first else log.debug)(
+            "NVML not available, will retry",
+            extra={"reason": reason, "retry_in": f"{self._backoff:g}s"},
+        )
+        self._backoff = min(self._backoff * 2, self.MAX_BACKOFF)
+
+    def _enumerate(self) -> None:
+        drv = self.driver
+        version = drv.driver_version()
+        try:
+            cuda = _cuda_version_text(drv.cuda_driver_version())
+        except Exception as exc:
+            if error_code(exc) is None:
+                raise
+            cuda = ""
+        self.system = System(driver_version=version, cuda_driver_version=cuda)
+        self.total_devices = drv.device_count()
+        devices = []
+        for index in range(self.total_devices):
+            try:
+                device = self._open(index)
+            except Exception as exc:
+                code = error_code(exc)
+                if code is None and not isinstance(exc, DeviceLost):
+                    raise
+                reason = exc.reason if isinstance(exc, DeviceLost) else error_name(code or UNKNOWN)
+                log.warning("GPU could not be opened", extra={"gpu": index, "reason": reason})
+                if self.selection and index not in self.selection:
+                    continue
+                device = Device(drv, None, DeviceIdentity(index=index, uuid=""), self.system)
+                device.down_reason = reason
+            if device is not None:
+                devices.append(device)
+        self.devices = devices
+
+    def _open(self, index: int) -> Device | None:
+        drv = self.driver
+        handle = drv.device_handle(index)
+        uuid = drv.uuid(handle)
+        if self.selection and index not in self.selection and uuid not in self.selection:
+            return None
+        device = Device(drv, handle, DeviceIdentity(index=index, uuid=uuid), self.system)
+        arch = device.read(drv.architecture)
+        device.identity = DeviceIdentity(
+            index=index,
+            uuid=uuid,
+            name=device.read(drv.name) or "",
+            pci_bus_id=device.read(drv.pci_bus_id) or "",
+            serial=device.read(drv.serial) or "",
+            vbios_version=device.read(drv.vbios_version) or "",
+            architecture=ARCHITECTURES.get(arch, "unknown") if arch is not None else "",
+            minor_number=device.read(drv.minor_number),
+        )
+        return device
+
+    def _shutdown_quietly(self) -> None:
+        try:
+            self.driver.shutdown()
+        except Exception as exc:
+            if error_code(exc) is None:
+                raise
+
+    def shutdown(self) -> None:
+        if self.up:
+            self.up = False
+            self.devices = []
+            self._shutdown_quietly()

@@ -1,0 +1,389 @@
+"""The background loop: every interval, read each device once and publish a new Snapshot.
+
+Each device is read on its own worker thread against a deadline, so a GPU whose NVML calls
+hang delays neither the other GPUs nor any scrape: it is reported down with reason `timeout`,
+and while its previous read is still outstanding it is skipped rather than piled on.
+Each collector runs in its own error boundary: an exception in one shows up as
+`nvml_collector_success{collector} 0` and costs nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+
+from prometheus_client import ProcessCollector
+from prometheus_client.metrics_core import Metric
+
+from exporter import __version__
+from exporter.collectors import COLLECTORS, Collector, Emitter, MetricSpec
+from exporter.collectors.base import Sample
+from exporter.config import Config
+from exporter.nvml import Device, DeviceLost, Driver, Session, binding_version
+from exporter.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+def _spec(name: str, type_: str, help_: str, labels: tuple[str, ...] = ()) -> MetricSpec:
+    return MetricSpec(name, type_, help_, labels=labels, per_device=False, source="exporter")
+
+
+NVML_UP = _spec("nvml_up", "gauge", "1 if NVML is initialised and devices were enumerated.")
+GPU_UP = MetricSpec(
+    "nvml_gpu_up",
+    "gauge",
+    "1 if the GPU answered this sample; 0 if it is lost, needs a reset or timed out.",
+    source="exporter (GPU_IS_LOST, RESET_REQUIRED, sample deadline)",
+)
+GPU_DEVICES = _spec("nvml_gpu_devices", "gauge", "Number of GPUs NVML reports on this host.")
+COLLECTOR_SUCCESS = _spec(
+    "nvml_collector_success",
+    "gauge",
+    "1 if the collector ran without errors on every device in the last sample.",
+    ("collector",),
+)
+COLLECTOR_DURATION = _spec(
+    "nvml_collector_duration_seconds",
+    "gauge",
+    "Time the collector took in the last sample, summed over devices.",
+    ("collector",),
+)
+COLLECTOR_ERRORS = _spec(
+    "nvml_collector_errors_total",
+    "counter",
+    "NVML errors (other than unsupported) and exceptions, by collector.",
+    ("collector",),
+)
+LAST_SAMPLE = _spec(
+    "nvml_last_sample_timestamp_seconds",
+    "gauge",
+    "Unix time the last sample completed; values are as fresh as this.",
+)
+SAMPLE_DURATION = _spec("nvml_sample_duration_seconds", "gauge", "Wall time the last sample took.")
+BUILD_INFO = _spec(
+    "nvml_exporter_build_info",
+    "info",
+    "Version of the exporter and its NVML binding; always 1.",
+    ("version", "python_version", "binding_version"),
+)
+BACKEND_INFO = _spec(
+    "nvml_exporter_backend_info",
+    "info",
+    "Which backend produced the data: nvml, or simulated for demos and tests; always 1.",
+    ("backend",),
+)
+RELOAD_SUCCESS = _spec(
+    "nvml_exporter_config_last_reload_successful",
+    "gauge",
+    "1 if the last configuration reload succeeded (or none was attempted).",
+)
+RELOAD_TIMESTAMP = _spec(
+    "nvml_exporter_config_last_reload_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the last successful configuration load.",
+)
+
+SELF_METRICS = (
+    NVML_UP,
+    GPU_UP,
+    GPU_DEVICES,
+    COLLECTOR_SUCCESS,
+    COLLECTOR_DURATION,
+    COLLECTOR_ERRORS,
+    LAST_SAMPLE,
+    SAMPLE_DURATION,
+    BUILD_INFO,
+    BACKEND_INFO,
+    RELOAD_SUCCESS,
+    RELOAD_TIMESTAMP,
+)
+
+
+@dataclass
+class DeviceResult:
+    samples: list[Sample] = field(default_factory=list)
+    # collector name -> (succeeded, seconds, errors)
+    status: dict[str, tuple[bool, float, int]] = field(default_factory=dict)
+    down_reason: str | None = None
+
+
+class _DeviceWorker:
+    """One daemon thread per GPU.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so one NVML call
+    hanging forever would keep a stopping exporter from ever exiting.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[Future[DeviceResult], Callable[[], DeviceResult]] | None
+        ]
+        self._jobs = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, call: Callable[[], DeviceResult]) -> Future[DeviceResult]:
+        future: Future[DeviceResult] = Future()
+        self._jobs.put((future, call))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, call = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        self._jobs.put(None)
+
+
+def _family(spec: MetricSpec, suffix: str) -> Metric:
+    help_text = spec.help + suffix
+    if spec.type == "counter":
+        return Metric(spec.name.removesuffix("_total"), help_text, "counter")
+    if spec.type == "info":
+        return Metric(spec.name.removesuffix("_info"), help_text, "info")
+    return Metric(spec.name, help_text, spec.type)
+
+
+class _FamilyBuilder:
+    """Merges samples from all devices into one family per spec, in first-seen order."""
+
+    def __init__(self, interval: float) -> None:
+        self._families: dict[MetricSpec, Metric] = {}
+        self._suffix = f" Sampled every {interval:g}s."
+
+    def add(self, spec: MetricSpec, labels: Sequence[str], value: float) -> None:
+        family = self._families.get(spec)
+        if family is None:
+            suffix = self._suffix if spec.per_device else ""
+            family = self._families[spec] = _family(spec, suffix)
+        family.add_sample(spec.name, dict(zip(spec.label_names, labels, strict=True)), value)
+
+    def add_device(self, device: Device, samples: Iterable[Sample]) -> None:
+        identity = (str(device.index), device.uuid)
+        for spec, labels, value in samples:
+            self.add(spec, identity + labels, value)
+
+    def families(self) -> list[Metric]:
+        return list(self._families.values())
+
+
+class Sampler:
+    def __init__(
+        self,
+        config: Config,
+        driver: Driver,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._clock = clock
+        self._wall = wall_clock
+        self.session = Session(driver, config.devices, clock=clock)
+        self._instances: dict[str, Collector] = {}
+        self.config = config
+        self._collectors = self._select(config)
+        self._workers: dict[int, _DeviceWorker] = {}
+        self._pending: dict[int, Future[DeviceResult]] = {}
+        self._error_totals = dict.fromkeys(COLLECTORS, 0)
+        self._down: dict[int, str] = {}
+        self._process = ProcessCollector(registry=None)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reload_successful = True
+        self.reload_timestamp = wall_clock()
+        self.ready = False
+        self.heartbeat = clock()
+        self.snapshot = Snapshot(self._static_families(), wall_clock())
+
+    # --- configuration ---------------------------------------------------------------------
+
+    def _select(self, config: Config) -> list[Collector]:
+        selected = []
+        for name in config.enabled_collectors():
+            if name not in self._instances:
+                self._instances[name] = COLLECTORS[name]()
+            selected.append(self._instances[name])
+        return selected
+
+    def reconfigure(self, config: Config) -> None:
+        """Applies a reloaded configuration from the next sample on."""
+        self._collectors = self._select(config)
+        if config.devices != self.config.devices:
+            self.session.selection = config.devices
+            self.session.shutdown()
+        self.config = config
+
+    # --- sampling ----------------------------------------------------------------------------
+
+    def _static_families(self) -> list[Metric]:
+        builder = _FamilyBuilder(self.config.sampling.interval)
+        builder.add(BUILD_INFO, (__version__, platform.python_version(), binding_version()), 1)
+        builder.add(BACKEND_INFO, (self.config.backend,), 1)
+        return builder.families()
+
+    def _worker(self, index: int) -> _DeviceWorker:
+        worker = self._workers.get(index)
+        if worker is None:
+            worker = self._workers[index] = _DeviceWorker(f"gpu{index}")
+        return worker
+
+    def _read_device(self, device: Device, collectors: Sequence[Collector]) -> DeviceResult:
+        result = DeviceResult()
+        out = Emitter()
+        for collector in collectors:
+            started = time.perf_counter()
+            errors_before = device.errors
+            try:
+                collector.collect(device, out)
+                errors = device.errors - errors_before
+            except DeviceLost as lost:
+                return DeviceResult(down_reason=lost.reason)
+            except Exception:
+                errors = device.errors - errors_before + 1
+                log.exception(
+                    "collector failed", extra={"collector": collector.name, "gpu": device.index}
+                )
+            result.status[collector.name] = (errors == 0, time.perf_counter() - started, errors)
+        result.samples = out.samples
+        return result
+
+    def _read_devices(self, devices: Sequence[Device], started: float) -> dict[int, DeviceResult]:
+        collectors = self._collectors
+        futures: dict[int, Future[DeviceResult]] = {}
+        results: dict[int, DeviceResult] = {}
+        for device in devices:
+            if device.down_reason is not None:
+                results[device.index] = DeviceResult(down_reason=device.down_reason)
+                continue
+            pending = self._pending.get(device.index)
+            if pending is not None and not pending.done():
+                results[device.index] = DeviceResult(down_reason="timeout")
+                continue
+            futures[device.index] = self._worker(device.index).submit(
+                functools.partial(self._read_device, device, collectors)
+            )
+        remaining = max(0.0, started + self.config.sampling.deadline - self._clock())
+        wait_futures(futures.values(), timeout=remaining)
+        for index, future in futures.items():
+            if future.done():
+                results[index] = future.result()
+                self._pending.pop(index, None)
+            else:
+                self._pending[index] = future
+                results[index] = DeviceResult(down_reason="timeout")
+        return results
+
+    def _note_transitions(
+        self, devices: Sequence[Device], results: dict[int, DeviceResult]
+    ) -> None:
+        for device in devices:
+            reason = results[device.index].down_reason
+            previous = self._down.get(device.index)
+            if reason is not None and previous != reason:
+                log.warning(
+                    "GPU down", extra={"gpu": device.index, "uuid": device.uuid, "reason": reason}
+                )
+                self._down[device.index] = reason
+            elif reason is None and previous is not None:
+                log.info("GPU up again", extra={"gpu": device.index, "uuid": device.uuid})
+                del self._down[device.index]
+
+    def sample_once(self) -> Snapshot:
+        started = self._clock()
+        self.heartbeat = started
+        up = self.session.start()
+        builder = _FamilyBuilder(self.config.sampling.interval)
+        builder.add(NVML_UP, (), 1 if up else 0)
+        devices = self.session.devices if up else []
+        results = self._read_devices(devices, started) if devices else {}
+        self._note_transitions(devices, results)
+        if up:
+            builder.add(GPU_DEVICES, (), self.session.total_devices)
+        offline = [c for c in self._collectors if not c.reads_nvml]
+        status: dict[str, list[tuple[bool, float, int]]] = {}
+        for device in devices:
+            result = results[device.index]
+            identity = (str(device.index), device.uuid)
+            builder.add(GPU_UP, identity, 0 if result.down_reason else 1)
+            if result.down_reason is not None:
+                # Static identity stays visible for a down GPU, so alerts can name its serial.
+                out = Emitter()
+                for collector in offline:
+                    collector.collect(device, out)
+                builder.add_device(device, out.samples)
+                continue
+            builder.add_device(device, result.samples)
+            for name, outcome in result.status.items():
+                status.setdefault(name, []).append(outcome)
+        for name, outcomes in status.items():
+            self._error_totals[name] += sum(errors for _, _, errors in outcomes)
+            builder.add(COLLECTOR_SUCCESS, (name,), 1 if all(ok for ok, _, _ in outcomes) else 0)
+            builder.add(COLLECTOR_DURATION, (name,), sum(seconds for _, seconds, _ in outcomes))
+        for collector in self._collectors:
+            builder.add(COLLECTOR_ERRORS, (collector.name,), self._error_totals[collector.name])
+        finished = self._clock()
+        builder.add(SAMPLE_DURATION, (), finished - started)
+        builder.add(LAST_SAMPLE, (), self._wall())
+        builder.add(RELOAD_SUCCESS, (), 1 if self.reload_successful else 0)
+        builder.add(RELOAD_TIMESTAMP, (), self.reload_timestamp)
+        families = builder.families() + self._static_families() + list(self._process.collect())
+        snapshot = Snapshot(families, self._wall())
+        self.snapshot = snapshot
+        if up:
+            self.ready = True
+        return snapshot
+
+    # --- the thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_tick = self._clock()
+        while not self._stop.is_set():
+            try:
+                self.sample_once()
+            except Exception:
+                # A bug must not kill the loop: /healthz would stay green while nothing updates.
+                log.exception("sample failed")
+            next_tick += self.config.sampling.interval
+            now = self._clock()
+            next_tick = max(next_tick, now)
+            self._stop.wait(next_tick - now)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._thread.start()
+
+    def alive(self, now: float | None = None) -> bool:
+        """True while the loop keeps turning; a stuck loop fails liveness."""
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        sampling = self.config.sampling
+        allowance = sampling.interval + sampling.deadline + 10 * sampling.interval + 5
+        return (self._clock() if now is None else now) - self.heartbeat < allowance
+
+    def stop(self, timeout: float) -> bool:
+        """Stops the loop and shuts NVML down; False if a device read was still stuck."""
+        self._stop.set()
+        deadline = self._clock() + timeout
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - self._clock()))
+        stuck = [f for f in self._pending.values() if not f.done()]
+        for worker in self._workers.values():
+            worker.shutdown()
+        if stuck or (self._thread is not None and self._thread.is_alive()):
+            # nvmlShutdown while another thread is inside NVML is undefined; leave it to exit.
+            return False
+        self.session.shutdown()
+        return True

@@ -1,0 +1,387 @@
+"""HTTP: `/metrics`, `/`, `/healthz`, `/readyz`, on an asyncio server.
+
+asyncio rather than a thread per connection: idle and slow clients cost a little memory, not a
+thread each, and every read has a deadline. A scrape only reads the current Snapshot; it never
+calls NVML and never waits for the sampler.
+
+Deliberately small HTTP/1.1: GET and HEAD, keep-alive, bounded request heads, no request data
+ever reflected into a response, no stack traces to clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Protocol
+
+from exporter import __version__
+from exporter.config import WebConfig, split_listen_address
+from exporter.snapshot import Format, Snapshot
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADERS = 100
+MAX_DISCARDED_BODY = 64 * 1024
+STREAM_LIMIT = MAX_HEADER_BYTES + 2
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+_COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+_PAGE_HEADERS = {
+    **_COMMON_HEADERS,
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class MetricsSource(Protocol):
+    """What the web layer needs from the sampler."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+    @property
+    def ready(self) -> bool: ...
+    def alive(self) -> bool: ...
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str = "") -> None:
+        super().__init__(message or _REASONS.get(status, ""))
+        self.status = status
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    version: str
+    headers: dict[str, str]
+
+    @property
+    def keep_alive(self) -> bool:
+        connection = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in connection
+        return "close" not in connection
+
+
+def _quality(params: list[str]) -> float:
+    for param in params:
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "q":
+            try:
+                return max(0.0, min(1.0, float(value)))
+            except ValueError:
+                return 0.0
+    return 1.0
+
+
+def negotiate_format(accept: str) -> Format:
+    """OpenMetrics when the client prefers it (Prometheus does), else the classic text format."""
+    openmetrics_q = text_q = 0.0
+    for item in accept.split(","):
+        media, *params = item.split(";")
+        media = media.strip().lower()
+        q = _quality(params)
+        if media == "application/openmetrics-text":
+            openmetrics_q = max(openmetrics_q, q)
+        elif media in ("text/plain", "text/*", "*/*"):
+            text_q = max(text_q, q)
+    return Format.OPENMETRICS if openmetrics_q > 0 and openmetrics_q > text_q else Format.TEXT
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    for item in accept_encoding.split(","):
+        coding, *params = item.split(";")
+        if coding.strip().lower() in ("gzip", "x-gzip", "*") and _quality(params) > 0:
+            return True
+    return False
+
+
+class WebServer:
+    def __init__(self, source: MetricsSource, config: WebConfig, backend: str) -> None:
+        self._source = source
+        self._config = config
+        self._backend = backend
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: dict[asyncio.Task[None], bool] = {}  # task -> busy with a request
+        self._in_flight = 0
+        self._closing = False
+        self.addresses: list[tuple[str, int]] = []
+        self._landing = self._landing_page()
+
+    async def start(self) -> None:
+        host, port = split_listen_address(self._config.listen_address)
+        server = await asyncio.start_server(
+            self._on_connection, host=host, port=port, limit=STREAM_LIMIT, reuse_address=True
+        )
+        self._servers.append(server)
+        for sock in server.sockets:
+            name = sock.getsockname()
+            self.addresses.append((name[0], name[1]))
+        for addr, bound_port in self.addresses:
+            shown = f"[{addr}]" if ":" in addr else addr
+            log.info("listening", extra={"address": f"{shown}:{bound_port}"})
+
+    async def close(self, grace: float) -> None:
+        """Stops accepting, lets requests in progress finish (up to `grace`), drops idle ones."""
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        for task, busy in list(self._connections.items()):
+            if not busy:
+                task.cancel()
+        busy_tasks = [t for t, busy in self._connections.items() if busy]
+        if busy_tasks:
+            _, late = await asyncio.wait(busy_tasks, timeout=grace)
+            for task in late:
+                task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=1)
+
+    # --- connection handling -------------------------------------------------------------------
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = False
+        try:
+            await self._serve_connection(task, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("unexpected error while serving a connection")
+        finally:
+            self._connections.pop(task, None)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1)
+
+    async def _serve_connection(
+        self,
+        task: asyncio.Task[None],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        first = True
+        while not self._closing:
+            wait = self._config.read_timeout if first else self._config.idle_timeout
+            try:
+                line = await asyncio.wait_for(reader.readline(), wait)
+            except asyncio.TimeoutError:
+                if first:
+                    await self._send_error(writer, 408)
+                return
+            except ValueError:  # the line outgrew the stream limit
+                await self._send_error(writer, 414)
+                return
+            if not line:
+                return
+            first = False
+            self._connections[task] = True
+            try:
+                try:
+                    request = await asyncio.wait_for(
+                        self._read_request(line, reader), self._config.read_timeout
+                    )
+                except asyncio.TimeoutError:
+                    await self._send_error(writer, 408)
+                    return
+                except HttpError as err:
+                    await self._send_error(writer, err.status)
+                    return
+                keep_alive = request.keep_alive and not self._closing
+                if self._in_flight >= self._config.max_requests:
+                    await self._send_error(writer, 503, {"Retry-After": "1"})
+                    return
+                self._in_flight += 1
+                try:
+                    await self._respond(request, writer, keep_alive)
+                finally:
+                    self._in_flight -= 1
+                if not keep_alive:
+                    return
+            finally:
+                self._connections[task] = False
+
+    async def _read_request(self, line: bytes, reader: asyncio.StreamReader) -> Request:
+        if len(line) > MAX_REQUEST_LINE:
+            raise HttpError(414)
+        try:
+            text = line.decode("ascii").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise HttpError(400) from None
+        parts = text.split(" ")
+        if len(parts) != 3 or not all(parts):
+            raise HttpError(400)
+        method, target, version = parts
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            raise HttpError(505 if version.startswith("HTTP/") else 400)
+        if not method.isalpha() or not method.isupper():
+            raise HttpError(400)
+        path = self._path(target)
+        headers = await self._read_headers(reader)
+        await self._discard_body(headers, reader)
+        return Request(method=method, path=path, version=version, headers=headers)
+
+    @staticmethod
+    def _path(target: str) -> str:
+        if target.startswith(("http://", "https://")):
+            # Absolute form, as proxies send it: only the path matters.
+            rest = target.split("://", 1)[1]
+            target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+        if not target.startswith("/"):
+            raise HttpError(400)
+        return target.split("?", 1)[0].split("#", 1)[0]
+
+    @staticmethod
+    async def _read_headers(reader: asyncio.StreamReader) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        total = 0
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:
+                raise HttpError(431) from None
+            if not line:
+                raise asyncio.IncompleteReadError(b"", None)
+            if line in (b"\r\n", b"\n"):
+                return headers
+            total += len(line)
+            if total > MAX_HEADER_BYTES or len(headers) >= MAX_HEADERS:
+                raise HttpError(431)
+            if line[:1] in (b" ", b"\t"):
+                raise HttpError(400)  # obsolete line folding
+            name, sep, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if not sep or not name or any(c in name for c in ' \t()<>@,;\\"/[]?={}'):
+                raise HttpError(400)
+            value = value.strip()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+
+    @staticmethod
+    async def _discard_body(headers: dict[str, str], reader: asyncio.StreamReader) -> None:
+        if "transfer-encoding" in headers:
+            raise HttpError(501)
+        length_text = headers.get("content-length")
+        if length_text is None:
+            return
+        if not length_text.isdigit():
+            raise HttpError(400)
+        length = int(length_text)
+        if length > MAX_DISCARDED_BODY:
+            raise HttpError(413)
+        if length:
+            await reader.readexactly(length)
+
+    # --- responses ---------------------------------------------------------------------------
+
+    async def _respond(
+        self, request: Request, writer: asyncio.StreamWriter, keep_alive: bool
+    ) -> None:
+        if request.method not in ("GET", "HEAD"):
+            await self._send_error(writer, 405, {"Allow": "GET, HEAD"})
+            return
+        route: Callable[[Request], tuple[int, dict[str, str], bytes]] | None = {
+            "/metrics": self._metrics,
+            "/": self._landing_route,
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+        }.get(request.path)
+        if route is None:
+            await self._send(writer, 404, _text_headers(), b"Not Found\n", keep_alive=False)
+            return
+        status, headers, body = route(request)
+        await self._send(writer, status, headers, body, keep_alive, head=request.method == "HEAD")
+
+    def _metrics(self, request: Request) -> tuple[int, dict[str, str], bytes]:
+        fmt = negotiate_format(request.headers.get("accept", ""))
+        compressed = accepts_gzip(request.headers.get("accept-encoding", ""))
+        body = self._source.snapshot.body(fmt, compressed)
+        headers = {
+            **_COMMON_HEADERS,
+            "Content-Type": fmt.content_type,
+            "Vary": "Accept, Accept-Encoding",
+        }
+        if compressed:
+            headers["Content-Encoding"] = "gzip"
+        return 200, headers, body
+
+    def _landing_route(self, request: Request) -> tuple[int, dict[str, str], bytes]:
+        return 200, {**_PAGE_HEADERS, "Content-Type": "text/html; charset=utf-8"}, self._landing
+
+    def _healthz(self, request: Request) -> tuple[int, dict[str, str], bytes]:
+        if self._source.alive():
+            return 200, _text_headers(), b"ok\n"
+        return 503, _text_headers(), b"sampler is not running\n"
+
+    def _readyz(self, request: Request) -> tuple[int, dict[str, str], bytes]:
+        if self._source.ready:
+            return 200, _text_headers(), b"ready\n"
+        return 503, _text_headers(), b"not ready: no successful sample from NVML yet\n"
+
+    def _landing_page(self) -> bytes:
+        version = html.escape(__version__)
+        backend = html.escape(self._backend)
+        return (
+            '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>nvml-exporter</title>'
+            "</head><body><h1>nvml-exporter</h1>"
+            f"<p>Version {version}, backend {backend}.</p><ul>"
+            '<li><a href="/metrics">/metrics</a>: metrics</li>'
+            '<li><a href="/healthz">/healthz</a>: liveness</li>'
+            '<li><a href="/readyz">/readyz</a>: readiness</li>'
+            "</ul></body></html>\n"
+        ).encode()
+
+    async def _send_error(
+        self, writer: asyncio.StreamWriter, status: int, extra: dict[str, str] | None = None
+    ) -> None:
+        body = f"{_REASONS.get(status, 'Error')}\n".encode()
+        await self._send(writer, status, {**_text_headers(), **(extra or {})}, body, False)
+
+    async def _send(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        headers: dict[str, str],
+        body: bytes,
+        keep_alive: bool,
+        head: bool = False,
+    ) -> None:
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+        lines.append(f"Date: {formatdate(usegmt=True)}")
+        lines.extend(f"{name}: {value}" for name, value in headers.items())
+        lines.append(f"Content-Length: {len(body)}")
+        if not keep_alive:
+            lines.append("Connection: close")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if not head:
+            writer.write(body)
+        await asyncio.wait_for(writer.drain(), self._config.read_timeout)
+
+
+def _text_headers() -> dict[str, str]:
+    return {**_COMMON_HEADERS, "Content-Type": "text/plain; charset=utf-8"}
