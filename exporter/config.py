@@ -132,9 +132,11 @@ def parse_duration(value: object, path: str) -> float:
         return float(value)
     if isinstance(value, str):
         text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        text = text.removeprefix("-")
         parts = _DURATION_PART.findall(text)
         if parts and "".join(n + u for n, u in parts) == text:
-            return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+            return sign * sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
     raise _Invalid(path, f"must be a duration like 1s or 500ms, got {value!r}")
 
 
@@ -310,7 +312,7 @@ def _parse_fault(raw: object, path: str) -> FaultConfig:
         {
             "kind": lambda v, p: _choice(v, p, FAULT_KINDS),
             "device": _optional(lambda v, p: _int(v, p, minimum=0, maximum=1023)),
-            "function": _optional(_str),
+            "function": _optional(_device_call),
             "start": parse_duration,
             "duration": _optional(
                 lambda v, p: _positive_duration(v, p, minimum=0.001, maximum=10**7)
@@ -321,6 +323,12 @@ def _parse_fault(raw: object, path: str) -> FaultConfig:
     if fault.kind == "slow" and fault.delay <= 0:
         raise _Invalid(_join(path, "delay"), "is required for a `slow` fault")
     return fault
+
+
+def _device_call(value: object, path: str) -> str:
+    from exporter.nvml import DEVICE_CALLS
+
+    return _choice(value, path, DEVICE_CALLS)
 
 
 def _parse_faults(raw: object, path: str) -> tuple[FaultConfig, ...]:
@@ -338,7 +346,7 @@ def _model(value: object, path: str) -> str:
 
 
 def _parse_simulation(raw: object, path: str) -> SimulationConfig:
-    return _section(
+    simulation = _section(
         SimulationConfig,
         raw,
         path,
@@ -350,6 +358,13 @@ def _parse_simulation(raw: object, path: str) -> SimulationConfig:
             "faults": _parse_faults,
         },
     )
+    for i, fault in enumerate(simulation.faults):
+        if fault.device is not None and fault.device >= simulation.devices:
+            raise _Invalid(
+                f"{path}.faults[{i}].device",
+                f"must be below simulation.devices ({simulation.devices}), got {fault.device}",
+            )
+    return simulation
 
 
 _TOP_LEVEL: Mapping[str, Callable[[object, str], Any]] = {

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -160,6 +161,14 @@ class Driver(Protocol):
     def fan_count(self, handle: Handle) -> int: ...
     def fan_speed(self, handle: Handle, fan: int) -> int: ...
     def performance_state(self, handle: Handle) -> int: ...
+
+
+# Per-device calls by name: what a simulated `unsupported` or `slow` fault may target.
+DEVICE_CALLS = tuple(
+    name
+    for name, member in vars(Driver).items()
+    if callable(member) and "handle" in inspect.signature(member).parameters
+)
 
 
 def binding_version() -> str:

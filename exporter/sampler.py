@@ -33,8 +33,12 @@ from exporter.snapshot import Snapshot
 log = logging.getLogger(__name__)
 
 
-def _spec(name: str, type_: str, help_: str, labels: tuple[str, ...] = ()) -> MetricSpec:
-    return MetricSpec(name, type_, help_, labels=labels, per_device=False, source="exporter")
+def _spec(
+    name: str, type_: str, help_: str, labels: tuple[str, ...] = (), unit: str = ""
+) -> MetricSpec:
+    return MetricSpec(
+        name, type_, help_, labels=labels, unit=unit, per_device=False, source="exporter"
+    )
 
 
 NVML_UP = _spec("nvml_up", "gauge", "1 if NVML is initialised and devices were enumerated.")
@@ -56,6 +60,7 @@ COLLECTOR_DURATION = _spec(
     "gauge",
     "Time the collector took in the last sample, summed over devices.",
     ("collector",),
+    "seconds",
 )
 COLLECTOR_ERRORS = _spec(
     "nvml_collector_errors_total",
@@ -67,6 +72,7 @@ LAST_SAMPLE = _spec(
     "nvml_last_sample_timestamp_seconds",
     "gauge",
     "Unix time the last sample completed; values are as fresh as this.",
+    unit="seconds",
 )
 SAMPLE_DURATION = _spec("nvml_sample_duration_seconds", "gauge", "Wall time the last sample took.")
 BUILD_INFO = _spec(
@@ -90,6 +96,26 @@ RELOAD_TIMESTAMP = _spec(
     "nvml_exporter_config_last_reload_success_timestamp_seconds",
     "gauge",
     "Unix time of the last successful configuration load.",
+    unit="seconds",
+)
+
+
+def _process_spec(name: str, type_: str, help_: str, unit: str = "") -> MetricSpec:
+    return MetricSpec(
+        name, type_, help_, unit=unit, per_device=False, source="/proc/self (prometheus_client)"
+    )
+
+
+# Emitted by prometheus_client's ProcessCollector; listed so docs/metrics.md covers them.
+PROCESS_METRICS = (
+    _process_spec("process_cpu_seconds_total", "counter", "CPU time the exporter used.", "seconds"),
+    _process_spec("process_resident_memory_bytes", "gauge", "Resident memory.", "bytes"),
+    _process_spec("process_virtual_memory_bytes", "gauge", "Virtual memory.", "bytes"),
+    _process_spec(
+        "process_start_time_seconds", "gauge", "Unix time the process started.", "seconds"
+    ),
+    _process_spec("process_open_fds", "gauge", "Open file descriptors."),
+    _process_spec("process_max_fds", "gauge", "Limit on open file descriptors."),
 )
 
 SELF_METRICS = (

@@ -1,0 +1,59 @@
+"""docs/metrics.md lists exactly what the exporter emits, and is current with the code."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from exporter.collectors import MetricSpec
+from exporter.config import Config, SimulationConfig
+from exporter.metricsdoc import documented, render
+from exporter.sampler import Sampler
+from exporter.simulate import SimulatedDriver
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "metrics.md"
+
+
+def documented_in_file() -> set[str]:
+    return set(re.findall(r"^\| `([a-zA-Z_:][a-zA-Z0-9_:]*)` \|", DOC.read_text(), re.MULTILINE))
+
+
+def emitted_by_simulated_fleet(model: str) -> set[str]:
+    config = dataclasses.replace(
+        Config(backend="simulated"), simulation=SimulationConfig(devices=2, model=model)
+    )
+    sampler = Sampler(config, SimulatedDriver(config.simulation))
+    snapshot = sampler.sample_once()
+    return {sample.name for family in snapshot.families for sample in family.samples}
+
+
+def test_metrics_doc_is_generated_from_current_code() -> None:
+    assert DOC.read_text() == render(), (
+        "docs/metrics.md is stale: run `python -m exporter.metricsdoc > docs/metrics.md`"
+    )
+
+
+def test_doc_table_matches_the_specs() -> None:
+    assert documented_in_file() == set(documented())
+
+
+@pytest.mark.parametrize("spec", list(documented().values()), ids=lambda s: s.name)
+def test_every_metric_follows_the_naming_rules(spec: MetricSpec) -> None:
+    name, kind, unit = spec.name, spec.type, spec.unit
+    assert re.fullmatch(r"[a-z][a-z0-9_]*", name)
+    assert name.startswith(("nvml_", "process_"))
+    assert name.endswith("_total") == (kind == "counter")
+    if kind == "info":
+        assert name.endswith("_info")
+    if unit:
+        assert f"_{unit}" in name, f"{name} should carry its unit {unit}"
+
+
+def test_simulated_fleet_emits_exactly_the_documented_metrics() -> None:
+    # An H200 has no fans; an L40S has one: together they cover every default collector.
+    emitted = emitted_by_simulated_fleet("NVIDIA H200") | emitted_by_simulated_fleet("NVIDIA L40S")
+    assert emitted == documented_in_file()
