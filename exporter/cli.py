@@ -238,4 +238,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sampler = Sampler(config, make_driver(config))
     sampler.start()
+    sampler.wait_for_first_sample(config.sampling.deadline + 1)
     return asyncio.run(App(args, config, sampler).serve())

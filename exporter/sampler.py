@@ -227,6 +227,7 @@ class Sampler:
         self._down: dict[int, str] = {}
         self._process = ProcessCollector(registry=None)
         self._stop = threading.Event()
+        self._first_sample = threading.Event()
         self._thread: threading.Thread | None = None
         self.reload_successful = True
         self.reload_timestamp = wall_clock()
@@ -382,6 +383,7 @@ class Sampler:
             except Exception:
                 # A bug must not kill the loop: /healthz would stay green while nothing updates.
                 log.exception("sample failed")
+            self._first_sample.set()
             next_tick += self.config.sampling.interval
             now = self._clock()
             next_tick = max(next_tick, now)
@@ -390,6 +392,10 @@ class Sampler:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
         self._thread.start()
+
+    def wait_for_first_sample(self, timeout: float) -> bool:
+        """Lets start-up serve real data from the first scrape, without hanging on a sick GPU."""
+        return self._first_sample.wait(timeout)
 
     def alive(self, now: float | None = None) -> bool:
         """True while the loop keeps turning; a stuck loop fails liveness."""
