@@ -15,7 +15,7 @@ import platform
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -214,7 +214,9 @@ class Sampler:
         driver: Driver,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        registry: Mapping[str, type[Collector]] = COLLECTORS,
     ) -> None:
+        self._registry = registry
         self._clock = clock
         self._wall = wall_clock
         self.session = Session(driver, config.devices, clock=clock)
@@ -223,7 +225,7 @@ class Sampler:
         self._collectors = self._select(config)
         self._workers: dict[int, _DeviceWorker] = {}
         self._pending: dict[int, Future[DeviceResult]] = {}
-        self._error_totals = dict.fromkeys(COLLECTORS, 0)
+        self._error_totals = dict.fromkeys(registry, 0)
         self._down: dict[int, str] = {}
         self._process = ProcessCollector(registry=None)
         self._stop = threading.Event()
@@ -241,7 +243,7 @@ class Sampler:
         selected = []
         for name in config.enabled_collectors():
             if name not in self._instances:
-                self._instances[name] = COLLECTORS[name]()
+                self._instances[name] = self._registry[name]()
             selected.append(self._instances[name])
         return selected
 

@@ -136,7 +136,8 @@ class SimulatedDriver:
 
     def _advance(self, state: _DeviceState) -> None:
         """Steps the device's model up to the current simulated time."""
-        due = int(self.elapsed() / STEP_SECONDS)
+        # The epsilon keeps float noise in the clock from shifting a step boundary.
+        due = int(self.elapsed() / STEP_SECONDS + 1e-6)
         limit_w = self.power_limit_w[state.index]
         while state.steps < due:
             self._step(state, limit_w)

@@ -1,0 +1,227 @@
+"""The sampler: error boundaries, lost and hanging GPUs, NVML coming up late."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from types import MappingProxyType
+from typing import ClassVar
+
+from fakes import FakeClock
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.collectors import COLLECTORS, Collector, Emitter, MetricSpec
+from exporter.config import Config, FaultConfig, SamplingConfig, SimulationConfig
+from exporter.nvml import DRIVER_NOT_LOADED, Device, NvmlError
+from exporter.sampler import Sampler
+from exporter.simulate import SimulatedDriver
+from exporter.snapshot import Format, Snapshot
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def simulated(
+    devices: int = 4,
+    faults: tuple[FaultConfig, ...] = (),
+    interval: float = 1.0,
+    timeout: float | None = None,
+    clock: FakeClock | None = None,
+) -> Sampler:
+    config = dataclasses.replace(
+        Config(backend="simulated"),
+        sampling=SamplingConfig(interval=interval, timeout=timeout),
+        simulation=SimulationConfig(devices=devices, faults=faults),
+    )
+    if clock is None:
+        return Sampler(config, SimulatedDriver(config.simulation))
+    return Sampler(config, SimulatedDriver(config.simulation, clock=clock), clock=clock)
+
+
+def samples(snapshot: Snapshot) -> Samples:
+    text = snapshot.body(Format.TEXT, compressed=False).decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def by_gpu(found: Samples, name: str) -> dict[str, float]:
+    return {dict(labels)["gpu"]: v for (n, labels), v in found.items() if n == name}
+
+
+def gpus_with_any_series(found: Samples) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for name, labels in found:
+        gpu = dict(labels).get("gpu")
+        if gpu is not None:
+            out.setdefault(gpu, set()).add(name)
+    return out
+
+
+def test_one_sample_describes_every_gpu() -> None:
+    found = samples(simulated(devices=4).sample_once())
+    assert found[("nvml_up", frozenset())] == 1
+    assert found[("nvml_gpu_devices", frozenset())] == 4
+    assert by_gpu(found, "nvml_gpu_up") == {"0": 1, "1": 1, "2": 1, "3": 1}
+    assert len(by_gpu(found, "nvml_power_watts")) == 4
+    success = {
+        dict(k)["collector"]: v for (n, k), v in found.items() if n == "nvml_collector_success"
+    }
+    assert success == dict.fromkeys(
+        ("info", "utilization", "memory", "power", "thermal", "clocks"), 1.0
+    )
+
+
+def test_help_says_values_are_sampled_every_interval() -> None:
+    body = simulated(interval=2.5).sample_once().body(Format.TEXT, False).decode()
+    assert "# HELP nvml_power_watts Power draw of the whole board. Sampled every 2.5s." in body
+
+
+class BrokenCollector(Collector):
+    name = "broken"
+    metrics: ClassVar[tuple[MetricSpec, ...]] = ()
+
+    def collect(self, device: Device, out: Emitter) -> None:
+        raise RuntimeError("a bug in one collector")
+
+
+def test_an_exception_in_one_collector_costs_nothing_else() -> None:
+    registry = MappingProxyType({**COLLECTORS, "broken": BrokenCollector})
+    config = dataclasses.replace(
+        Config(backend="simulated"),
+        simulation=SimulationConfig(devices=2),
+        collectors=MappingProxyType({**dict.fromkeys(COLLECTORS, True), "broken": True}),
+    )
+    sampler = Sampler(config, SimulatedDriver(config.simulation), registry=registry)
+    sampler.sample_once()
+    found = samples(sampler.sample_once())
+    success = {
+        dict(k)["collector"]: v for (n, k), v in found.items() if n == "nvml_collector_success"
+    }
+    assert success["broken"] == 0
+    assert all(v == 1 for name, v in success.items() if name != "broken")
+    errors = {
+        dict(k)["collector"]: v for (n, k), v in found.items() if n == "nvml_collector_errors_total"
+    }
+    assert errors["broken"] == 4  # two devices, two samples
+    assert len(by_gpu(found, "nvml_temperature_celsius")) == 2
+    assert by_gpu(found, "nvml_gpu_up") == {"0": 1, "1": 1}
+
+
+def test_a_lost_gpu_is_down_without_stale_series_and_others_are_unaffected() -> None:
+    clock = FakeClock()
+    sampler = simulated(
+        devices=4,
+        faults=(FaultConfig(kind="lost", device=2, start=5, duration=10),),
+        clock=clock,
+    )
+    before = samples(sampler.sample_once())
+    assert by_gpu(before, "nvml_gpu_up")["2"] == 1
+    clock.advance(6)
+    during = samples(sampler.sample_once())
+    assert by_gpu(during, "nvml_gpu_up") == {"0": 1, "1": 1, "2": 0, "3": 1}
+    series = gpus_with_any_series(during)
+    assert series["2"] == {"nvml_gpu_up", "nvml_gpu_info"}
+    assert "nvml_power_watts" in series["0"] and "nvml_power_watts" in series["3"]
+    clock.advance(10)
+    after = samples(sampler.sample_once())
+    assert by_gpu(after, "nvml_gpu_up")["2"] == 1
+    assert "nvml_power_watts" in gpus_with_any_series(after)["2"]
+
+
+def test_a_hanging_gpu_misses_the_deadline_and_is_not_piled_on() -> None:
+    sampler = simulated(
+        devices=3,
+        faults=(
+            FaultConfig(kind="slow", device=1, function="power_usage", delay=0.6, duration=0.5),
+        ),
+        interval=0.2,
+        timeout=0.15,
+    )
+    started = time.monotonic()
+    first = samples(sampler.sample_once())
+    assert time.monotonic() - started < 0.4  # bounded by the deadline, not by the hang
+    assert by_gpu(first, "nvml_gpu_up") == {"0": 1, "1": 0, "2": 1}
+    assert len(by_gpu(first, "nvml_power_watts")) == 2
+    # The stuck read is still outstanding: the GPU is skipped, not queued behind it.
+    second = samples(sampler.sample_once())
+    assert by_gpu(second, "nvml_gpu_up")["1"] == 0
+    time.sleep(0.7)  # the hung call returns; the fault window has passed
+    third = samples(sampler.sample_once())
+    assert by_gpu(third, "nvml_gpu_up") == {"0": 1, "1": 1, "2": 1}
+
+
+def test_unsupported_value_is_absent_and_not_an_error() -> None:
+    sampler = simulated(
+        devices=2, faults=(FaultConfig(kind="unsupported", function="power_usage"),)
+    )
+    sampler.sample_once()
+    found = samples(sampler.sample_once())
+    assert by_gpu(found, "nvml_power_watts") == {}
+    assert len(by_gpu(found, "nvml_energy_joules_total")) == 2
+    assert found[("nvml_collector_success", frozenset({("collector", "power")}))] == 1
+
+
+def test_nvml_missing_at_start_then_present_without_restart() -> None:
+    clock = FakeClock()
+    sampler = simulated(
+        devices=2, faults=(FaultConfig(kind="init_failure", duration=3),), clock=clock
+    )
+    first = samples(sampler.sample_once())
+    assert first[("nvml_up", frozenset())] == 0
+    assert by_gpu(first, "nvml_gpu_up") == {}
+    assert not sampler.ready
+    for _ in range(8):
+        clock.advance(0.5)
+        sampler.sample_once()
+    last = samples(sampler.snapshot)
+    assert last[("nvml_up", frozenset())] == 1
+    assert by_gpu(last, "nvml_gpu_up") == {"0": 1, "1": 1}
+    assert sampler.ready
+
+
+def test_readiness_stays_once_reached_so_a_later_outage_remains_scrapable() -> None:
+    clock = FakeClock()
+    sampler = simulated(devices=1, clock=clock)
+    sampler.sample_once()
+    assert sampler.ready
+    sampler.session.shutdown()
+    sampler.session.driver.init = _fail  # type: ignore[method-assign]
+    clock.advance(1)
+    found = samples(sampler.sample_once())
+    assert found[("nvml_up", frozenset())] == 0
+    assert sampler.ready
+
+
+def _fail() -> None:
+    raise NvmlError(DRIVER_NOT_LOADED)
+
+
+def test_reconfigure_switches_collectors_from_the_next_sample() -> None:
+    sampler = simulated(devices=1)
+    assert by_gpu(samples(sampler.sample_once()), "nvml_temperature_celsius")
+    collectors = MappingProxyType({**sampler.config.collectors, "thermal": False})
+    sampler.reconfigure(dataclasses.replace(sampler.config, collectors=collectors))
+    assert by_gpu(samples(sampler.sample_once()), "nvml_temperature_celsius") == {}
+
+
+def test_loop_publishes_new_snapshots_and_stops_cleanly() -> None:
+    sampler = simulated(devices=2, interval=0.05)
+    sampler.start()
+    assert sampler.wait_for_first_sample(5)
+    first = sampler.snapshot
+    deadline = time.monotonic() + 5
+    while sampler.snapshot is first and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sampler.snapshot is not first
+    assert sampler.alive()
+    assert sampler.stop(2) is True
+    assert not sampler.alive()
+
+
+def test_snapshot_renders_each_body_once() -> None:
+    snapshot = simulated(devices=1).sample_once()
+    first = snapshot.body(Format.OPENMETRICS, compressed=True)
+    assert snapshot.body(Format.OPENMETRICS, compressed=True) is first
+    assert snapshot.body(Format.TEXT, compressed=False) is snapshot.body(Format.TEXT, False)
