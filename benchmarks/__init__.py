@@ -1,0 +1,1 @@
+"""Reproducible performance measurements; see docs/performance.md."""
