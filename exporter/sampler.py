@@ -177,11 +177,11 @@ class _DeviceWorker:
 
 def _family(spec: MetricSpec, suffix: str) -> Metric:
     help_text = spec.help + suffix
-    if spec.type == "counter":
-        return Metric(spec.name.removesuffix("_total"), help_text, "counter")
-    if spec.type == "info":
-        return Metric(spec.name.removesuffix("_info"), help_text, "info")
-    return Metric(spec.name, help_text, spec.type)
+    type_ = spec.type
+    name = spec.name.removesuffix("_total" if type_ == "counter" else "_info")
+    # OpenMetrics carries a # UNIT line when the name ends in the unit, as the format requires.
+    unit = spec.unit if spec.unit and name.endswith("_" + spec.unit) else ""
+    return Metric(name, help_text, type_, unit)
 
 
 class _FamilyBuilder:
