@@ -11,7 +11,6 @@ ever reflected into a response, no stack traces to clients.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import html
 import logging
 from collections.abc import Callable
@@ -45,6 +44,8 @@ _REASONS = {
     503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
+
+_NOT_IN_TOKEN = frozenset(' \t()<>@,;\\"/[]?={}\r\n')
 
 _COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 _PAGE_HEADERS = {
@@ -112,11 +113,19 @@ def negotiate_format(accept: str) -> Format:
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
+    """RFC 9110 12.5.3: an explicit `gzip` entry wins over the `*` wildcard."""
+    gzip_q: float | None = None
+    wildcard_q: float | None = None
     for item in accept_encoding.split(","):
         coding, *params = item.split(";")
-        if coding.strip().lower() in ("gzip", "x-gzip", "*") and _quality(params) > 0:
-            return True
-    return False
+        coding = coding.strip().lower()
+        if coding in ("gzip", "x-gzip"):
+            gzip_q = max(gzip_q or 0.0, _quality(params))
+        elif coding == "*":
+            wildcard_q = _quality(params)
+    if gzip_q is not None:
+        return gzip_q > 0
+    return wildcard_q is not None and wildcard_q > 0
 
 
 class WebServer:
@@ -125,7 +134,9 @@ class WebServer:
         self._config = config
         self._backend = backend
         self._servers: list[asyncio.AbstractServer] = []
-        self._connections: dict[asyncio.Task[None], bool] = {}  # task -> busy with a request
+        # Open connections: task -> its writer; `_busy` holds those in the middle of a request.
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._busy: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._closing = False
         self.addresses: list[tuple[str, int]] = []
@@ -149,13 +160,16 @@ class WebServer:
         self._closing = True
         for server in self._servers:
             server.close()
-        for task, busy in list(self._connections.items()):
-            if not busy:
+        for task in list(self._connections):
+            if task not in self._busy:
                 task.cancel()
-        busy_tasks = [t for t, busy in self._connections.items() if busy]
-        if busy_tasks:
-            _, late = await asyncio.wait(busy_tasks, timeout=grace)
+        if self._busy:
+            _, late = await asyncio.wait(list(self._busy), timeout=grace)
             for task in late:
+                # Its client is not reading fast enough to matter now: drop it outright.
+                writer = self._connections.get(task)
+                if writer is not None:
+                    writer.transport.abort()
                 task.cancel()
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=1)
@@ -167,7 +181,7 @@ class WebServer:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections[task] = False
+        self._connections[task] = writer
         try:
             await self._serve_connection(task, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
@@ -176,9 +190,13 @@ class WebServer:
             log.exception("unexpected error while serving a connection")
         finally:
             self._connections.pop(task, None)
+            self._busy.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(writer.wait_closed(), 1)
+            except Exception:
+                # Unsent data to a client that stopped reading would hold the socket forever.
+                writer.transport.abort()
 
     async def _serve_connection(
         self,
@@ -201,7 +219,7 @@ class WebServer:
             if not line:
                 return
             first = False
-            self._connections[task] = True
+            self._busy.add(task)
             try:
                 try:
                     request = await asyncio.wait_for(
@@ -215,7 +233,9 @@ class WebServer:
                     return
                 keep_alive = request.keep_alive and not self._closing
                 if self._in_flight >= self._config.max_requests:
-                    await self._send_error(writer, 503, {"Retry-After": "1"})
+                    await self._send_error(
+                        writer, 503, {"Retry-After": "1"}, head=request.method == "HEAD"
+                    )
                     return
                 self._in_flight += 1
                 try:
@@ -225,7 +245,7 @@ class WebServer:
                 if not keep_alive:
                     return
             finally:
-                self._connections[task] = False
+                self._busy.discard(task)
 
     async def _read_request(self, line: bytes, reader: asyncio.StreamReader) -> Request:
         if len(line) > MAX_REQUEST_LINE:
@@ -244,6 +264,8 @@ class WebServer:
             raise HttpError(400)
         path = self._path(target)
         headers = await self._read_headers(reader)
+        if version == "HTTP/1.1" and "host" not in headers:
+            raise HttpError(400)  # required by RFC 9112 3.2
         await self._discard_body(headers, reader)
         return Request(method=method, path=path, version=version, headers=headers)
 
@@ -260,7 +282,7 @@ class WebServer:
     @staticmethod
     async def _read_headers(reader: asyncio.StreamReader) -> dict[str, str]:
         headers: dict[str, str] = {}
-        total = 0
+        total = lines = 0
         while True:
             try:
                 line = await reader.readline()
@@ -271,14 +293,16 @@ class WebServer:
             if line in (b"\r\n", b"\n"):
                 return headers
             total += len(line)
-            if total > MAX_HEADER_BYTES or len(headers) >= MAX_HEADERS:
+            lines += 1
+            if total > MAX_HEADER_BYTES or lines > MAX_HEADERS:
                 raise HttpError(431)
             if line[:1] in (b" ", b"\t"):
                 raise HttpError(400)  # obsolete line folding
             name, sep, value = line.decode("latin-1").partition(":")
-            name = name.strip().lower()
-            if not sep or not name or any(c in name for c in ' \t()<>@,;\\"/[]?={}'):
+            # No whitespace may stand between a field name and its colon (RFC 9112 5.1).
+            if not sep or not name or any(c in _NOT_IN_TOKEN for c in name):
                 raise HttpError(400)
+            name = name.lower()
             value = value.strip()
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
 
@@ -302,8 +326,10 @@ class WebServer:
     async def _respond(
         self, request: Request, writer: asyncio.StreamWriter, keep_alive: bool
     ) -> None:
+        head = request.method == "HEAD"
         if request.method not in ("GET", "HEAD"):
-            await self._send_error(writer, 405, {"Allow": "GET, HEAD"})
+            headers = {**_text_headers(), "Allow": "GET, HEAD"}
+            await self._send(writer, 405, headers, b"Method Not Allowed\n", keep_alive)
             return
         route: Callable[[Request], tuple[int, dict[str, str], bytes]] | None = {
             "/metrics": self._metrics,
@@ -312,10 +338,15 @@ class WebServer:
             "/readyz": self._readyz,
         }.get(request.path)
         if route is None:
-            await self._send(writer, 404, _text_headers(), b"Not Found\n", keep_alive=False)
+            await self._send(writer, 404, _text_headers(), b"Not Found\n", keep_alive, head)
             return
-        status, headers, body = route(request)
-        await self._send(writer, status, headers, body, keep_alive, head=request.method == "HEAD")
+        try:
+            status, headers, body = route(request)
+        except Exception:
+            log.exception("request failed", extra={"path": request.path})
+            await self._send_error(writer, 500, head=head)
+            raise ConnectionAbortedError from None
+        await self._send(writer, status, headers, body, keep_alive, head)
 
     def _metrics(self, request: Request) -> tuple[int, dict[str, str], bytes]:
         fmt = negotiate_format(request.headers.get("accept", ""))
@@ -357,10 +388,16 @@ class WebServer:
         ).encode()
 
     async def _send_error(
-        self, writer: asyncio.StreamWriter, status: int, extra: dict[str, str] | None = None
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        extra: dict[str, str] | None = None,
+        head: bool = False,
     ) -> None:
+        """Answers a request the connection cannot continue after; the caller then closes."""
         body = f"{_REASONS.get(status, 'Error')}\n".encode()
-        await self._send(writer, status, {**_text_headers(), **(extra or {})}, body, False)
+        headers = {**_text_headers(), **(extra or {})}
+        await self._send(writer, status, headers, body, keep_alive=False, head=head)
 
     async def _send(
         self,
@@ -375,12 +412,17 @@ class WebServer:
         lines.append(f"Date: {formatdate(usegmt=True)}")
         lines.extend(f"{name}: {value}" for name, value in headers.items())
         lines.append(f"Content-Length: {len(body)}")
-        if not keep_alive:
+        if not keep_alive or self._closing:
             lines.append("Connection: close")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         if not head:
             writer.write(body)
-        await asyncio.wait_for(writer.drain(), self._config.read_timeout)
+        try:
+            await asyncio.wait_for(writer.drain(), self._config.read_timeout)
+        except asyncio.TimeoutError:
+            # A client that stops reading must not keep a socket and its buffer forever.
+            writer.transport.abort()
+            raise ConnectionAbortedError from None
 
 
 def _text_headers() -> dict[str, str]:
