@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import nvml_stub  # noqa: E402
 
 # Called once per device per sample by the default collectors, so it counts samples.
-SAMPLE_MARKER = "nvmlDeviceGetUtilizationRates"
+SAMPLE_MARKER = "nvmlDeviceGetMemoryInfo_v2"
 
 
 def measure(devices: int, seconds: float, interval: str = "200ms") -> dict[str, float]:

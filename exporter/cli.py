@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often NVML is read, e.g. 1s or 500ms (default 1s)",
     )
     parser.add_argument(
+        "--naming",
+        dest="naming",
+        metavar="SCHEME",
+        help="metric names: nvml (default) or dcgm (dcgm-exporter compatible)",
+    )
+    parser.add_argument(
         "--log.level",
         dest="log_level",
         metavar="LEVEL",
@@ -124,6 +130,7 @@ def overrides_from(args: argparse.Namespace) -> Overrides:
         log_level=args.log_level,
         log_format=args.log_format,
         interval=args.interval,
+        naming=args.naming,
         simulate=args.simulate,
         collectors=collectors,
     )

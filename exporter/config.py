@@ -24,6 +24,7 @@ DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("logfmt", "json")
 BACKENDS = ("nvml", "simulated")
+NAMINGS = ("nvml", "dcgm")
 FAULT_KINDS = ("lost", "unsupported", "slow", "init_failure")
 
 
@@ -80,15 +81,51 @@ class SimulationConfig:
     faults: tuple[FaultConfig, ...] = ()
 
 
+DeviceRef = int | str  # an NVML index, a UUID, or a PCI bus id
+
+
+@dataclass(frozen=True)
+class DeviceSelection:
+    """Which GPUs to export: those matching `include` (all when empty) and not `exclude`."""
+
+    include: tuple[DeviceRef, ...] = ()
+    exclude: tuple[DeviceRef, ...] = ()
+
+    def selects(self, index: int, uuid: str, pci_bus_id: str) -> bool:
+        def matches(refs: tuple[DeviceRef, ...]) -> bool:
+            pci = pci_key(pci_bus_id)
+            return any(
+                ref in (index, uuid) or (isinstance(ref, str) and pci_key(ref) == pci)
+                for ref in refs
+            )
+
+        return (not self.include or matches(self.include)) and not matches(self.exclude)
+
+
+def pci_key(bus_id: str) -> tuple[int, int, int, int] | None:
+    """`00000000:18:00.0`, `0000:18:00.0` and `18:00.0` name the same device."""
+    text = bus_id.strip().lower()
+    parts = text.split(":")
+    if len(parts) == 2:
+        parts.insert(0, "0")
+    if len(parts) != 3 or "." not in parts[2]:
+        return None
+    device, _, function = parts[2].partition(".")
+    try:
+        return int(parts[0], 16), int(parts[1], 16), int(device, 16), int(function, 16)
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Config:
     source: str = "<defaults>"
     backend: str = "nvml"
+    naming: str = "nvml"
     web: WebConfig = field(default_factory=WebConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    # Selected devices by index or UUID; empty means every device NVML reports.
-    devices: tuple[int | str, ...] = ()
+    devices: DeviceSelection = field(default_factory=DeviceSelection)
     collectors: Mapping[str, bool] = field(
         default_factory=lambda: MappingProxyType(dict(COLLECTOR_DEFAULTS))
     )
@@ -106,6 +143,7 @@ class Overrides:
     log_level: str | None = None
     log_format: str | None = None
     interval: str | None = None
+    naming: str | None = None
     simulate: int | None = None
     collectors: Mapping[str, bool] = field(default_factory=dict)
 
@@ -277,21 +315,34 @@ def _parse_log(raw: object, path: str) -> LogConfig:
     )
 
 
-def _parse_devices(raw: object, path: str) -> tuple[int | str, ...]:
+def _device_refs(raw: object, path: str) -> tuple[DeviceRef, ...]:
     if raw is None or raw == "all":
         return ()
     if not isinstance(raw, list) or not raw:
-        raise _Invalid(path, f"must be `all` or a non-empty list of indexes or UUIDs, got {raw!r}")
-    selected: list[int | str] = []
+        raise _Invalid(
+            path, f"must be `all` or a non-empty list of indexes, UUIDs or PCI bus ids, got {raw!r}"
+        )
+    refs: list[DeviceRef] = []
     for i, item in enumerate(raw):
         item_path = f"{path}[{i}]"
-        if isinstance(item, str) and item.startswith(("GPU-", "MIG-")):
-            selected.append(item)
+        if isinstance(item, str) and (item.startswith(("GPU-", "MIG-")) or pci_key(item)):
+            refs.append(item)
+        elif isinstance(item, str):
+            raise _Invalid(item_path, f"must be an index, a UUID or a PCI bus id, got {item!r}")
         else:
-            selected.append(_int(item, item_path, minimum=0, maximum=1023))
-    if len(set(selected)) != len(selected):
+            refs.append(_int(item, item_path, minimum=0, maximum=1023))
+    if len(set(refs)) != len(refs):
         raise _Invalid(path, "lists a device twice")
-    return tuple(selected)
+    return tuple(refs)
+
+
+def _parse_devices(raw: object, path: str) -> DeviceSelection:
+    """`all`, a list (shorthand for `include`), or a mapping with `include` and `exclude`."""
+    if isinstance(raw, dict):
+        return _section(
+            DeviceSelection, raw, path, {"include": _device_refs, "exclude": _device_refs}
+        )
+    return DeviceSelection(include=_device_refs(raw, path))
 
 
 def _parse_collectors(raw: object, path: str) -> Mapping[str, bool]:
@@ -369,6 +420,7 @@ def _parse_simulation(raw: object, path: str) -> SimulationConfig:
 
 _TOP_LEVEL: Mapping[str, Callable[[object, str], Any]] = {
     "backend": lambda v, p: _choice(v, p, BACKENDS),
+    "naming": lambda v, p: _choice(v, p, NAMINGS),
     "web": _parse_web,
     "sampling": _parse_sampling,
     "log": _parse_log,
@@ -433,6 +485,12 @@ def apply_overrides(config: Config, overrides: Overrides) -> Config:
             )
     except _Invalid as err:
         raise ConfigError(str(err)) from None
+    naming = config.naming
+    if overrides.naming is not None:
+        try:
+            naming = _choice(overrides.naming, "--naming", NAMINGS)
+        except _Invalid as err:
+            raise ConfigError(str(err)) from None
     backend, simulation = config.backend, config.simulation
     if overrides.simulate is not None:
         backend = "simulated"
@@ -443,6 +501,7 @@ def apply_overrides(config: Config, overrides: Overrides) -> Config:
         web=web,
         sampling=sampling,
         log=log,
+        naming=naming,
         backend=backend,
         simulation=simulation,
         collectors=collectors,

@@ -31,47 +31,105 @@ This file is generated from the code (`python -m exporter.metricsdoc > docs/metr
 test checks it against what the exporter really emits. Default port: {DEFAULT_PORT}.
 """
 
-COLUMNS = ("Metric", "Type", "Unit", "Labels", "NVML source", "dcgm-exporter equivalent")
+COLUMNS = (
+    "Metric",
+    "Type",
+    "Unit",
+    "Labels",
+    "Default",
+    "NVML source",
+    "dcgm-exporter equivalent",
+)
+
+# dcgm-exporter's default counters that `naming: dcgm` cannot produce, and why.
+DCGM_WITHOUT_EQUIVALENT = (
+    ("DCGM_FI_DEV_XID_ERRORS", "XID events are not sampled by this exporter yet"),
+    (
+        "DCGM_FI_DEV_VGPU_LICENSE_STATUS",
+        "vGPU licensing is a vGPU-host concern outside NVML's device queries; not collected",
+    ),
+    (
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE, DCGM_FI_PROF_PIPE_TENSOR_ACTIVE, DCGM_FI_PROF_DRAM_ACTIVE",
+        "DCGM profiling metrics; NVML's GPM API (Hopper and newer) is not collected yet",
+    ),
+    (
+        "DCGM_FI_PROF_PCIE_TX_BYTES, DCGM_FI_PROF_PCIE_RX_BYTES",
+        "emitted only on GPUs without "
+        "NVML's PCIe byte counters; elsewhere use rate(nvml_pcie_tx_bytes_total[1m])",
+    ),
+)
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|") or "-"
 
 
-def _row(spec: MetricSpec) -> str:
+def dcgm_text(spec: MetricSpec) -> str:
+    parts = []
+    for field in spec.dcgm:
+        text = field.name
+        if field.match:
+            text += "{" + ",".join(f'{k}="{v}"' for k, v in field.match) + "}"
+        notes = [n for n in (field.unit, "summed over links" if field.total else "") if n]
+        if notes:
+            text += f" ({', '.join(notes)})"
+        parts.append(text)
+    if spec.dcgm_note:
+        parts.append(spec.dcgm_note)
+    return "; ".join(parts)
+
+
+def _row(spec: MetricSpec, default: str) -> str:
     labels = ", ".join(f"`{name}`" for name in spec.label_names)
-    cells = (f"`{spec.name}`", spec.type, spec.unit, labels, spec.source, spec.dcgm)
+    cells = (
+        f"`{spec.name}`",
+        spec.type,
+        spec.unit,
+        labels,
+        default,
+        spec.source,
+        dcgm_text(spec),
+    )
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
-def _table(specs: tuple[MetricSpec, ...]) -> Iterator[str]:
+def _table(specs: tuple[MetricSpec, ...], default: str) -> Iterator[str]:
     yield "| " + " | ".join(COLUMNS) + " |"
     yield "|" + "---|" * len(COLUMNS)
     for spec in specs:
-        yield _row(spec)
+        yield _row(spec, default)
     yield ""
     for spec in specs:
         yield f"- `{spec.name}`: {spec.help}"
 
 
-def sections() -> Iterator[tuple[str, tuple[MetricSpec, ...]]]:
+def sections() -> Iterator[tuple[str, str, tuple[MetricSpec, ...]]]:
     for name, cls in COLLECTORS.items():
         state = "on" if cls.default_enabled else "off"
-        yield f"Collector `{name}` (default {state})", cls.metrics
-    yield "Exporter health and self-metrics (always on)", SELF_METRICS
-    yield "Process metrics of the exporter itself (always on)", PROCESS_METRICS
+        yield f"Collector `{name}` (default {state})", state, cls.metrics
+    yield "Exporter health and self-metrics", "always", SELF_METRICS
+    yield "Process metrics of the exporter itself", "always", PROCESS_METRICS
 
 
 def documented() -> dict[str, MetricSpec]:
-    return {spec.name: spec for _, specs in sections() for spec in specs}
+    return {spec.name: spec for _, _, specs in sections() for spec in specs}
+
+
+def documented_dcgm() -> set[str]:
+    return {field.name for _, _, specs in sections() for spec in specs for field in spec.dcgm}
 
 
 def render() -> str:
     lines = [HEADER]
-    for title, specs in sections():
+    for title, default, specs in sections():
         lines.append(f"## {title}\n")
-        lines.extend(_table(specs))
+        lines.extend(_table(specs, default))
         lines.append("")
+    lines.append("## dcgm-exporter default fields without an equivalent here\n")
+    lines.append("| dcgm-exporter field | why |")
+    lines.append("|---|---|")
+    lines.extend(f"| {name} | {why} |" for name, why in DCGM_WITHOUT_EQUIVALENT)
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -69,8 +69,30 @@ _ERROR_NAMES = {
 
 # Enumerations from nvml.h that the collectors use.
 TEMPERATURE_GPU = 0
+THRESHOLD_SHUTDOWN, THRESHOLD_SLOWDOWN, THRESHOLD_MEM_MAX, THRESHOLD_GPU_MAX = 0, 1, 2, 3
 CLOCK_GRAPHICS, CLOCK_SM, CLOCK_MEM, CLOCK_VIDEO = 0, 1, 2, 3
 PSTATE_UNKNOWN = 32
+PCIE_TX_BYTES, PCIE_RX_BYTES = 0, 1
+GPU_UTILIZATION_SAMPLES, MEMORY_UTILIZATION_SAMPLES = 1, 2
+ENC_UTILIZATION_SAMPLES, DEC_UTILIZATION_SAMPLES = 3, 4
+
+# Field ids for nvmlDeviceGetFieldValues (nvml.h NVML_FI_*).
+FI_ECC_SBE_VOL_TOTAL, FI_ECC_DBE_VOL_TOTAL, FI_ECC_SBE_AGG_TOTAL, FI_ECC_DBE_AGG_TOTAL = 3, 4, 5, 6
+FI_RETIRED_SBE, FI_RETIRED_DBE, FI_RETIRED_PENDING = 29, 30, 31
+FI_PERF_POLICY_POWER, FI_PERF_POLICY_THERMAL, FI_PERF_POLICY_SYNC_BOOST = 74, 75, 76
+FI_PERF_POLICY_BOARD_LIMIT, FI_PERF_POLICY_LOW_UTILIZATION, FI_PERF_POLICY_RELIABILITY = 77, 78, 79
+FI_MEMORY_TEMP = 82
+FI_TOTAL_ENERGY_CONSUMPTION = 83
+FI_NVLINK_LINK_COUNT = 91
+FI_PCIE_REPLAY_COUNTER = 94
+FI_NVLINK_THROUGHPUT_DATA_TX, FI_NVLINK_THROUGHPUT_DATA_RX = 138, 139
+FI_REMAPPED_COR, FI_REMAPPED_UNC, FI_REMAPPED_PENDING, FI_REMAPPED_FAILURE = 142, 143, 144, 145
+FI_NVLINK_ERROR_DL_REPLAY, FI_NVLINK_ERROR_DL_RECOVERY, FI_NVLINK_ERROR_DL_CRC = 161, 162, 163
+FI_NVLINK_GET_STATE = 165
+FI_PCIE_COUNT_TX_BYTES, FI_PCIE_COUNT_RX_BYTES = 197, 198
+FI_CLOCKS_EVENT_SW_THERM_SLOWDOWN = 269
+FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN = 270
+FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN = 271
 ARCHITECTURES = {
     2: "kepler",
     3: "maxwell",
@@ -132,6 +154,24 @@ class Utilization:
     memory: int  # percent of the sample period device memory was read or written
 
 
+@dataclass(frozen=True)
+class Bar1Memory:
+    total: int
+    used: int
+    free: int
+
+
+@dataclass(frozen=True)
+class EncoderStats:
+    sessions: int
+    average_fps: int
+    average_latency_us: int
+
+
+# One entry of nvmlDeviceGetFieldValues: its own return code, and the value when it is SUCCESS.
+FieldResult = tuple[int, float | None]
+FieldRequest = tuple[int, int]  # (field id, scope id: an NVLink index, or 0)
+
 Handle = Any
 
 
@@ -161,6 +201,29 @@ class Driver(Protocol):
     def fan_count(self, handle: Handle) -> int: ...
     def fan_speed(self, handle: Handle, fan: int) -> int: ...
     def performance_state(self, handle: Handle) -> int: ...
+    def field_values(
+        self, handle: Handle, requests: Sequence[FieldRequest]
+    ) -> list[FieldResult]: ...
+    def samples(
+        self, handle: Handle, sample_type: int, since_us: int
+    ) -> list[tuple[int, float]]: ...
+    def clocks_event_reasons(self, handle: Handle) -> int: ...
+    def power_limit_default(self, handle: Handle) -> int: ...
+    def power_limit_constraints(self, handle: Handle) -> tuple[int, int]: ...
+    def temperature_threshold(self, handle: Handle, threshold: int) -> int: ...
+    def pcie_link_generation(self, handle: Handle) -> int: ...
+    def pcie_link_width(self, handle: Handle) -> int: ...
+    def pcie_max_link_generation(self, handle: Handle) -> int: ...
+    def pcie_max_link_width(self, handle: Handle) -> int: ...
+    def pcie_throughput(self, handle: Handle, counter: int) -> int: ...
+    def encoder_utilization(self, handle: Handle) -> int: ...
+    def decoder_utilization(self, handle: Handle) -> int: ...
+    def encoder_stats(self, handle: Handle) -> EncoderStats: ...
+    def bar1_memory(self, handle: Handle) -> Bar1Memory: ...
+    def persistence_mode(self, handle: Handle) -> int: ...
+    def compute_mode(self, handle: Handle) -> int: ...
+    def mig_mode(self, handle: Handle) -> tuple[int, int]: ...
+    def ecc_mode(self, handle: Handle) -> tuple[int, int]: ...
 
 
 # Per-device calls by name: what a simulated `unsupported` or `slow` fault may target.
@@ -291,6 +354,97 @@ class PynvmlDriver:
     def performance_state(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetPerformanceState(handle))
 
+    def field_values(self, handle: Handle, requests: Sequence[FieldRequest]) -> list[FieldResult]:
+        entries = pynvml.nvmlDeviceGetFieldValues(handle, list(requests))
+        results: list[FieldResult] = []
+        for entry in entries:
+            # pynvml does not check the per-entry return code; every caller must.
+            if entry.nvmlReturn != SUCCESS:
+                results.append((int(entry.nvmlReturn), None))
+                continue
+            member = _VALUE_MEMBERS.get(int(entry.valueType))
+            value = getattr(entry.value, member) if member else None
+            results.append((SUCCESS, value) if value is not None else (UNKNOWN, None))
+        return results
+
+    def samples(self, handle: Handle, sample_type: int, since_us: int) -> list[tuple[int, float]]:
+        try:
+            value_type, entries = pynvml.nvmlDeviceGetSamples(handle, sample_type, since_us)
+        except pynvml.NVMLError as err:
+            if err.value == NOT_FOUND:  # no sample newer than `since_us`: not an error
+                return []
+            raise
+        member = _VALUE_MEMBERS.get(int(value_type), "uiVal")
+        return [(int(e.timeStamp), float(getattr(e.sampleValue, member))) for e in entries]
+
+    def clocks_event_reasons(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetCurrentClocksEventReasons(handle))
+
+    def power_limit_default(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle))
+
+    def power_limit_constraints(self, handle: Handle) -> tuple[int, int]:
+        low, high = pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
+        return int(low), int(high)
+
+    def temperature_threshold(self, handle: Handle, threshold: int) -> int:
+        return int(pynvml.nvmlDeviceGetTemperatureThreshold(handle, threshold))
+
+    def pcie_link_generation(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetCurrPcieLinkGeneration(handle))
+
+    def pcie_link_width(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetCurrPcieLinkWidth(handle))
+
+    def pcie_max_link_generation(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetMaxPcieLinkGeneration(handle))
+
+    def pcie_max_link_width(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetMaxPcieLinkWidth(handle))
+
+    def pcie_throughput(self, handle: Handle, counter: int) -> int:
+        return int(pynvml.nvmlDeviceGetPcieThroughput(handle, counter))
+
+    def encoder_utilization(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetEncoderUtilization(handle)[0])
+
+    def decoder_utilization(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetDecoderUtilization(handle)[0])
+
+    def encoder_stats(self, handle: Handle) -> EncoderStats:
+        sessions, fps, latency = pynvml.nvmlDeviceGetEncoderStats(handle)
+        return EncoderStats(int(sessions), int(fps), int(latency))
+
+    def bar1_memory(self, handle: Handle) -> Bar1Memory:
+        info = pynvml.nvmlDeviceGetBAR1MemoryInfo(handle)
+        return Bar1Memory(int(info.bar1Total), int(info.bar1Used), int(info.bar1Free))
+
+    def persistence_mode(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetPersistenceMode(handle))
+
+    def compute_mode(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetComputeMode(handle))
+
+    def mig_mode(self, handle: Handle) -> tuple[int, int]:
+        current, pending = pynvml.nvmlDeviceGetMigMode(handle)
+        return int(current), int(pending)
+
+    def ecc_mode(self, handle: Handle) -> tuple[int, int]:
+        current, pending = pynvml.nvmlDeviceGetEccMode(handle)
+        return int(current), int(pending)
+
+
+# nvmlValueType_t -> the member of the value union that holds it.
+_VALUE_MEMBERS = {
+    0: "dVal",
+    1: "uiVal",
+    2: "ulVal",
+    3: "ullVal",
+    4: "sllVal",
+    5: "siVal",
+    6: "usVal",
+}
+
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -308,6 +462,12 @@ class DeviceIdentity:
     vbios_version: str = ""
     architecture: str = ""
     minor_number: int | None = None
+
+
+class Selection(Protocol):
+    """Which devices to export (exporter.config.DeviceSelection)."""
+
+    def selects(self, index: int, uuid: str, pci_bus_id: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -332,6 +492,8 @@ class Device:
         self.system = system
         self._absent: set[tuple[str, tuple[object, ...]]] = set()
         self._cached: dict[tuple[str, tuple[object, ...]], object] = {}
+        self._recent: dict[tuple[str, tuple[object, ...]], tuple[float, object]] = {}
+        self._fields: dict[FieldRequest, FieldResult] = {}
         self._logged: set[tuple[str, int]] = set()
         # Read by the sampler around each collector to attribute errors to it.
         self.errors = 0
@@ -350,35 +512,35 @@ class Device:
         self, fn: Callable[Concatenate[Handle, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T | None:
         """Calls a driver method for this device; None when the value is not available."""
-        key = (fn.__name__, args)
-        if key in self._absent:
-            return None
-        try:
-            return fn(self.handle, *args, **kwargs)
-        except Exception as exc:
-            code = error_code(exc)
-            if code is None:
-                raise
-            if code in LOST_CODES:
-                raise DeviceLost(error_name(code)) from exc
-            if code in ABSENT_CODES:
-                self._absent.add(key)
-                log.debug(
-                    "value not available, not asking again",
-                    extra={"gpu": self.index, "call": fn.__name__, "reason": error_name(code)},
-                )
-                return None
-            self.errors += 1
-            if (fn.__name__, code) not in self._logged:
-                self._logged.add((fn.__name__, code))
-                log.warning(
-                    "NVML call failed; further failures of this kind are counted, not logged",
-                    extra={"gpu": self.index, "call": fn.__name__, "reason": error_name(code)},
-                )
-            return None
+        return self.read_as(args, fn, *args, **kwargs)
+
+    def _apply_policy(
+        self, key: tuple[str, tuple[object, ...]], code: int, cause: BaseException | None
+    ) -> None:
+        """The error policy: raise DeviceLost, or remember an absent value, or count an error."""
+        name = key[0]
+        if code in LOST_CODES:
+            raise DeviceLost(error_name(code)) from cause
+        if code in ABSENT_CODES:
+            self._absent.add(key)
+            log.debug(
+                "value not available, not asking again",
+                extra={"gpu": self.index, "call": name, "args": key[1], "reason": error_name(code)},
+            )
+            return
+        self.errors += 1
+        if (name, code) not in self._logged:
+            self._logged.add((name, code))
+            log.warning(
+                "NVML call failed; further failures of this kind are counted, not logged",
+                extra={"gpu": self.index, "call": name, "reason": error_name(code)},
+            )
 
     def cached(
-        self, fn: Callable[Concatenate[Handle, P], T], *args: P.args, **kwargs: P.kwargs
+        self,
+        fn: Callable[Concatenate[Handle, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
     ) -> T | None:
         """Like `read`, for values that cannot change while the driver is loaded."""
         key = (fn.__name__, args)
@@ -388,6 +550,72 @@ class Device:
             if value is not None or key in self._absent:
                 self._cached[key] = value
         return value  # type: ignore[return-value]
+
+    def read_as(
+        self,
+        key_args: tuple[object, ...],
+        fn: Callable[Concatenate[Handle, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T | None:
+        """Like `read`, remembering absence under `key_args`: for calls whose arguments move,
+        such as a timestamp, where the call as such is supported or not."""
+        key = (fn.__name__, key_args)
+        if key in self._absent:
+            return None
+        try:
+            return fn(self.handle, *args, **kwargs)
+        except Exception as exc:
+            code = error_code(exc)
+            if code is None:
+                raise
+            self._apply_policy(key, code, exc)
+            return None
+
+    def recent(
+        self,
+        max_age: float,
+        fn: Callable[Concatenate[Handle, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T | None:
+        """Like `read`, re-read at most every `max_age` seconds: for settings an admin changes."""
+        key = (fn.__name__, args)
+        now = time.monotonic()
+        entry = self._recent.get(key)
+        if entry is None or now - entry[0] >= max_age:
+            entry = self._recent[key] = (now, self.read(fn, *args, **kwargs))
+        return entry[1]  # type: ignore[return-value]
+
+    def fetch_fields(self, requests: Sequence[FieldRequest]) -> None:
+        """Reads every field the collectors want in one nvmlDeviceGetFieldValues call."""
+        wanted = [r for r in dict.fromkeys(requests) if ("field", r) not in self._absent]
+        self._fields = {}
+        if not wanted:
+            return
+        try:
+            results = self.driver.field_values(self.handle, wanted)
+        except Exception as exc:
+            code = error_code(exc)
+            if code is None:
+                raise
+            if code in LOST_CODES:
+                raise DeviceLost(error_name(code)) from exc
+            # The whole call failed (an old driver without it, say): each field inherits the
+            # outcome, so its collector sees it exactly as if its own entry had failed.
+            results = [(code, None)] * len(wanted)
+        self._fields = dict(zip(wanted, results, strict=True))
+
+    def field(self, field_id: int, scope: int = 0) -> float | None:
+        """A value from the last `fetch_fields`, with the error policy applied to its entry."""
+        result = self._fields.get((field_id, scope))
+        if result is None:
+            return None
+        code, value = result
+        if code != SUCCESS:
+            self._apply_policy(("field", (field_id, scope)), code, None)
+            return None
+        return value
 
     def is_absent(self, fn: Callable[..., object], *args: object) -> bool:
         return (fn.__name__, args) in self._absent
@@ -406,7 +634,7 @@ class Session:
     def __init__(
         self,
         driver: Driver,
-        selection: tuple[int | str, ...] = (),
+        selection: Selection | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.driver = driver
@@ -490,7 +718,7 @@ class Session:
                     raise
                 reason = exc.reason if isinstance(exc, DeviceLost) else error_name(code or UNKNOWN)
                 log.warning("GPU could not be opened", extra={"gpu": index, "reason": reason})
-                if self.selection and index not in self.selection:
+                if self.selection is not None and not self.selection.selects(index, "", ""):
                     continue
                 device = Device(drv, None, DeviceIdentity(index=index, uuid=""), self.system)
                 device.down_reason = reason
@@ -502,15 +730,16 @@ class Session:
         drv = self.driver
         handle = drv.device_handle(index)
         uuid = drv.uuid(handle)
-        if self.selection and index not in self.selection and uuid not in self.selection:
-            return None
         device = Device(drv, handle, DeviceIdentity(index=index, uuid=uuid), self.system)
+        pci_bus_id = device.read(drv.pci_bus_id) or ""
+        if self.selection is not None and not self.selection.selects(index, uuid, pci_bus_id):
+            return None
         arch = device.read(drv.architecture)
         device.identity = DeviceIdentity(
             index=index,
             uuid=uuid,
             name=device.read(drv.name) or "",
-            pci_bus_id=device.read(drv.pci_bus_id) or "",
+            pci_bus_id=pci_bus_id,
             serial=device.read(drv.serial) or "",
             vbios_version=device.read(drv.vbios_version) or "",
             architecture=ARCHITECTURES.get(arch, "unknown") if arch is not None else "",

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from prometheus_client import ProcessCollector
 from prometheus_client.metrics_core import Metric
 
-from exporter import __version__
-from exporter.collectors import COLLECTORS, Collector, Emitter, MetricSpec
+from exporter import __version__, dcgm
+from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec
 from exporter.collectors.base import Sample
 from exporter.config import Config
-from exporter.nvml import Device, DeviceLost, Driver, Session, binding_version
+from exporter.nvml import Device, DeviceLost, Driver, FieldRequest, Session, binding_version
 from exporter.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,10 @@ class DeviceResult:
     down_reason: str | None = None
 
 
+def _where(collector: Collector, device: Device) -> dict[str, object]:
+    return {"collector": collector.name, "gpu": device.index}
+
+
 class _DeviceWorker:
     """One daemon thread per GPU.
 
@@ -185,11 +189,13 @@ def _family(spec: MetricSpec, suffix: str) -> Metric:
 
 
 class _FamilyBuilder:
-    """Merges samples from all devices into one family per spec, in first-seen order."""
+    """Merges samples from all devices into one family per metric, in first-seen order."""
 
-    def __init__(self, interval: float) -> None:
-        self._families: dict[MetricSpec, Metric] = {}
+    def __init__(self, interval: float, naming: str = "nvml", host: str = "") -> None:
+        self._families: dict[MetricSpec | Dcgm, Metric] = {}
         self._suffix = f" Sampled every {interval:g}s."
+        self._dcgm = naming == "dcgm"
+        self._host = host
 
     def add(self, spec: MetricSpec, labels: Sequence[str], value: float) -> None:
         family = self._families.get(spec)
@@ -199,9 +205,23 @@ class _FamilyBuilder:
         family.add_sample(spec.name, dict(zip(spec.label_names, labels, strict=True)), value)
 
     def add_device(self, device: Device, samples: Iterable[Sample]) -> None:
+        if self._dcgm:
+            self._add_dcgm(device, samples)
+            return
         identity = (str(device.index), device.uuid)
         for spec, labels, value in samples:
             self.add(spec, identity + labels, value)
+
+    def _add_dcgm(self, device: Device, samples: Iterable[Sample]) -> None:
+        identity = dict(zip(dcgm.IDENTITY_LABELS, dcgm.identity(device, self._host), strict=True))
+        for target, extra, value in dcgm.translate(samples):
+            family = self._families.get(target)
+            if family is None:
+                family = self._families[target] = Metric(
+                    target.name, target.help + self._suffix, target.type
+                )
+            # dcgm-exporter's counters carry no `_total`; the text renderer keeps the name.
+            family.add_sample(target.name, {**identity, **dict(extra)}, value)
 
     def families(self) -> list[Metric]:
         return list(self._families.values())
@@ -221,6 +241,7 @@ class Sampler:
         self._wall = wall_clock
         self.session = Session(driver, config.devices, clock=clock)
         self._instances: dict[str, Collector] = {}
+        self._host = dcgm.hostname()
         self.config = config
         self._collectors = self._select(config)
         self._workers: dict[int, _DeviceWorker] = {}
@@ -272,6 +293,20 @@ class Sampler:
     def _read_device(self, device: Device, collectors: Sequence[Collector]) -> DeviceResult:
         result = DeviceResult()
         out = Emitter()
+        requests: list[FieldRequest] = []
+        failed: set[str] = set()
+        try:
+            for collector in collectors:
+                try:
+                    requests.extend(collector.fields(device))
+                except DeviceLost:
+                    raise
+                except Exception:
+                    failed.add(collector.name)
+                    log.exception("collector failed", extra=_where(collector, device))
+            device.fetch_fields(requests)
+        except DeviceLost as lost:
+            return DeviceResult(down_reason=lost.reason)
         for collector in collectors:
             started = time.perf_counter()
             errors_before = device.errors
@@ -282,9 +317,8 @@ class Sampler:
                 return DeviceResult(down_reason=lost.reason)
             except Exception:
                 errors = device.errors - errors_before + 1
-                log.exception(
-                    "collector failed", extra={"collector": collector.name, "gpu": device.index}
-                )
+                log.exception("collector failed", extra=_where(collector, device))
+            errors += collector.name in failed
             result.status[collector.name] = (errors == 0, time.perf_counter() - started, errors)
         result.samples = out.samples
         return result
@@ -334,7 +368,7 @@ class Sampler:
         started = self._clock()
         self.heartbeat = started
         up = self.session.start()
-        builder = _FamilyBuilder(self.config.sampling.interval)
+        builder = _FamilyBuilder(self.config.sampling.interval, self.config.naming, self._host)
         builder.add(NVML_UP, (), 1 if up else 0)
         devices = self.session.devices if up else []
         results = self._read_devices(devices, started) if devices else {}
@@ -369,7 +403,7 @@ class Sampler:
         builder.add(RELOAD_SUCCESS, (), 1 if self.reload_successful else 0)
         builder.add(RELOAD_TIMESTAMP, (), self.reload_timestamp)
         families = builder.families() + self._static_families() + list(self._process.collect())
-        snapshot = Snapshot(families, self._wall())
+        snapshot = Snapshot(families, self._wall(), openmetrics=self.config.naming != "dcgm")
         self.snapshot = snapshot
         if up:
             self.ready = True

@@ -14,7 +14,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from exporter.config import FaultConfig, SimulationConfig
@@ -23,11 +24,50 @@ from exporter.nvml import (
     CLOCK_MEM,
     CLOCK_SM,
     CLOCK_VIDEO,
+    DEC_UTILIZATION_SAMPLES,
     DRIVER_NOT_LOADED,
+    ENC_UTILIZATION_SAMPLES,
+    FI_ECC_DBE_AGG_TOTAL,
+    FI_ECC_DBE_VOL_TOTAL,
+    FI_ECC_SBE_AGG_TOTAL,
+    FI_ECC_SBE_VOL_TOTAL,
+    FI_MEMORY_TEMP,
+    FI_NVLINK_ERROR_DL_CRC,
+    FI_NVLINK_ERROR_DL_RECOVERY,
+    FI_NVLINK_ERROR_DL_REPLAY,
+    FI_NVLINK_GET_STATE,
+    FI_NVLINK_LINK_COUNT,
+    FI_NVLINK_THROUGHPUT_DATA_RX,
+    FI_NVLINK_THROUGHPUT_DATA_TX,
+    FI_PCIE_COUNT_RX_BYTES,
+    FI_PCIE_COUNT_TX_BYTES,
+    FI_PCIE_REPLAY_COUNTER,
+    FI_PERF_POLICY_BOARD_LIMIT,
+    FI_PERF_POLICY_LOW_UTILIZATION,
+    FI_PERF_POLICY_POWER,
+    FI_PERF_POLICY_RELIABILITY,
+    FI_PERF_POLICY_SYNC_BOOST,
+    FI_PERF_POLICY_THERMAL,
+    FI_REMAPPED_COR,
+    FI_REMAPPED_FAILURE,
+    FI_REMAPPED_PENDING,
+    FI_REMAPPED_UNC,
+    FI_RETIRED_DBE,
+    FI_RETIRED_PENDING,
+    FI_RETIRED_SBE,
+    FI_TOTAL_ENERGY_CONSUMPTION,
     GPU_IS_LOST,
+    GPU_UTILIZATION_SAMPLES,
     INVALID_ARGUMENT,
+    MEMORY_UTILIZATION_SAMPLES,
     NOT_SUPPORTED,
+    PCIE_TX_BYTES,
+    SUCCESS,
     TEMPERATURE_GPU,
+    Bar1Memory,
+    EncoderStats,
+    FieldRequest,
+    FieldResult,
     Handle,
     MemoryInfo,
     NvmlError,
@@ -36,6 +76,8 @@ from exporter.nvml import (
 
 MIB = 1024 * 1024
 STEP_SECONDS = 0.1
+# Sample timestamps are microseconds on the host clock; any fixed origin will do.
+SIM_EPOCH_US = 1_700_000_000_000_000
 AMBIENT_CELSIUS = 28.0
 THERMAL_TIME_CONSTANT = 40.0
 
@@ -54,17 +96,96 @@ class GpuModel:
     fans: int
     # Degrees above ambient per watt at steady state.
     thermal_resistance: float
+    nvlinks: int
+    pcie_generation: int
+    has_encoder: bool
+    # shutdown, slowdown, memory max, gpu max (nvmlTemperatureThresholds_t order)
+    thresholds: tuple[int, int, int, int]
+    # HBM boards remap rows; GDDR boards retire pages instead.
+    row_remapping: bool = True
+    # Recent data-center boards count PCIe bytes; others only offer the 20 ms throughput call.
+    pcie_byte_counters: bool = True
 
 
 MODELS = {
     m.name: m
     for m in (
-        GpuModel("NVIDIA H200", 9, 143771 * MIB, 700, 75, 1980, 345, 3201, 1965, 0, 0.062),
-        GpuModel("NVIDIA H100 80GB HBM3", 9, 81559 * MIB, 700, 70, 1980, 345, 2619, 1755, 0, 0.065),
-        GpuModel("NVIDIA A100-SXM4-80GB", 7, 81920 * MIB, 400, 55, 1410, 210, 1593, 1275, 0, 0.11),
-        GpuModel("NVIDIA L40S", 8, 46068 * MIB, 350, 35, 2520, 210, 9001, 1965, 1, 0.14),
+        GpuModel(
+            name="NVIDIA H200",
+            architecture=9,
+            memory_bytes=143771 * MIB,
+            tdp_watts=700,
+            idle_watts=75,
+            max_sm_mhz=1980,
+            idle_sm_mhz=345,
+            memory_mhz=3201,
+            video_mhz=1965,
+            fans=0,
+            thermal_resistance=0.062,
+            nvlinks=18,
+            pcie_generation=5,
+            has_encoder=False,
+            thresholds=(92, 89, 95, 87),
+        ),
+        GpuModel(
+            name="NVIDIA H100 80GB HBM3",
+            architecture=9,
+            memory_bytes=81559 * MIB,
+            tdp_watts=700,
+            idle_watts=70,
+            max_sm_mhz=1980,
+            idle_sm_mhz=345,
+            memory_mhz=2619,
+            video_mhz=1755,
+            fans=0,
+            thermal_resistance=0.065,
+            nvlinks=18,
+            pcie_generation=5,
+            has_encoder=False,
+            thresholds=(92, 89, 95, 87),
+        ),
+        GpuModel(
+            name="NVIDIA A100-SXM4-80GB",
+            architecture=7,
+            memory_bytes=81920 * MIB,
+            tdp_watts=400,
+            idle_watts=55,
+            max_sm_mhz=1410,
+            idle_sm_mhz=210,
+            memory_mhz=1593,
+            video_mhz=1275,
+            fans=0,
+            thermal_resistance=0.11,
+            nvlinks=12,
+            pcie_generation=4,
+            has_encoder=False,
+            thresholds=(92, 89, 95, 85),
+        ),
+        GpuModel(
+            name="NVIDIA L40S",
+            architecture=8,
+            memory_bytes=46068 * MIB,
+            tdp_watts=350,
+            idle_watts=35,
+            max_sm_mhz=2520,
+            idle_sm_mhz=210,
+            memory_mhz=9001,
+            video_mhz=1965,
+            fans=1,
+            thermal_resistance=0.14,
+            nvlinks=0,
+            pcie_generation=4,
+            has_encoder=True,
+            thresholds=(98, 95, 0, 88),
+            row_remapping=False,
+            pcie_byte_counters=False,
+        ),
     )
 }
+
+# The driver keeps roughly this much utilization history for nvmlDeviceGetSamples.
+SAMPLE_HISTORY = 100
+BAR1_BYTES = 256 * 1024 * MIB
 
 PROCESS_NAMES = ("python3", "tritonserver", "vllm", "text-generation-launcher")
 
@@ -94,6 +215,14 @@ class _DeviceState:
     temperature: float = AMBIENT_CELSIUS + 5
     sm_mhz: float = 0.0
     kv_fraction: float = 0.2
+    capped: bool = False
+    pcie_tx_bytes: float = 0.0
+    pcie_rx_bytes: float = 0.0
+    nvlink_kib: list[float] = field(default_factory=list)
+    violation_ns: dict[int, float] = field(default_factory=dict)
+    history: deque[tuple[int, int, int]] = field(
+        default_factory=lambda: deque(maxlen=SAMPLE_HISTORY)
+    )
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -129,6 +258,7 @@ class SimulatedDriver:
         state = _DeviceState(index=index, model=model, rng=rng, processes=processes)
         state.power_w = model.idle_watts
         state.sm_mhz = model.idle_sm_mhz
+        state.nvlink_kib = [0.0] * model.nvlinks
         return state
 
     def elapsed(self) -> float:
@@ -173,9 +303,29 @@ class SimulatedDriver:
         else:
             s.power_w = demand_w
             s.sm_mhz = boost
+        s.capped = demand_w > limit_w
         s.energy_mj += s.power_w * dt * 1000
         steady = AMBIENT_CELSIUS + s.power_w * model.thermal_resistance
         s.temperature += (steady - s.temperature) * dt / THERMAL_TIME_CONSTANT
+        # Tensor-parallel inference moves activations over NVLink; weights and requests cross
+        # PCIe at a trickle.
+        link_kib = s.util * 40e6 * dt * rng.uniform(0.8, 1.2)
+        for link in range(len(s.nvlink_kib)):
+            s.nvlink_kib[link] += link_kib
+        s.pcie_tx_bytes += (0.2e9 * s.util + 1e6) * dt
+        s.pcie_rx_bytes += (0.5e9 * s.util + 2e6) * dt
+        dt_ns = dt * 1e9
+        if s.capped:
+            s.violation_ns[FI_PERF_POLICY_POWER] = (
+                s.violation_ns.get(FI_PERF_POLICY_POWER, 0) + dt_ns
+            )
+        if s.util < 0.01:
+            key = FI_PERF_POLICY_LOW_UTILIZATION
+            s.violation_ns[key] = s.violation_ns.get(key, 0) + dt_ns
+        timestamp_us = SIM_EPOCH_US + (s.steps + 1) * int(STEP_SECONDS * 1e6)
+        s.history.append(
+            (timestamp_us, round(100 * s.util), round(100 * s.util * s.memory_intensity))
+        )
 
     def _process_bytes(self, s: _DeviceState, process: _Process) -> int:
         kv = int(s.kv_fraction * 0.3 * s.model.memory_bytes / max(1, len(s.processes)))
@@ -310,6 +460,151 @@ class SimulatedDriver:
     def performance_state(self, handle: Handle) -> int:
         s = self._device(handle, "performance_state")
         return 0 if s.processes or s.util > 0.01 else 8
+
+    def field_values(self, handle: Handle, requests: Sequence[FieldRequest]) -> list[FieldResult]:
+        s = self._device(handle, "field_values")
+        links = s.model.nvlinks
+        per_link: dict[int, Callable[[int], int]] = {
+            FI_NVLINK_GET_STATE: lambda link: 1,
+            FI_NVLINK_THROUGHPUT_DATA_TX: lambda link: int(s.nvlink_kib[link]),
+            FI_NVLINK_THROUGHPUT_DATA_RX: lambda link: int(s.nvlink_kib[link] * 0.98),
+            FI_NVLINK_ERROR_DL_CRC: lambda link: 0,
+            FI_NVLINK_ERROR_DL_REPLAY: lambda link: 0,
+            FI_NVLINK_ERROR_DL_RECOVERY: lambda link: 0,
+        }
+        device_wide: dict[int, float] = {
+            FI_TOTAL_ENERGY_CONSUMPTION: int(s.energy_mj),
+            FI_MEMORY_TEMP: round(s.temperature + 6),
+            FI_PCIE_COUNT_TX_BYTES: int(s.pcie_tx_bytes),
+            FI_PCIE_COUNT_RX_BYTES: int(s.pcie_rx_bytes),
+            FI_PCIE_REPLAY_COUNTER: 0,
+            FI_NVLINK_LINK_COUNT: links,
+            FI_ECC_SBE_VOL_TOTAL: 0,
+            FI_ECC_DBE_VOL_TOTAL: 0,
+            FI_ECC_SBE_AGG_TOTAL: 3 if handle == 0 else 0,
+            FI_ECC_DBE_AGG_TOTAL: 0,
+            FI_PERF_POLICY_POWER: int(s.violation_ns.get(FI_PERF_POLICY_POWER, 0)),
+            FI_PERF_POLICY_THERMAL: 0,
+            FI_PERF_POLICY_SYNC_BOOST: 0,
+            FI_PERF_POLICY_BOARD_LIMIT: 0,
+            FI_PERF_POLICY_LOW_UTILIZATION: int(
+                s.violation_ns.get(FI_PERF_POLICY_LOW_UTILIZATION, 0)
+            ),
+            FI_PERF_POLICY_RELIABILITY: 0,
+        }
+        if s.model.row_remapping:
+            device_wide.update(
+                {
+                    FI_REMAPPED_COR: 0,
+                    FI_REMAPPED_UNC: 0,
+                    FI_REMAPPED_PENDING: 0,
+                    FI_REMAPPED_FAILURE: 0,
+                }
+            )
+        else:
+            device_wide.update({FI_RETIRED_SBE: 0, FI_RETIRED_DBE: 0, FI_RETIRED_PENDING: 0})
+        if not s.model.pcie_byte_counters:
+            del device_wide[FI_PCIE_COUNT_TX_BYTES], device_wide[FI_PCIE_COUNT_RX_BYTES]
+        results: list[FieldResult] = []
+        for field_id, scope in requests:
+            if field_id in per_link:
+                ok = 0 <= scope < links
+                results.append(
+                    (SUCCESS, per_link[field_id](scope)) if ok else (NOT_SUPPORTED, None)
+                )
+            elif field_id in device_wide:
+                results.append((SUCCESS, device_wide[field_id]))
+            else:
+                # Fields the model does not have, as a real driver answers them.
+                results.append((NOT_SUPPORTED, None))
+        return results
+
+    def samples(self, handle: Handle, sample_type: int, since_us: int) -> list[tuple[int, float]]:
+        s = self._device(handle, "samples")
+        if sample_type == GPU_UTILIZATION_SAMPLES:
+            return [(t, gpu) for t, gpu, _ in s.history if t > since_us]
+        if sample_type == MEMORY_UTILIZATION_SAMPLES:
+            return [(t, mem) for t, _, mem in s.history if t > since_us]
+        if sample_type == ENC_UTILIZATION_SAMPLES and not s.model.has_encoder:
+            raise NvmlError(NOT_SUPPORTED, "samples")
+        if sample_type in (ENC_UTILIZATION_SAMPLES, DEC_UTILIZATION_SAMPLES):
+            return [(t, 0) for t, _, _ in s.history if t > since_us]
+        raise NvmlError(INVALID_ARGUMENT, "samples")
+
+    def clocks_event_reasons(self, handle: Handle) -> int:
+        s = self._device(handle, "clocks_event_reasons")
+        idle = 0x1 if s.util < 0.01 else 0
+        power_cap = 0x4 if s.capped else 0
+        return idle | power_cap
+
+    def power_limit_default(self, handle: Handle) -> int:
+        return round(self._device(handle, "power_limit_default").model.tdp_watts * 1000)
+
+    def power_limit_constraints(self, handle: Handle) -> tuple[int, int]:
+        model = self._device(handle, "power_limit_constraints").model
+        return round(model.tdp_watts * 285.7), round(model.tdp_watts * 1000)
+
+    def temperature_threshold(self, handle: Handle, threshold: int) -> int:
+        model = self._device(handle, "temperature_threshold").model
+        if not 0 <= threshold < len(model.thresholds) or not model.thresholds[threshold]:
+            raise NvmlError(NOT_SUPPORTED, "temperature_threshold")
+        return model.thresholds[threshold]
+
+    def pcie_link_generation(self, handle: Handle) -> int:
+        s = self._device(handle, "pcie_link_generation")
+        # The link trains down to save power while idle.
+        return s.model.pcie_generation if s.util > 0.01 else 1
+
+    def pcie_link_width(self, handle: Handle) -> int:
+        self._device(handle, "pcie_link_width")
+        return 16
+
+    def pcie_max_link_generation(self, handle: Handle) -> int:
+        return self._device(handle, "pcie_max_link_generation").model.pcie_generation
+
+    def pcie_max_link_width(self, handle: Handle) -> int:
+        self._device(handle, "pcie_max_link_width")
+        return 16
+
+    def pcie_throughput(self, handle: Handle, counter: int) -> int:
+        s = self._device(handle, "pcie_throughput")
+        bytes_per_second = 0.2e9 * s.util if counter == PCIE_TX_BYTES else 0.5e9 * s.util
+        return int(bytes_per_second / 1024)
+
+    def encoder_utilization(self, handle: Handle) -> int:
+        if not self._device(handle, "encoder_utilization").model.has_encoder:
+            raise NvmlError(NOT_SUPPORTED, "encoder_utilization")
+        return 0
+
+    def decoder_utilization(self, handle: Handle) -> int:
+        self._device(handle, "decoder_utilization")
+        return 0
+
+    def encoder_stats(self, handle: Handle) -> EncoderStats:
+        if not self._device(handle, "encoder_stats").model.has_encoder:
+            raise NvmlError(NOT_SUPPORTED, "encoder_stats")
+        return EncoderStats(0, 0, 0)
+
+    def bar1_memory(self, handle: Handle) -> Bar1Memory:
+        s = self._device(handle, "bar1_memory")
+        used = (64 + 8 * len(s.processes)) * MIB
+        return Bar1Memory(total=BAR1_BYTES, used=used, free=BAR1_BYTES - used)
+
+    def persistence_mode(self, handle: Handle) -> int:
+        self._device(handle, "persistence_mode")
+        return 1
+
+    def compute_mode(self, handle: Handle) -> int:
+        self._device(handle, "compute_mode")
+        return 0
+
+    def mig_mode(self, handle: Handle) -> tuple[int, int]:
+        self._device(handle, "mig_mode")
+        return 0, 0
+
+    def ecc_mode(self, handle: Handle) -> tuple[int, int]:
+        self._device(handle, "ecc_mode")
+        return 1, 1
 
 
 def fleet_description(config: SimulationConfig) -> str:

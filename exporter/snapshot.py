@@ -11,9 +11,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from enum import Enum
 
-from prometheus_client.exposition import generate_latest as render_text
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as render_openmetrics
+from prometheus_client.utils import floatToGoString
 
 
 class Format(Enum):
@@ -35,16 +35,54 @@ class _Families:
         return iter(self._families)
 
 
-class Snapshot:
-    __slots__ = ("_bodies", "_lock", "families", "timestamp")
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
 
-    def __init__(self, families: Sequence[Metric], timestamp: float) -> None:
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render_text(families: _Families) -> bytes:
+    """The Prometheus text format 0.0.4.
+
+    Our own rather than prometheus_client's: that one names a counter's TYPE line after the
+    family plus `_total`, which cannot express dcgm-exporter's counters (no `_total`). Here the
+    TYPE line of a counter or info family is named after its samples, which is right for both.
+    """
+    out: list[str] = []
+    for family in families.collect():
+        if not family.samples:
+            continue
+        name = family.samples[0].name if family.type in ("counter", "info") else family.name
+        kind = {"info": "gauge", "unknown": "untyped"}.get(family.type, family.type)
+        out.append(f"# HELP {name} {_escape_help(family.documentation)}\n# TYPE {name} {kind}\n")
+        for sample in family.samples:
+            value = floatToGoString(sample.value)  # type: ignore[no-untyped-call]
+            if sample.labels:
+                labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sample.labels.items())
+                out.append(f"{sample.name}{{{labels}}} {value}\n")
+            else:
+                out.append(f"{sample.name} {value}\n")
+    return "".join(out).encode()
+
+
+class Snapshot:
+    __slots__ = ("_bodies", "_lock", "families", "openmetrics", "timestamp")
+
+    def __init__(
+        self, families: Sequence[Metric], timestamp: float, openmetrics: bool = True
+    ) -> None:
         self.families = tuple(families)
         self.timestamp = timestamp
+        # dcgm-exporter's names break OpenMetrics' counter rules, so that mode is text only.
+        self.openmetrics = openmetrics
         self._bodies: dict[tuple[Format, bool], bytes] = {}
         self._lock = threading.Lock()
 
     def body(self, fmt: Format, compressed: bool) -> bytes:
+        if not self.openmetrics:
+            fmt = Format.TEXT
         cached = self._bodies.get((fmt, compressed))
         if cached is not None:
             return cached

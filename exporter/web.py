@@ -349,9 +349,12 @@ class WebServer:
         await self._send(writer, status, headers, body, keep_alive, head)
 
     def _metrics(self, request: Request) -> tuple[int, dict[str, str], bytes]:
+        snapshot = self._source.snapshot
         fmt = negotiate_format(request.headers.get("accept", ""))
+        if not snapshot.openmetrics:
+            fmt = Format.TEXT
         compressed = accepts_gzip(request.headers.get("accept-encoding", ""))
-        body = self._source.snapshot.body(fmt, compressed)
+        body = snapshot.body(fmt, compressed)
         headers = {
             **_COMMON_HEADERS,
             "Content-Type": fmt.content_type,

@@ -14,6 +14,7 @@ from exporter.collectors import COLLECTOR_DEFAULTS
 from exporter.config import (
     Config,
     ConfigError,
+    DeviceSelection,
     Overrides,
     apply_overrides,
     load_config,
@@ -37,7 +38,8 @@ def test_no_file_gives_documented_defaults() -> None:
     assert config.backend == "nvml"
     assert config.web.listen_address == ":9471"
     assert config.sampling.interval == 1.0 and config.sampling.deadline == 1.0
-    assert config.devices == ()
+    assert config.devices == DeviceSelection()
+    assert config.naming == "nvml"
     assert dict(config.collectors) == dict(COLLECTOR_DEFAULTS)
 
 
@@ -71,9 +73,24 @@ def test_listen_addresses(address: str, host: str | None, port: int) -> None:
     assert split_listen_address(config.web.listen_address) == (host, port)
 
 
-def test_devices_by_index_and_uuid() -> None:
-    config = parse_config({"devices": [0, "GPU-abc", 3]})
-    assert config.devices == (0, "GPU-abc", 3)
+def test_devices_by_index_uuid_and_pci_bus_id() -> None:
+    config = parse_config({"devices": [0, "GPU-abc", "0000:18:00.0"]})
+    assert config.devices == DeviceSelection(include=(0, "GPU-abc", "0000:18:00.0"))
+    selection = config.devices
+    assert selection.selects(0, "GPU-x", "00000000:01:00.0")
+    assert selection.selects(5, "GPU-abc", "00000000:02:00.0")
+    assert selection.selects(7, "GPU-y", "00000000:18:00.0")
+    assert not selection.selects(1, "GPU-y", "00000000:19:00.0")
+
+
+def test_devices_include_and_exclude() -> None:
+    selection = parse_config({"devices": {"exclude": [3, "GPU-bad", "1b:00.0"]}}).devices
+    assert selection.selects(0, "GPU-a", "00000000:18:00.0")
+    assert not selection.selects(3, "GPU-b", "00000000:20:00.0")
+    assert not selection.selects(4, "GPU-bad", "00000000:21:00.0")
+    assert not selection.selects(5, "GPU-c", "00000000:1B:00.0")
+    both = parse_config({"devices": {"include": [0, 1], "exclude": [1]}}).devices
+    assert [i for i in range(3) if both.selects(i, f"GPU-{i}", "")] == [0]
 
 
 def test_flags_override_the_file() -> None:
@@ -87,6 +104,7 @@ def test_flags_override_the_file() -> None:
             interval="250ms",
             log_level="debug",
             simulate=3,
+            naming="dcgm",
             collectors={"thermal": True, "clocks": False},
         ),
     )
@@ -94,6 +112,7 @@ def test_flags_override_the_file() -> None:
     assert merged.sampling.interval == 0.25
     assert merged.log.level == "debug"
     assert merged.backend == "simulated" and merged.simulation.devices == 3
+    assert merged.naming == "dcgm"
     assert merged.collectors["thermal"] is True and merged.collectors["clocks"] is False
 
 

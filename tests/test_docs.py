@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from fakes import FakeClock
 
 from exporter.collectors import MetricSpec
 from exporter.config import Config, SimulationConfig
@@ -26,7 +27,10 @@ def emitted_by_simulated_fleet(model: str) -> set[str]:
     config = dataclasses.replace(
         Config(backend="simulated"), simulation=SimulationConfig(devices=2, model=model)
     )
-    sampler = Sampler(config, SimulatedDriver(config.simulation))
+    clock = FakeClock()
+    sampler = Sampler(config, SimulatedDriver(config.simulation, clock=clock), clock=clock)
+    sampler.sample_once()
+    clock.advance(2)  # utilization comes from the driver's samples between two reads
     snapshot = sampler.sample_once()
     return {sample.name for family in snapshot.families for sample in family.samples}
 

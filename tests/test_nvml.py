@@ -11,6 +11,7 @@ import pytest
 from fakes import FakeClock
 
 from exporter import nvml
+from exporter.config import DeviceSelection
 from exporter.nvml import Device, DeviceIdentity, DeviceLost, NvmlError, PynvmlDriver, Session
 
 
@@ -218,9 +219,17 @@ def test_a_gpu_that_cannot_be_opened_does_not_hide_the_others() -> None:
     ]
 
 
-@pytest.mark.parametrize(("selection", "expected"), [((2, "GPU-0"), [0, 2]), ((1,), [1])])
-def test_device_selection_by_index_or_uuid(
-    selection: tuple[int | str, ...], expected: list[int]
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        (DeviceSelection(include=(2, "GPU-0")), [0, 2]),
+        (DeviceSelection(include=(1,)), [1]),
+        (DeviceSelection(include=("00000000:02:00.0",)), [2]),
+        (DeviceSelection(exclude=("01:00.0",)), [0, 2]),
+    ],
+)
+def test_device_selection_by_index_uuid_or_pci_bus_id(
+    selection: DeviceSelection, expected: list[int]
 ) -> None:
     session = Session(ScriptedDriver(devices=3), selection)  # type: ignore[arg-type]
     assert session.start()

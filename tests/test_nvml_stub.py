@@ -97,14 +97,25 @@ def test_constants_match_pynvml() -> None:
         "NVML_ERROR_DRIVER_NOT_LOADED": nvml_stub.NVML_ERROR_DRIVER_NOT_LOADED,
         "NVML_ERROR_GPU_IS_LOST": nvml_stub.NVML_ERROR_GPU_IS_LOST,
         "NVML_DEVICE_ARCH_AMPERE": nvml_stub.ARCH_AMPERE,
+        "NVML_DEVICE_ARCH_ADA": nvml_stub.ARCH_ADA,
         "NVML_DEVICE_ARCH_HOPPER": nvml_stub.ARCH_HOPPER,
         "NVML_BRAND_NVIDIA": nvml_stub.BRAND_NVIDIA,
         "NVML_CLOCK_VIDEO": nvml_stub.CLOCK_VIDEO,
         "NVML_CLOCK_ID_CUSTOMER_BOOST_MAX": nvml_stub.CLOCK_ID_BOOST_MAX,
         "NVML_GPU_UTILIZATION_SAMPLES": nvml_stub.GPU_UTILIZATION_SAMPLES,
         "NVML_MEMORY_UTILIZATION_SAMPLES": nvml_stub.MEMORY_UTILIZATION_SAMPLES,
+        "NVML_ENC_UTILIZATION_SAMPLES": nvml_stub.ENC_UTILIZATION_SAMPLES,
+        "NVML_DEC_UTILIZATION_SAMPLES": nvml_stub.DEC_UTILIZATION_SAMPLES,
+        "NVML_PCIE_UTIL_TX_BYTES": nvml_stub.PCIE_UTIL_TX_BYTES,
+        "NVML_PCIE_UTIL_RX_BYTES": nvml_stub.PCIE_UTIL_RX_BYTES,
+        "NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS": (
+            nvml_stub.PAGE_RETIREMENT_CAUSE_SBE
+        ),
+        "NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR": nvml_stub.PAGE_RETIREMENT_CAUSE_DBE,
         "nvmlEventTypeXidCriticalError": nvml_stub.EVENT_XID_CRITICAL,
         "nvmlEventTypeClock": nvml_stub.EVENT_CLOCK,
+        "NVML_VALUE_TYPE_DOUBLE": nvml_stub.VALUE_TYPE_DOUBLE,
+        "NVML_VALUE_TYPE_UNSIGNED_INT": nvml_stub.VALUE_TYPE_UNSIGNED_INT,
         "NVML_VALUE_TYPE_UNSIGNED_LONG_LONG": nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
     }
     for name in dir(nvml_stub):
@@ -208,15 +219,17 @@ def test_static_and_dynamic_values_match_the_model(fleet: nvml_stub.Fleet) -> No
                 "reasons": n.nvmlDeviceGetCurrentClocksEventReasons(h),
                 "enc": n.nvmlDeviceGetEncoderUtilization(h),
                 "dec": n.nvmlDeviceGetDecoderUtilization(h),
+                "enc_stats": n.nvmlDeviceGetEncoderStats(h),
                 "ecc_mode": n.nvmlDeviceGetEccMode(h),
                 "ecc": [[n.nvmlDeviceGetTotalEccErrors(h, e, c) for c in range(2)]
                         for e in range(2)],
-                "retired": n.nvmlDeviceGetRetiredPages_v2(h, 0),
+                "retired": error_of(n.nvmlDeviceGetRetiredPages_v2, h, 0),
                 "remapped": list(n.nvmlDeviceGetRemappedRows(h)),
                 "pcie": [n.nvmlDeviceGetCurrPcieLinkGeneration(h),
                          n.nvmlDeviceGetMaxPcieLinkGeneration(h),
                          n.nvmlDeviceGetCurrPcieLinkWidth(h), n.nvmlDeviceGetMaxPcieLinkWidth(h),
-                         n.nvmlDeviceGetPcieThroughput(h, 0), n.nvmlDeviceGetPcieThroughput(h, 1),
+                         n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_TX_BYTES),
+                         n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_RX_BYTES),
                          n.nvmlDeviceGetPcieReplayCounter(h)],
                 "nvlink": [n.nvmlDeviceGetNvLinkState(h, link) for link in range(18)],
                 "nvlink_past_end": error_of(n.nvmlDeviceGetNvLinkState, h, 18),
@@ -283,9 +296,10 @@ def test_static_and_dynamic_values_match_the_model(fleet: nvml_stub.Fleet) -> No
             "reasons": d.clocks_event_reasons,
             "enc": [d.encoder_utilization, d.encoder_sampling_period],
             "dec": [d.decoder_utilization, d.decoder_sampling_period],
+            "enc_stats": [0, 0, 0],
             "ecc_mode": [d.ecc_mode_current, d.ecc_mode_pending],
             "ecc": [[d.ecc_errors[(e, c)] for c in range(2)] for e in range(2)],
-            "retired": [],
+            "retired": not_supported,  # Hopper remaps rows instead
             "remapped": list(d.remapped_rows),
             "pcie": [
                 d.pcie_link_gen_current,
@@ -309,6 +323,7 @@ def test_static_and_dynamic_values_match_the_model(fleet: nvml_stub.Fleet) -> No
 
 def test_configured_fans_retired_pages_and_version_mismatch(fleet: nvml_stub.Fleet) -> None:
     fleet.devices[0].fan_speeds = [30, 45]
+    fleet.devices[0].retired_pages_supported = True
     fleet.devices[0].retired_pages = [
         nvml_stub.RetiredPage(cause=0, address=0x1000, timestamp=11),
         nvml_stub.RetiredPage(cause=0, address=0x2000, timestamp=12),
@@ -457,6 +472,337 @@ def test_field_values_report_per_entry_status(fleet: nvml_stub.Fleet) -> None:
         nvml_stub.FI_PCIE_COUNT_TX_BYTES,
     } <= ids
     assert served[(nvml_stub.FI_NVLINK_THROUGHPUT_DATA_TX, 17)].value == dev.nvlinks[17].tx_kib
+
+
+def test_samples_serve_every_utilization_type_and_refuse_mig_handles(tmp_path: Path) -> None:
+    fleet = nvml_stub.Fleet(tmp_path, num_devices=2)
+    dev = fleet.devices[1]
+    dev.encoder_utilization_samples = [
+        nvml_stub.Sample(s.timestamp + 5, 10 + k) for k, s in enumerate(dev.gpu_utilization_samples)
+    ]
+    dev.decoder_utilization_samples = [
+        nvml_stub.Sample(s.timestamp + 7, 20 + k) for k, s in enumerate(dev.gpu_utilization_samples)
+    ]
+    fleet.devices[0].enable_mig(2)
+    fleet.apply()
+    first_enc = dev.encoder_utilization_samples[0].timestamp
+    newest_dec = dev.decoder_utilization_samples[-1].timestamp
+    got = run_py(
+        fleet,
+        f"""
+        n.nvmlInit()
+        h = n.nvmlDeviceGetHandleByIndex(1)
+        def samples(kind, ts):
+            value_type, entries = n.nvmlDeviceGetSamples(h, kind, ts)
+            return [value_type, [[s.timeStamp, s.sampleValue.uiVal] for s in entries]]
+        mig = n.nvmlDeviceGetMigDeviceHandleByIndex(n.nvmlDeviceGetHandleByIndex(0), 0)
+        emit({{"gpu": samples(n.NVML_GPU_UTILIZATION_SAMPLES, 0),
+              "mem": samples(n.NVML_MEMORY_UTILIZATION_SAMPLES, 0),
+              "enc": samples(n.NVML_ENC_UTILIZATION_SAMPLES, 0),
+              "enc_tail": samples(n.NVML_ENC_UTILIZATION_SAMPLES, {first_enc}),
+              "dec": samples(n.NVML_DEC_UTILIZATION_SAMPLES, 0),
+              "dec_none": error_of(n.nvmlDeviceGetSamples, h, n.NVML_DEC_UTILIZATION_SAMPLES,
+                                   {newest_dec}),
+              "power": error_of(n.nvmlDeviceGetSamples, h, n.NVML_TOTAL_POWER_SAMPLES, 0),
+              "mig": [error_of(n.nvmlDeviceGetSamples, mig, kind, 0) for kind in (1, 2, 3, 4)],
+              "now_us": time.time() * 1e6}})
+        """,
+    )
+    uint = nvml_stub.VALUE_TYPE_UNSIGNED_INT
+
+    def rows(samples: list[nvml_stub.Sample]) -> list[list[int]]:
+        return [[s.timestamp, s.value] for s in samples]
+
+    assert got["gpu"] == [uint, rows(dev.gpu_utilization_samples)]
+    assert got["mem"] == [uint, rows(dev.memory_utilization_samples)]
+    assert got["enc"] == [uint, rows(dev.encoder_utilization_samples)]
+    assert got["enc_tail"] == [uint, rows(dev.encoder_utilization_samples[1:])]
+    assert got["dec"] == [uint, rows(dev.decoder_utilization_samples)]
+    assert got["dec_none"] == pynvml.NVML_ERROR_NOT_FOUND
+    assert got["power"] == nvml_stub.NVML_ERROR_NOT_SUPPORTED
+    assert got["mig"] == [nvml_stub.NVML_ERROR_NOT_SUPPORTED] * 4
+    # Microseconds since the epoch, like the wall clock in microseconds: within a few years of it.
+    for timestamp, _ in got["gpu"][1] + got["enc"][1]:
+        assert abs(timestamp - got["now_us"]) < 5 * 365 * 86400 * 1e6
+
+
+def test_encoder_stats_default_to_no_sessions_and_follow_the_model(
+    fleet: nvml_stub.Fleet,
+) -> None:
+    busy = fleet.devices[3]
+    busy.encoder_session_count = 2
+    busy.encoder_average_fps = 60
+    busy.encoder_average_latency = 1250
+    fleet.devices[4].enable_mig(1)
+    fleet.apply()
+    got = run_py(
+        fleet,
+        """
+        n.nvmlInit()
+        h = [n.nvmlDeviceGetHandleByIndex(i) for i in range(5)]
+        mig = n.nvmlDeviceGetMigDeviceHandleByIndex(h[4], 0)
+        emit({"stats": [list(n.nvmlDeviceGetEncoderStats(x)) for x in h],
+              "mig": error_of(n.nvmlDeviceGetEncoderStats, mig)})
+        """,
+    )
+    assert got == {
+        "stats": [[0, 0, 0]] * 3 + [[2, 60, 1250], [0, 0, 0]],
+        "mig": nvml_stub.NVML_ERROR_NOT_SUPPORTED,
+    }
+    assert fleet.calls()["nvmlDeviceGetEncoderStats"] == 6
+
+
+def test_pcie_throughput_counters_are_tx_and_rx_in_kib_per_second(
+    fleet: nvml_stub.Fleet,
+) -> None:
+    dev = fleet.devices[2]
+    dev.pcie_tx_throughput, dev.pcie_rx_throughput = 123_456, 654_321
+    fleet.apply()
+    got = run_py(
+        fleet,
+        """
+        n.nvmlInit()
+        h = n.nvmlDeviceGetHandleByIndex(2)
+        emit([n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_TX_BYTES),
+              n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_RX_BYTES),
+              error_of(n.nvmlDeviceGetPcieThroughput, h, n.NVML_PCIE_UTIL_COUNT)])
+        """,
+    )
+    assert got == [123_456, 654_321, pynvml.NVML_ERROR_INVALID_ARGUMENT]
+
+
+# Field ids an exporter reads, with the value type the library serves them in.
+_DEVICE_FIELDS = {
+    nvml_stub.FI_MEMORY_TEMP: nvml_stub.VALUE_TYPE_UNSIGNED_INT,
+    nvml_stub.FI_TOTAL_ENERGY_CONSUMPTION: nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
+    nvml_stub.FI_PCIE_REPLAY_COUNTER: nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
+    nvml_stub.FI_PCIE_COUNT_TX_BYTES: nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
+    nvml_stub.FI_PCIE_COUNT_RX_BYTES: nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
+    nvml_stub.FI_NVLINK_LINK_COUNT: nvml_stub.VALUE_TYPE_UNSIGNED_INT,
+    **dict.fromkeys(range(3, 7), nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG),
+    **dict.fromkeys(range(142, 146), nvml_stub.VALUE_TYPE_UNSIGNED_INT),
+    **dict.fromkeys([*range(74, 80), *range(269, 272)], nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG),
+}
+_LINK_FIELDS = {
+    nvml_stub.FI_NVLINK_THROUGHPUT_DATA_TX: nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
+    nvml_stub.FI_NVLINK_THROUGHPUT_DATA_RX: nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
+    nvml_stub.FI_NVLINK_ERROR_DL_REPLAY: nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
+    nvml_stub.FI_NVLINK_ERROR_DL_RECOVERY: nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
+    nvml_stub.FI_NVLINK_ERROR_DL_CRC: nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
+    nvml_stub.FI_NVLINK_GET_STATE: nvml_stub.VALUE_TYPE_UNSIGNED_INT,
+}
+
+_FIELD_PROBE = """
+n.nvmlInit()
+pick = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}
+def fields(index, requests):
+    h = n.nvmlDeviceGetHandleByIndex(index)
+    return [[v.fieldId, v.scopeId, v.nvmlReturn, v.valueType,
+             getattr(v.value, pick[v.valueType]) if v.nvmlReturn == 0 else None]
+            for v in n.nvmlDeviceGetFieldValues(h, requests)]
+"""
+
+
+def _expected_entries(
+    dev: nvml_stub.Device, requests: list[tuple[int, int]], types: dict[int, int]
+) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    for fid, scope in requests:
+        value = dev.field_value(fid, scope)
+        if value is None:
+            out.append([fid, scope, nvml_stub.NVML_ERROR_NOT_SUPPORTED, 0, None])
+        else:
+            out.append([fid, scope, 0, types[fid], value])
+    return out
+
+
+def test_exporter_field_ids_per_device_and_per_link(tmp_path: Path) -> None:
+    fleet = nvml_stub.Fleet(tmp_path, num_devices=3)
+    fleet.devices[1].nvlinks[5].recovery_errors = 4
+    fleet.devices[1].nvlinks[6].active = False
+    fleet.devices[2] = nvml_stub.make_pcie_device(2)
+    fleet.apply()
+    device_requests = [(fid, 0) for fid in _DEVICE_FIELDS]
+    link_requests = [(fid, link) for link in range(18) for fid in _LINK_FIELDS]
+    got = run_py(
+        fleet,
+        _FIELD_PROBE
+        + f"""
+emit([[fields(i, {device_requests!r}), fields(i, {link_requests!r})] for i in range(3)])
+""",
+    )
+    for dev, (device_entries, link_entries) in zip(fleet.devices, got, strict=True):
+        assert device_entries == _expected_entries(dev, device_requests, _DEVICE_FIELDS)
+        assert link_entries == _expected_entries(dev, link_requests, _LINK_FIELDS)
+    # field_value() itself follows the model, per device and per link.
+    h200, pcie = fleet.devices[1], fleet.devices[2]
+    assert h200.field_value(nvml_stub.FI_TOTAL_ENERGY_CONSUMPTION) == h200.energy
+    assert h200.field_value(nvml_stub.FI_MEMORY_TEMP) == h200.temperature_memory
+    assert h200.field_value(nvml_stub.FI_PCIE_COUNT_RX_BYTES) == h200.pcie_rx_bytes
+    assert h200.field_value(nvml_stub.FI_ECC_SBE_AGG_TOTAL) == h200.ecc_errors[(0, 1)]
+    assert h200.field_value(nvml_stub.FI_REMAPPED_COR) == h200.remapped_rows[0]
+    assert h200.field_value(nvml_stub.FI_NVLINK_LINK_COUNT) == 18
+    assert h200.field_value(nvml_stub.FI_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN) == 500
+    assert h200.field_value(nvml_stub.FI_NVLINK_THROUGHPUT_DATA_TX, 3) == h200.nvlinks[3].tx_kib
+    assert h200.field_value(nvml_stub.FI_NVLINK_ERROR_DL_RECOVERY, 5) == 4
+    assert h200.field_value(nvml_stub.FI_NVLINK_ERROR_DL_CRC, 4) == h200.nvlinks[4].crc_flit_errors
+    assert h200.field_value(nvml_stub.FI_NVLINK_GET_STATE, 6) == 0
+    assert h200.field_value(nvml_stub.FI_NVLINK_GET_STATE, 18) is None
+    assert fleet.devices[0].field_value(nvml_stub.FI_MEMORY_TEMP) != h200.temperature_memory
+    assert pcie.field_value(nvml_stub.FI_NVLINK_LINK_COUNT) == 0
+    assert pcie.field_value(nvml_stub.FI_NVLINK_THROUGHPUT_DATA_TX, 0) is None
+    assert pcie.field_value(nvml_stub.FI_MEMORY_TEMP) is None
+    assert pcie.field_value(nvml_stub.FI_ECC_SBE_VOL_TOTAL) is None
+    assert pcie.field_value(nvml_stub.FI_TOTAL_ENERGY_CONSUMPTION) == pcie.energy
+
+
+def test_field_value_prefers_an_exact_scope_and_honours_overrides(
+    fleet: nvml_stub.Fleet,
+) -> None:
+    dev = fleet.devices[0]
+    ull = nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG
+    dev.extra_fields[(9000, None)] = nvml_stub.FieldValue(ull, 1)
+    dev.extra_fields[(9000, 2)] = nvml_stub.FieldValue(ull, 2)
+    dev.extra_fields[(9001, None)] = nvml_stub.FieldValue(nvml_stub.VALUE_TYPE_DOUBLE, 2.5)
+    dev.unsupported_fields.add(nvml_stub.FI_PCIE_REPLAY_COUNTER)
+    fleet.apply()
+    assert [dev.field_value(9000, s) for s in (None, 0, 2, 7)] == [1, 1, 2, 1]
+    assert dev.field_value(9001) == 2.5
+    assert dev.field_value(nvml_stub.FI_PCIE_REPLAY_COUNTER) is None
+    assert dev.field_value(12345) is None
+    got = run_py(
+        fleet, _FIELD_PROBE + "emit(fields(0, [(9000, 0), (9000, 2), (9000, 7), 9001, 94]))"
+    )
+    assert [entry[4] for entry in got] == [1, 2, 1, 2.5, None]
+
+
+def test_hopper_and_ampere_remap_rows_instead_of_retiring_pages(tmp_path: Path) -> None:
+    fleet = nvml_stub.Fleet(tmp_path, num_devices=2)
+    fleet.devices[1] = nvml_stub.make_device(1, "NVIDIA A100-SXM4-80GB", nvml_stub.ARCH_AMPERE)
+    fleet.devices[1].remapped_rows = (3, 1, 1, 0)
+    fleet.apply()
+    retired_ids = sorted(nvml_stub.RETIRED_PAGE_FIELDS)
+    remap_ids = sorted(nvml_stub.REMAPPED_ROW_FIELDS)
+    got = run_py(
+        fleet,
+        _FIELD_PROBE
+        + f"""
+out = []
+for i in range(2):
+    h = n.nvmlDeviceGetHandleByIndex(i)
+    out.append({{"retired": [error_of(n.nvmlDeviceGetRetiredPages_v2, h, c) for c in (0, 1)],
+                "retired_fields": [e[2] for e in fields(i, {retired_ids!r})],
+                "remapped": list(n.nvmlDeviceGetRemappedRows(h)),
+                "remap_fields": [e[4] for e in fields(i, {remap_ids!r})]}})
+emit(out)
+""",
+    )
+    ns = nvml_stub.NVML_ERROR_NOT_SUPPORTED
+    for dev, g in zip(fleet.devices, got, strict=True):
+        assert not dev.retired_pages_supported
+        assert g == {
+            "retired": [ns, ns],
+            "retired_fields": [ns] * 3,
+            "remapped": list(dev.remapped_rows),
+            "remap_fields": list(dev.remapped_rows),
+        }
+
+
+def test_pcie_card_lacks_nvlink_ecc_counters_mig_and_gpm(tmp_path: Path) -> None:
+    fleet = nvml_stub.Fleet(tmp_path, num_devices=2, device_factory=nvml_stub.make_pcie_device)
+    card = fleet.devices[1]
+    card.retired_pages = [
+        nvml_stub.RetiredPage(nvml_stub.PAGE_RETIREMENT_CAUSE_SBE, 0x1000, 11),
+        nvml_stub.RetiredPage(nvml_stub.PAGE_RETIREMENT_CAUSE_SBE, 0x2000, 12),
+        nvml_stub.RetiredPage(nvml_stub.PAGE_RETIREMENT_CAUSE_DBE, 0x3000, 13),
+    ]
+    card.retired_pages_pending = True
+    card.ecc_errors[(0, 0)] = 5  # counted, but not reported while ECC is off
+    fleet.apply()
+    with pytest.raises(ValueError, match="no MIG"):
+        card.enable_mig(1)
+    ecc_ids = sorted(nvml_stub.ECC_COUNTER_FIELDS)  # 3..28
+    got = run_py(
+        fleet,
+        _FIELD_PROBE
+        + f"""
+h = n.nvmlDeviceGetHandleByIndex(1)
+emit({{"name": n.nvmlDeviceGetName(h), "arch": n.nvmlDeviceGetArchitecture(h),
+      "cc": list(n.nvmlDeviceGetCudaComputeCapability(h)),
+      "pcie": [n.nvmlDeviceGetCurrPcieLinkGeneration(h), n.nvmlDeviceGetCurrPcieLinkWidth(h)],
+      "nvlink_state": error_of(n.nvmlDeviceGetNvLinkState, h, 0),
+      "link_fields": fields(1, [91, (138, 0), (139, 0), (161, 0), (165, 0), 38]),
+      "ecc_mode": n.nvmlDeviceGetEccMode(h),
+      "ecc_totals": [error_of(n.nvmlDeviceGetTotalEccErrors, h, e, c)
+                     for e in (0, 1) for c in (0, 1)],
+      "ecc_fields": [e[2] for e in fields(1, {ecc_ids!r})],
+      "ecc_mode_fields": [e[4] for e in fields(1, [1, 2])],
+      "fans": [n.nvmlDeviceGetNumFans(h), n.nvmlDeviceGetFanSpeed_v2(h, 0)],
+      "mig": [error_of(n.nvmlDeviceGetMigMode, h), n.nvmlDeviceGetMaxMigDeviceCount(h)],
+      "gpm": n.nvmlGpmQueryDeviceSupport(h).isSupportedDevice,
+      "sbe": n.nvmlDeviceGetRetiredPages_v2(h, 0), "dbe": n.nvmlDeviceGetRetiredPages_v2(h, 1),
+      "retired_fields": [e[4] for e in fields(1, [29, 30, 31])],
+      "remapped": error_of(n.nvmlDeviceGetRemappedRows, h),
+      "remap_fields": [e[2] for e in fields(1, [142, 143, 144, 145])],
+      "mem_temp": fields(1, [82])[0][2],
+      "events": n.nvmlDeviceGetSupportedEventTypes(h)}})
+""",
+    )
+    ns = nvml_stub.NVML_ERROR_NOT_SUPPORTED
+    uint = nvml_stub.VALUE_TYPE_UNSIGNED_INT
+    assert got == {
+        "name": "NVIDIA L40S",
+        "arch": nvml_stub.ARCH_ADA,
+        "cc": [8, 9],
+        "pcie": [4, 16],
+        "nvlink_state": ns,
+        "link_fields": [[91, 0, 0, uint, 0]]
+        + [[f, 0, ns, 0, None] for f in (138, 139, 161, 165)]
+        + [[38, 0, ns, 0, None]],
+        "ecc_mode": [0, 0],
+        "ecc_totals": [ns] * 4,
+        "ecc_fields": [ns] * 26,
+        "ecc_mode_fields": [0, 0],
+        "fans": [1, card.fan_speeds[0]],
+        "mig": [ns, 0],
+        "gpm": 0,
+        "sbe": [{"address": 0x1000, "timestamp": 11}, {"address": 0x2000, "timestamp": 12}],
+        "dbe": [{"address": 0x3000, "timestamp": 13}],
+        "retired_fields": [2, 1, 1],
+        "remapped": ns,
+        "remap_fields": [ns] * 4,
+        "mem_temp": ns,
+        "events": nvml_stub.EVENT_PSTATE | nvml_stub.EVENT_XID_CRITICAL | nvml_stub.EVENT_CLOCK,
+    }
+    assert [card.field_value(f) for f in (29, 30, 31)] == [2, 1, 1]
+    assert card.field_value(nvml_stub.FI_ECC_CURRENT) == 0
+    assert all(card.field_value(f) is None for f in nvml_stub.ECC_COUNTER_FIELDS)
+
+
+def test_turning_ecc_on_brings_the_counters_back(tmp_path: Path) -> None:
+    fleet = nvml_stub.Fleet(tmp_path, num_devices=1, device_factory=nvml_stub.make_pcie_device)
+    child = Interactive(
+        fleet,
+        """
+        n.nvmlInit()
+        h = n.nvmlDeviceGetHandleByIndex(0)
+        probe = lambda: [error_of(n.nvmlDeviceGetTotalEccErrors, h, 0, 1),
+                         n.nvmlDeviceGetFieldValues(h, [5])[0].nvmlReturn]
+        step(probe())
+        emit([n.nvmlDeviceGetTotalEccErrors(h, 0, 1),
+              n.nvmlDeviceGetFieldValues(h, [5])[0].value.ullVal])
+        """,
+    )
+    ns = nvml_stub.NVML_ERROR_NOT_SUPPORTED
+    assert child.expect() == [ns, ns]
+    dev = fleet.devices[0]
+    dev.ecc_mode_current = dev.ecc_mode_pending = 1
+    dev.ecc_errors[(0, 1)] = 7
+    fleet.apply()
+    child.proceed()
+    assert child.expect() == [7, 7]
+    child.finish()
+    assert dev.field_value(nvml_stub.FI_ECC_SBE_AGG_TOTAL) == 7
 
 
 def test_init_failure_then_recovery_in_the_same_process(fleet: nvml_stub.Fleet) -> None:

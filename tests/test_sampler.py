@@ -68,9 +68,7 @@ def test_one_sample_describes_every_gpu() -> None:
     success = {
         dict(k)["collector"]: v for (n, k), v in found.items() if n == "nvml_collector_success"
     }
-    assert success == dict.fromkeys(
-        ("info", "utilization", "memory", "power", "thermal", "clocks"), 1.0
-    )
+    assert success == dict.fromkeys(COLLECTORS, 1.0)
 
 
 def test_help_says_values_are_sampled_every_interval() -> None:

@@ -16,6 +16,8 @@ import nvml_stub
 import pytest
 from conftest import ExporterProcess, Scrape, start_exporter
 
+from exporter import nvml
+from exporter.collectors import clock_events
 from exporter.metricsdoc import documented
 from exporter.nvml import CLOCK_GRAPHICS, CLOCK_MEM, CLOCK_SM, CLOCK_VIDEO
 
@@ -25,29 +27,123 @@ Labels = dict[str, str]
 Expectation = Callable[[nvml_stub.Device, Labels], float | None]
 
 _CLOCKS = {"graphics": CLOCK_GRAPHICS, "sm": CLOCK_SM, "memory": CLOCK_MEM, "video": CLOCK_VIDEO}
+_THRESHOLDS = {"shutdown": 0, "slowdown": 1, "memory_max": 2, "gpu_max": 3}
+_EVENT_BITS = dict(clock_events.REASONS)
+_EVENT_FIELDS = dict(clock_events.DURATION_FIELDS)
+_ECC_FIELDS = {
+    ("corrected", "volatile"): nvml.FI_ECC_SBE_VOL_TOTAL,
+    ("uncorrected", "volatile"): nvml.FI_ECC_DBE_VOL_TOTAL,
+    ("corrected", "aggregate"): nvml.FI_ECC_SBE_AGG_TOTAL,
+    ("uncorrected", "aggregate"): nvml.FI_ECC_DBE_AGG_TOTAL,
+}
+_NVLINK_ERRORS = {
+    "crc": nvml.FI_NVLINK_ERROR_DL_CRC,
+    "replay": nvml.FI_NVLINK_ERROR_DL_REPLAY,
+    "recovery": nvml.FI_NVLINK_ERROR_DL_RECOVERY,
+}
 
 
 def _fan(dev: nvml_stub.Device, labels: Labels) -> float:
     return dev.fan_speeds[int(labels["fan"])] / 100
 
 
-# What each GPU metric must equal, from the stand-in's raw NVML values.
+def _latest(samples: list[nvml_stub.Sample]) -> float:
+    """The first read of the sample buffer reports its newest sample."""
+    return max(samples, key=lambda s: s.timestamp).value / 100
+
+
+def _field(field_id: int) -> Expectation:
+    return lambda dev, labels: dev.field_value(field_id)
+
+
+def _link_field(field_id: int, scale: float) -> Expectation:
+    return lambda dev, labels: _scaled(dev.field_value(field_id, int(labels["link"])), scale)
+
+
+def _scaled(value: float | None, scale: float) -> float | None:
+    return None if value is None else value * scale
+
+
+# What each GPU metric must equal, from the stand-in's raw NVML values. Counters fed by sample
+# buffers start at 0 and stay there while the stand-in's buffers do not grow.
 EXPECTED: dict[str, Expectation] = {
     "nvml_gpu_info": lambda dev, labels: 1.0,
     "nvml_gpu_up": lambda dev, labels: 1.0,
-    "nvml_gpu_utilization_ratio": lambda dev, labels: dev.utilization_gpu / 100,
-    "nvml_memory_controller_utilization_ratio": lambda dev, labels: dev.utilization_memory / 100,
+    "nvml_gpu_utilization_ratio": lambda dev, labels: _latest(dev.gpu_utilization_samples),
+    "nvml_gpu_busy_seconds_total": lambda dev, labels: 0.0,
+    "nvml_memory_controller_utilization_ratio": lambda dev, labels: _latest(
+        dev.memory_utilization_samples
+    ),
+    "nvml_memory_controller_busy_seconds_total": lambda dev, labels: 0.0,
+    "nvml_encoder_utilization_ratio": lambda dev, labels: _latest(dev.encoder_utilization_samples),
+    "nvml_encoder_busy_seconds_total": lambda dev, labels: 0.0,
+    "nvml_decoder_utilization_ratio": lambda dev, labels: _latest(dev.decoder_utilization_samples),
+    "nvml_decoder_busy_seconds_total": lambda dev, labels: 0.0,
+    "nvml_encoder_sessions": lambda dev, labels: dev.encoder_session_count,
+    "nvml_encoder_average_fps": lambda dev, labels: dev.encoder_average_fps,
+    "nvml_encoder_average_latency_seconds": lambda dev, labels: dev.encoder_average_latency / 1e6,
     "nvml_memory_total_bytes": lambda dev, labels: dev.memory_total,
     "nvml_memory_used_bytes": lambda dev, labels: dev.memory_used,
     "nvml_memory_free_bytes": lambda dev, labels: dev.memory_free,
     "nvml_memory_reserved_bytes": lambda dev, labels: dev.memory_reserved,
+    "nvml_bar1_memory_total_bytes": lambda dev, labels: dev.bar1_total,
+    "nvml_bar1_memory_used_bytes": lambda dev, labels: dev.bar1_used,
+    "nvml_bar1_memory_free_bytes": lambda dev, labels: dev.bar1_free,
     "nvml_temperature_celsius": lambda dev, labels: dev.temperature_gpu,
+    "nvml_memory_temperature_celsius": _field(nvml.FI_MEMORY_TEMP),
+    "nvml_temperature_threshold_celsius": lambda dev, labels: dev.temperature_thresholds[
+        _THRESHOLDS[labels["threshold"]]
+    ],
     "nvml_fan_speed_ratio": _fan,
     "nvml_power_watts": lambda dev, labels: dev.power_usage / 1000,
     "nvml_power_limit_watts": lambda dev, labels: dev.power_limit_enforced / 1000,
+    "nvml_power_default_limit_watts": lambda dev, labels: dev.power_limit_default / 1000,
+    "nvml_power_min_limit_watts": lambda dev, labels: dev.power_limit_min / 1000,
+    "nvml_power_max_limit_watts": lambda dev, labels: dev.power_limit_max / 1000,
     "nvml_energy_joules_total": lambda dev, labels: dev.energy / 1000,
     "nvml_clock_hertz": lambda dev, labels: dev.clocks[(_CLOCKS[labels["clock"]], 0)] * 1e6,
     "nvml_performance_state": lambda dev, labels: dev.performance_state,
+    "nvml_clock_event_active": lambda dev, labels: float(
+        bool(dev.clocks_event_reasons & _EVENT_BITS[labels["reason"]])
+    ),
+    "nvml_clock_event_seconds_total": lambda dev, labels: _scaled(
+        dev.field_value(_EVENT_FIELDS[labels["reason"]]), 1e-9
+    ),
+    "nvml_pcie_tx_bytes_total": _field(nvml.FI_PCIE_COUNT_TX_BYTES),
+    "nvml_pcie_rx_bytes_total": _field(nvml.FI_PCIE_COUNT_RX_BYTES),
+    "nvml_pcie_tx_bytes_per_second": lambda dev, labels: dev.pcie_tx_throughput * 1024,
+    "nvml_pcie_rx_bytes_per_second": lambda dev, labels: dev.pcie_rx_throughput * 1024,
+    "nvml_pcie_replays_total": _field(nvml.FI_PCIE_REPLAY_COUNTER),
+    "nvml_pcie_link_generation": lambda dev, labels: dev.pcie_link_gen_current,
+    "nvml_pcie_link_width": lambda dev, labels: dev.pcie_link_width_current,
+    "nvml_pcie_link_max_generation": lambda dev, labels: dev.pcie_link_gen_max,
+    "nvml_pcie_link_max_width": lambda dev, labels: dev.pcie_link_width_max,
+    "nvml_nvlink_up": lambda dev, labels: float(
+        bool(dev.field_value(nvml.FI_NVLINK_GET_STATE, int(labels["link"])))
+    ),
+    "nvml_nvlink_tx_bytes_total": _link_field(nvml.FI_NVLINK_THROUGHPUT_DATA_TX, 1024),
+    "nvml_nvlink_rx_bytes_total": _link_field(nvml.FI_NVLINK_THROUGHPUT_DATA_RX, 1024),
+    "nvml_nvlink_errors_total": lambda dev, labels: dev.field_value(
+        _NVLINK_ERRORS[labels["error"]], int(labels["link"])
+    ),
+    "nvml_ecc_enabled": lambda dev, labels: dev.ecc_mode_current,
+    "nvml_ecc_pending_enabled": lambda dev, labels: dev.ecc_mode_pending,
+    "nvml_ecc_errors_total": lambda dev, labels: dev.field_value(
+        _ECC_FIELDS[(labels["error"], labels["counter"])]
+    ),
+    "nvml_remapped_rows_total": lambda dev, labels: dev.field_value(
+        nvml.FI_REMAPPED_COR if labels["error"] == "correctable" else nvml.FI_REMAPPED_UNC
+    ),
+    "nvml_remapped_rows_pending": _field(nvml.FI_REMAPPED_PENDING),
+    "nvml_remapped_rows_failure": _field(nvml.FI_REMAPPED_FAILURE),
+    "nvml_retired_pages_total": lambda dev, labels: dev.field_value(
+        nvml.FI_RETIRED_SBE if labels["cause"] == "single_bit" else nvml.FI_RETIRED_DBE
+    ),
+    "nvml_retired_pages_pending": _field(nvml.FI_RETIRED_PENDING),
+    "nvml_persistence_mode_enabled": lambda dev, labels: dev.persistence_mode,
+    "nvml_compute_mode": lambda dev, labels: dev.compute_mode,
+    "nvml_mig_mode_enabled": lambda dev, labels: float(dev.mig_mode),
+    "nvml_mig_mode_pending_enabled": lambda dev, labels: float(dev.mig_mode),
 }
 
 
@@ -77,6 +173,13 @@ def test_every_gpu_metric_equals_the_stand_in_value_after_conversion(
     fleet: nvml_stub.Fleet, running: list[ExporterProcess]
 ) -> None:
     fleet.devices[5].fan_speeds = [40, 55]
+    # An older board: no PCIe byte counters, so the exporter falls back to throughput.
+    fleet.devices[6].unsupported_fields |= {
+        nvml.FI_PCIE_COUNT_TX_BYTES,
+        nvml.FI_PCIE_COUNT_RX_BYTES,
+    }
+    # A PCIe card: no NVLink, ECC off, retired pages instead of row remapping, a fan.
+    fleet.devices[7] = nvml_stub.make_pcie_device(7)
     fleet.apply()
     proc = start(fleet)
     running.append(proc)
@@ -85,7 +188,7 @@ def test_every_gpu_metric_equals_the_stand_in_value_after_conversion(
     assert scrape.values("nvml_gpu_devices") == {frozenset(): 8.0}
     per_device = {name for name, spec in documented().items() if spec.per_device}
     assert set(EXPECTED) == per_device, "a documented GPU metric lacks a conformance check"
-    checked = 0
+    seen: dict[str, set[str]] = {}
     for name, expect in EXPECTED.items():
         series = scrape.values(name)
         assert series, f"{name} missing from the output"
@@ -93,10 +196,51 @@ def test_every_gpu_metric_equals_the_stand_in_value_after_conversion(
             labels = dict(labels_set)
             dev = fleet.devices[int(labels["gpu"])]
             assert labels["uuid"] == dev.uuid
-            assert value == pytest.approx(expect(dev, labels), rel=1e-12), (name, labels)
-            checked += 1
-    # Every device has every metric, except fans, which only device 5 has (two of them).
-    assert checked == 8 * (len(EXPECTED) - 1) + 2 + 3 * 8  # clocks have four domains
+            expected = expect(dev, labels)
+            assert expected is not None, f"{name} {labels} exported but unsupported by the stub"
+            assert value == pytest.approx(expected, rel=1e-12), (name, labels)
+            seen.setdefault(name, set()).add(labels["gpu"])
+    everyone = {str(i) for i in range(8)}
+    assert seen["nvml_fan_speed_ratio"] == {"5", "7"}
+    assert seen["nvml_pcie_tx_bytes_per_second"] == {"6"}
+    assert seen["nvml_pcie_tx_bytes_total"] == everyone - {"6"}
+    assert seen["nvml_nvlink_tx_bytes_total"] == everyone - {"7"}
+    assert seen["nvml_ecc_errors_total"] == everyone - {"7"}
+    assert seen["nvml_retired_pages_total"] == {"7"}
+    assert seen["nvml_remapped_rows_total"] == everyone - {"7"}
+    assert seen["nvml_power_watts"] == everyone
+    links = {dict(k)["link"] for k in scrape.values("nvml_nvlink_up") if dict(k)["gpu"] == "0"}
+    assert len(links) == 18
+
+
+def test_gpu_lacking_features_shows_no_series_for_them_and_no_errors(
+    tmp_path: Path, running: list[ExporterProcess]
+) -> None:
+    with nvml_stub.Fleet(
+        tmp_path, num_devices=2, device_factory=nvml_stub.make_pcie_device
+    ) as fleet:
+        fleet.devices[1].fan_speeds = []
+        fleet.apply()
+        proc = start(fleet)
+        running.append(proc)
+        proc.wait_for(lambda: len(proc.get().values("nvml_gpu_up")) == 2)
+        time.sleep(0.5)
+        scrape = proc.get()
+        for absent in (
+            "nvml_nvlink_up",
+            "nvml_nvlink_tx_bytes_total",
+            "nvml_ecc_errors_total",
+            "nvml_remapped_rows_total",
+        ):
+            assert scrape.values(absent) == {}, absent
+        assert {dict(k)["gpu"] for k in scrape.values("nvml_fan_speed_ratio")} == {"0"}
+        assert set(scrape.values("nvml_collector_success").values()) == {1.0}
+        assert set(scrape.values("nvml_collector_errors_total").values()) == {0.0}
+        assert scrape.values("nvml_ecc_enabled") == {
+            frozenset({("gpu", str(i)), ("uuid", d.uuid)}): 0.0 for i, d in enumerate(fleet.devices)
+        }
+    warnings = [line for line in proc.log_lines if "level=warn" in line or "level=error" in line]
+    assert warnings == []
 
 
 def test_gpu_info_labels_come_from_the_stand_in(
@@ -142,15 +286,16 @@ def test_gpu_lost_mid_run_goes_down_alone_and_comes_back(
 ) -> None:
     proc = start(fleet)
     running.append(proc)
-    assert set(by_gpu(proc.get(), "nvml_gpu_up").values()) == {1.0}
+    before = proc.get()
+    assert set(by_gpu(before, "nvml_gpu_up").values()) == {1.0}
     fleet.set_gpu_lost(3)
     proc.wait_for(lambda: by_gpu(proc.get(), "nvml_gpu_up")["3"] == 0)
     scrape = proc.get()
     assert by_gpu(scrape, "nvml_gpu_up") == {str(i): (0.0 if i == 3 else 1.0) for i in range(8)}
-    for name in EXPECTED:
-        if name not in ("nvml_gpu_up", "nvml_gpu_info", "nvml_fan_speed_ratio"):
-            assert "3" not in by_gpu(scrape, name), f"stale {name} for the lost GPU"
-            assert len(by_gpu(scrape, name)) == 7
+    for name in set(EXPECTED) - {"nvml_gpu_up", "nvml_gpu_info"}:
+        had = {labels for labels in before.values(name) if dict(labels)["gpu"] != "3"}
+        assert not any(dict(k)["gpu"] == "3" for k in scrape.values(name)), f"stale {name}"
+        assert set(scrape.values(name)) == had, f"{name} changed on the healthy GPUs"
     assert "3" in by_gpu(scrape, "nvml_gpu_info")
     fleet.set_gpu_lost(3, lost=False)
     proc.wait_for(lambda: by_gpu(proc.get(), "nvml_gpu_up")["3"] == 1)
@@ -169,7 +314,7 @@ def test_unsupported_function_is_absent_quiet_and_not_called_again(
     time.sleep(1.0)  # several intervals
     assert proc.stop() == 0
     calls = fleet.calls()
-    samples = calls["nvmlDeviceGetUtilizationRates"] // 8
+    samples = calls["nvmlDeviceGetMemoryInfo_v2"] // 8
     assert samples >= 4
     # Seven devices every sample, device 2 exactly once.
     assert calls["nvmlDeviceGetPowerUsage"] == 7 * samples + 1

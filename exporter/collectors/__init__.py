@@ -5,13 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from exporter.collectors.base import Collector, Emitter, MetricSpec
+from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.collectors.clock_events import ClockEventsCollector
 from exporter.collectors.clocks import ClocksCollector
+from exporter.collectors.ecc import EccCollector
 from exporter.collectors.info import InfoCollector
 from exporter.collectors.memory import MemoryCollector
+from exporter.collectors.modes import ModesCollector
+from exporter.collectors.nvlink import NvlinkCollector
+from exporter.collectors.pcie import PcieCollector
 from exporter.collectors.power import PowerCollector
 from exporter.collectors.thermal import ThermalCollector
 from exporter.collectors.utilization import UtilizationCollector
+from exporter.collectors.video import VideoCollector
 
 COLLECTORS: Mapping[str, type[Collector]] = MappingProxyType(
     {
@@ -23,6 +29,12 @@ COLLECTORS: Mapping[str, type[Collector]] = MappingProxyType(
             PowerCollector,
             ThermalCollector,
             ClocksCollector,
+            ClockEventsCollector,
+            PcieCollector,
+            NvlinkCollector,
+            EccCollector,
+            VideoCollector,
+            ModesCollector,
         )
     }
 )
@@ -31,4 +43,4 @@ COLLECTOR_DEFAULTS: Mapping[str, bool] = MappingProxyType(
     {name: cls.default_enabled for name, cls in COLLECTORS.items()}
 )
 
-__all__ = ["COLLECTORS", "COLLECTOR_DEFAULTS", "Collector", "Emitter", "MetricSpec"]
+__all__ = ["COLLECTORS", "COLLECTOR_DEFAULTS", "Collector", "Dcgm", "Emitter", "MetricSpec"]

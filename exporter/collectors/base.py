@@ -5,9 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from exporter.nvml import Device
+from exporter.nvml import Device, FieldRequest
 
 IDENTITY_LABELS = ("gpu", "uuid")
+
+
+@dataclass(frozen=True)
+class Dcgm:
+    """The dcgm-exporter field a metric (or one of its label values) stands in for.
+
+    In `naming: dcgm` mode the exporter emits the sample under `name`, multiplied by `scale` to
+    convert from our base unit to dcgm-exporter's, with dcgm-exporter's label set.
+    """
+
+    name: str
+    help: str
+    unit: str = ""  # dcgm-exporter's unit, for the docs
+    scale: float = 1.0
+    type: str = "gauge"
+    match: tuple[tuple[str, str], ...] = ()  # only samples with these label values
+    total: bool = False  # sum the matching samples of a device into one
 
 
 @dataclass(frozen=True)
@@ -20,7 +37,8 @@ class MetricSpec:
     labels: tuple[str, ...] = ()  # beyond the identity labels `gpu` and `uuid`
     unit: str = ""
     source: str = ""  # the NVML call or field behind it
-    dcgm: str = ""  # the dcgm-exporter field it replaces, if any
+    dcgm: tuple[Dcgm, ...] = ()  # the dcgm-exporter fields it replaces
+    dcgm_note: str = ""  # for the docs, where the relation is not one field
     per_device: bool = True  # carries the identity labels
 
     @property
@@ -57,6 +75,11 @@ class Collector:
     # describe a GPU that stopped answering.
     reads_nvml: ClassVar[bool] = True
     metrics: ClassVar[tuple[MetricSpec, ...]]
+
+    def fields(self, device: Device) -> tuple[FieldRequest, ...]:
+        """Field values this collector reads; the sampler fetches all collectors' fields of a
+        device in one nvmlDeviceGetFieldValues call before `collect` runs."""
+        return ()
 
     def collect(self, device: Device, out: Emitter) -> None:
         raise NotImplementedError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exporter.collectors.base import Collector, Emitter, MetricSpec
+from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
 from exporter.nvml import CLOCK_GRAPHICS, CLOCK_MEM, CLOCK_SM, CLOCK_VIDEO, PSTATE_UNKNOWN, Device
 
 CLOCK = MetricSpec(
@@ -12,15 +12,36 @@ CLOCK = MetricSpec(
     labels=("clock",),
     unit="hertz",
     source="nvmlDeviceGetClockInfo (MHz * 1e6) for graphics, sm, memory, video",
-    dcgm='DCGM_FI_DEV_SM_CLOCK (clock="sm"), DCGM_FI_DEV_MEM_CLOCK (clock="memory"), '
-    'DCGM_FI_DEV_VIDEO_CLOCK (clock="video"), in MHz',
+    dcgm=(
+        Dcgm(
+            "DCGM_FI_DEV_SM_CLOCK",
+            "SM clock frequency (in MHz).",
+            "MHz",
+            1e-6,
+            match=(("clock", "sm"),),
+        ),
+        Dcgm(
+            "DCGM_FI_DEV_MEM_CLOCK",
+            "Memory clock frequency (in MHz).",
+            "MHz",
+            1e-6,
+            match=(("clock", "memory"),),
+        ),
+        Dcgm(
+            "DCGM_FI_DEV_VIDEO_CLOCK",
+            "Video encoder/decoder clock (in MHz).",
+            "MHz",
+            1e-6,
+            match=(("clock", "video"),),
+        ),
+    ),
 )
 PERFORMANCE_STATE = MetricSpec(
     "nvml_performance_state",
     "gauge",
     "Performance state: 0 (P0, maximum performance) to 15 (P15, minimum).",
     source="nvmlDeviceGetPerformanceState",
-    dcgm="DCGM_FI_DEV_PSTATE",
+    dcgm=(Dcgm("DCGM_FI_DEV_PSTATE", "Performance state (P-State) 0-15. 0=highest"),),
 )
 
 _DOMAINS = (

@@ -21,7 +21,7 @@ GPU_INFO = MetricSpec(
     ),
     source="nvmlDeviceGetName, GetPciInfo_v3, GetSerial, GetVbiosVersion, GetArchitecture, "
     "GetMinorNumber; nvmlSystemGetDriverVersion, GetCudaDriverVersion (read once)",
-    dcgm="labels modelName, pci_bus_id, device, DCGM_FI_DRIVER_VERSION",
+    dcgm_note="labels modelName, pci_bus_id, device, DCGM_FI_DRIVER_VERSION on every series",
 )
 
 
@@ -40,7 +40,12 @@ class InfoCollector(Collector):
             ident.serial,
             ident.vbios_version,
             ident.architecture,
-            f"nvidia{ident.minor_number}" if ident.minor_number is not None else "",
+            device_node(device),
             device.system.driver_version,
             device.system.cuda_driver_version,
         )
+
+
+def device_node(device: Device) -> str:
+    minor = device.identity.minor_number
+    return f"nvidia{minor}" if minor is not None else ""

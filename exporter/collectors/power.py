@@ -1,9 +1,9 @@
-"""Power draw, the limit the driver enforces, and energy since the driver loaded."""
+"""Power draw, the limits that apply, and energy since the driver loaded."""
 
 from __future__ import annotations
 
-from exporter.collectors.base import Collector, Emitter, MetricSpec
-from exporter.nvml import Device
+from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.nvml import FI_TOTAL_ENERGY_CONSUMPTION, Device, FieldRequest
 
 POWER = MetricSpec(
     "nvml_power_watts",
@@ -11,7 +11,7 @@ POWER = MetricSpec(
     "Power draw of the whole board.",
     unit="watts",
     source="nvmlDeviceGetPowerUsage (mW / 1000)",
-    dcgm="DCGM_FI_DEV_POWER_USAGE",
+    dcgm=(Dcgm("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "W"),),
 )
 POWER_LIMIT = MetricSpec(
     "nvml_power_limit_watts",
@@ -19,21 +19,57 @@ POWER_LIMIT = MetricSpec(
     "Power limit the driver enforces, the lowest of all limits that apply.",
     unit="watts",
     source="nvmlDeviceGetEnforcedPowerLimit (mW / 1000)",
-    dcgm="DCGM_FI_DEV_ENFORCED_POWER_LIMIT",
+    dcgm=(Dcgm("DCGM_FI_DEV_ENFORCED_POWER_LIMIT", "Enforced power limit (in W).", "W"),),
+)
+POWER_DEFAULT_LIMIT = MetricSpec(
+    "nvml_power_default_limit_watts",
+    "gauge",
+    "Power limit the board ships with.",
+    unit="watts",
+    source="nvmlDeviceGetPowerManagementDefaultLimit (read once)",
+    dcgm=(Dcgm("DCGM_FI_DEV_POWER_MGMT_LIMIT_DEF", "Default power limit (in W).", "W"),),
+)
+POWER_MIN_LIMIT = MetricSpec(
+    "nvml_power_min_limit_watts",
+    "gauge",
+    "Lowest power limit an administrator can set.",
+    unit="watts",
+    source="nvmlDeviceGetPowerManagementLimitConstraints [0] (read once)",
+    dcgm=(Dcgm("DCGM_FI_DEV_POWER_MGMT_LIMIT_MIN", "Minimum power limit (in W).", "W"),),
+)
+POWER_MAX_LIMIT = MetricSpec(
+    "nvml_power_max_limit_watts",
+    "gauge",
+    "Highest power limit an administrator can set.",
+    unit="watts",
+    source="nvmlDeviceGetPowerManagementLimitConstraints [1] (read once)",
+    dcgm=(Dcgm("DCGM_FI_DEV_POWER_MGMT_LIMIT_MAX", "Maximum power limit (in W).", "W"),),
 )
 ENERGY = MetricSpec(
     "nvml_energy_joules_total",
     "counter",
     "Energy consumed since the driver was last loaded.",
     unit="joules",
-    source="nvmlDeviceGetTotalEnergyConsumption (mJ / 1000)",
-    dcgm="DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION (mJ)",
+    source="field NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION (nvmlDeviceGetTotalEnergyConsumption "
+    "where the field is unsupported), mJ / 1000",
+    dcgm=(
+        Dcgm(
+            "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+            "Total energy consumption since boot (in mJ).",
+            "mJ",
+            1000,
+            "counter",
+        ),
+    ),
 )
 
 
 class PowerCollector(Collector):
     name = "power"
-    metrics = (POWER, POWER_LIMIT, ENERGY)
+    metrics = (POWER, POWER_LIMIT, POWER_DEFAULT_LIMIT, POWER_MIN_LIMIT, POWER_MAX_LIMIT, ENERGY)
+
+    def fields(self, device: Device) -> tuple[FieldRequest, ...]:
+        return ((FI_TOTAL_ENERGY_CONSUMPTION, 0),)
 
     def collect(self, device: Device, out: Emitter) -> None:
         drv = device.driver
@@ -43,6 +79,15 @@ class PowerCollector(Collector):
         limit = device.read(drv.enforced_power_limit)
         if limit is not None:
             out.add(POWER_LIMIT, limit / 1000)
-        millijoules = device.read(drv.total_energy)
+        default = device.cached(drv.power_limit_default)
+        if default is not None:
+            out.add(POWER_DEFAULT_LIMIT, default / 1000)
+        constraints = device.cached(drv.power_limit_constraints)
+        if constraints is not None:
+            out.add(POWER_MIN_LIMIT, constraints[0] / 1000)
+            out.add(POWER_MAX_LIMIT, constraints[1] / 1000)
+        millijoules = device.field(FI_TOTAL_ENERGY_CONSUMPTION)
+        if millijoules is None:
+            millijoules = device.read(drv.total_energy)
         if millijoules is not None:
             out.add(ENERGY, millijoules / 1000)

@@ -4,6 +4,8 @@
 file (env NVML_STUB_CONFIG) that the library re-reads whenever it is replaced, and it reads the
 per-symbol call counters the library keeps in a shared file mapping (env NVML_STUB_COUNTERS).
 Values are in NVML's raw units, so a test can compare an exporter's output with the model exactly.
+make_device() models an HGX H200 (NVLink, ECC on, MIG-capable, GPM, row remapping);
+make_pcie_device() an L40S PCIe card without NVLink, ECC counters, MIG or GPM, that retires pages.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +49,7 @@ NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_GPU_IS_LOST = 15
 
 ARCH_AMPERE = 7
+ARCH_ADA = 8
 ARCH_HOPPER = 9
 BRAND_NVIDIA = 14
 
@@ -54,6 +57,10 @@ CLOCK_GRAPHICS, CLOCK_SM, CLOCK_MEM, CLOCK_VIDEO = 0, 1, 2, 3
 CLOCK_ID_CURRENT, CLOCK_ID_APP_TARGET, CLOCK_ID_APP_DEFAULT, CLOCK_ID_BOOST_MAX = 0, 1, 2, 3
 GPU_UTILIZATION_SAMPLES = 1
 MEMORY_UTILIZATION_SAMPLES = 2
+ENC_UTILIZATION_SAMPLES = 3
+DEC_UTILIZATION_SAMPLES = 4
+PCIE_UTIL_TX_BYTES = 0
+PCIE_UTIL_RX_BYTES = 1
 
 EVENT_SINGLE_BIT_ECC = 0x1
 EVENT_DOUBLE_BIT_ECC = 0x2
@@ -68,10 +75,16 @@ VALUE_TYPE_UNSIGNED_LONG_LONG = 3
 # NVML reports "no MIG instance" with an all-ones instance id.
 NOT_AVAILABLE_UINT = 0xFFFFFFFF
 
+FI_ECC_CURRENT = 1
+FI_ECC_PENDING = 2
 FI_ECC_SBE_VOL_TOTAL = 3
 FI_ECC_DBE_VOL_TOTAL = 4
 FI_ECC_SBE_AGG_TOTAL = 5
 FI_ECC_DBE_AGG_TOTAL = 6
+FI_ECC_DBE_AGG_CBU = 28
+FI_RETIRED_SBE = 29
+FI_RETIRED_DBE = 30
+FI_RETIRED_PENDING = 31
 FI_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL = 38
 FI_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL = 45
 FI_NVLINK_REPLAY_ERROR_COUNT_TOTAL = 52
@@ -106,6 +119,13 @@ FI_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN = 269
 FI_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN = 270
 FI_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN = 271
 
+# Every ECC error-counter field id (totals and per location); with ECC off a driver serves none.
+ECC_COUNTER_FIELDS = frozenset(range(FI_ECC_SBE_VOL_TOTAL, FI_ECC_DBE_AGG_CBU + 1))
+RETIRED_PAGE_FIELDS = frozenset((FI_RETIRED_SBE, FI_RETIRED_DBE, FI_RETIRED_PENDING))
+REMAPPED_ROW_FIELDS = frozenset(
+    (FI_REMAPPED_COR, FI_REMAPPED_UNC, FI_REMAPPED_PENDING, FI_REMAPPED_FAILURE)
+)
+
 # Per-lane NVLink error counters exist as separate field ids for lanes 0-5 and 6-11 only.
 _LANE_FIELD_BASES = {
     "crc_flit_errors": (32, 96),
@@ -126,6 +146,10 @@ GPM_PCIE_TX_PER_SEC = 20
 GPM_PCIE_RX_PER_SEC = 21
 GPM_NVLINK_TOTAL_RX_PER_SEC = 60
 GPM_NVLINK_TOTAL_TX_PER_SEC = 61
+
+# Page-retirement causes (nvmlPageRetirementCause_t).
+PAGE_RETIREMENT_CAUSE_SBE = 0
+PAGE_RETIREMENT_CAUSE_DBE = 1
 
 # Realistic HGX H200 PCI bus numbers; further devices wrap into the next PCI domain.
 _BUS_NUMBERS = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
@@ -173,6 +197,8 @@ class Sample:
 
 @dataclass
 class RetiredPage:
+    """One page retired for `cause` (PAGE_RETIREMENT_CAUSE_SBE or _DBE)."""
+
     cause: int
     address: int
     timestamp: int
@@ -209,7 +235,15 @@ class MigDevice:
 
 @dataclass
 class Device:
-    """One GPU in NVML's raw units: mW, mJ, MHz, bytes, percent, degrees C, KiB/s."""
+    """One GPU in NVML's raw units: mW, mJ, MHz, bytes, percent, degrees C, KiB/s.
+
+    A feature the GPU lacks is modelled the way a driver reports it: `fan_speeds=[]` (no fans),
+    `nvlinks=[]` (NVLink count field 0, per-link fields and nvmlDeviceGetNvLinkState
+    NOT_SUPPORTED), `ecc_mode_current=0` (every ECC error counter NOT_SUPPORTED),
+    `max_mig_devices=0` (no MIG), an architecture before Hopper (no GPM),
+    `retired_pages_supported` / `remapped_rows_supported`, and `unsupported_fields` for single
+    field ids. `field_value()` says what nvmlDeviceGetFieldValues serves for any field id.
+    """
 
     index: int
     name: str
@@ -259,18 +293,22 @@ class Device:
     decoder_utilization: int
     decoder_sampling_period: int
     ecc_mode_current: int
+    """0 makes nvmlDeviceGetTotalEccErrors and ECC counter fields 3..28 NOT_SUPPORTED."""
     ecc_mode_pending: int
     ecc_errors: dict[tuple[int, int], int]
     """(memory error type, counter type) -> count."""
     retired_pages: list[RetiredPage]
+    """Served only when `retired_pages_supported` (GPUs before Ampere, and the PCIe card)."""
     remapped_rows: tuple[int, int, int, int]
-    """(correctable, uncorrectable, pending, failure)."""
+    """(correctable, uncorrectable, pending, failure), when `remapped_rows_supported`."""
     pcie_link_gen_current: int
     pcie_link_gen_max: int
     pcie_link_width_current: int
     pcie_link_width_max: int
     pcie_tx_throughput: int
+    """KiB/s, nvmlDeviceGetPcieThroughput(h, NVML_PCIE_UTIL_TX_BYTES)."""
     pcie_rx_throughput: int
+    """KiB/s, nvmlDeviceGetPcieThroughput(h, NVML_PCIE_UTIL_RX_BYTES)."""
     pcie_replay_counter: int
     pcie_tx_bytes: int
     pcie_rx_bytes: int
@@ -281,12 +319,23 @@ class Device:
     memory_utilization_samples: list[Sample]
     mig_mode: bool
     max_mig_devices: int
+    """0 means the GPU has no MIG: nvmlDeviceGetMigMode is NOT_SUPPORTED."""
     mig_devices: list[MigDevice]
     supported_event_types: int
     gpm_metrics: dict[int, float]
     """Metric id -> value; ids not listed are NOT_SUPPORTED in nvmlGpmMetricsGet."""
     unsupported_fields: set[int] = field(default_factory=set)
     extra_fields: dict[FieldKey, FieldValue] = field(default_factory=dict)
+    encoder_utilization_samples: list[Sample] = field(default_factory=list)
+    decoder_utilization_samples: list[Sample] = field(default_factory=list)
+    encoder_session_count: int = 0
+    encoder_average_fps: int = 0
+    encoder_average_latency: int = 0
+    """Microseconds, as nvmlDeviceGetEncoderStats reports it."""
+    retired_pages_supported: bool = False
+    """Ampere and Hopper remap rows instead: retired-page calls and fields are NOT_SUPPORTED."""
+    retired_pages_pending: bool = False
+    remapped_rows_supported: bool = True
 
     @property
     def pci_bus_id(self) -> str:
@@ -308,8 +357,14 @@ class Device:
     def gpm_supported(self) -> bool:
         return self.architecture >= ARCH_HOPPER
 
+    @property
+    def mig_supported(self) -> bool:
+        return self.max_mig_devices > 0
+
     def enable_mig(self, count: int = 2) -> None:
         """Switches MIG on with `count` equal GPU instances (ids 1..count, one CI each)."""
+        if not self.mig_supported:
+            raise ValueError(f"{self.name} (device {self.index}) has no MIG support")
         size = self.memory_total // (count + 1)
         self.mig_mode = True
         self.mig_devices = [
@@ -329,6 +384,8 @@ class Device:
         """What nvmlDeviceGetFieldValues serves; absent keys get NOT_SUPPORTED per entry."""
         ull, uint = VALUE_TYPE_UNSIGNED_LONG_LONG, VALUE_TYPE_UNSIGNED_INT
         served: dict[FieldKey, FieldValue] = {
+            (FI_ECC_CURRENT, None): FieldValue(uint, self.ecc_mode_current),
+            (FI_ECC_PENDING, None): FieldValue(uint, self.ecc_mode_pending),
             (FI_TOTAL_ENERGY_CONSUMPTION, None): FieldValue(ull, self.energy),
             (FI_MEMORY_TEMP, None): FieldValue(uint, self.temperature_memory),
             (FI_PCIE_REPLAY_COUNTER, None): FieldValue(ull, self.pcie_replay_counter),
@@ -341,19 +398,43 @@ class Device:
             (FI_ECC_SBE_AGG_TOTAL, None): FieldValue(ull, self.ecc_errors.get((0, 1), 0)),
             (FI_ECC_DBE_AGG_TOTAL, None): FieldValue(ull, self.ecc_errors.get((1, 1), 0)),
         }
-        for fid, remapped in zip(
-            (FI_REMAPPED_COR, FI_REMAPPED_UNC, FI_REMAPPED_PENDING, FI_REMAPPED_FAILURE),
-            self.remapped_rows,
-            strict=True,
-        ):
-            served[(fid, None)] = FieldValue(uint, remapped)
+        if self.remapped_rows_supported:
+            for fid, remapped in zip(
+                (FI_REMAPPED_COR, FI_REMAPPED_UNC, FI_REMAPPED_PENDING, FI_REMAPPED_FAILURE),
+                self.remapped_rows,
+                strict=True,
+            ):
+                served[(fid, None)] = FieldValue(uint, remapped)
+        if self.retired_pages_supported:
+            for fid, cause in (
+                (FI_RETIRED_SBE, PAGE_RETIREMENT_CAUSE_SBE),
+                (FI_RETIRED_DBE, PAGE_RETIREMENT_CAUSE_DBE),
+            ):
+                pages = sum(1 for page in self.retired_pages if page.cause == cause)
+                served[(fid, None)] = FieldValue(ull, pages)
+            served[(FI_RETIRED_PENDING, None)] = FieldValue(uint, int(self.retired_pages_pending))
         for fid, ns in self.clock_event_durations.items():
             served[(fid, None)] = FieldValue(ull, ns)
+        # A board without NVLink still answers the link count, with 0.
+        served[(FI_NVLINK_LINK_COUNT, None)] = FieldValue(uint, len(self.nvlinks))
         if self.nvlinks:
-            served[(FI_NVLINK_LINK_COUNT, None)] = FieldValue(uint, len(self.nvlinks))
             served.update(self._nvlink_fields())
         served.update(self.extra_fields)
-        return {key: v for key, v in served.items() if key[0] not in self.unsupported_fields}
+        unsupported = set(self.unsupported_fields)
+        if not self.ecc_mode_current:
+            unsupported |= ECC_COUNTER_FIELDS  # the library enforces this too
+        return {key: v for key, v in served.items() if key[0] not in unsupported}
+
+    def field_value(self, field_id: int, scope: int | None = None) -> int | float | None:
+        """The value nvmlDeviceGetFieldValues returns for (field_id, scope); None if unsupported.
+
+        `scope` is the entry's scopeId (the NVLink index for per-link fields); None means 0, what
+        pynvml sends for a bare field id. As in the library, an exact scope beats a wildcard.
+        """
+        served = self.field_values()
+        exact = (field_id, 0 if scope is None else scope)
+        found = served[exact] if exact in served else served.get((field_id, None))
+        return None if found is None else found.value
 
     def _nvlink_fields(self) -> Iterator[tuple[FieldKey, FieldValue]]:
         ull = VALUE_TYPE_UNSIGNED_LONG_LONG
@@ -511,7 +592,70 @@ def make_device(index: int, name: str = "NVIDIA H200", architecture: int = ARCH_
             GPM_NVLINK_TOTAL_RX_PER_SEC: 4000.0 + i,
             GPM_NVLINK_TOTAL_TX_PER_SEC: 3000.0 + i,
         },
+        encoder_utilization_samples=[
+            Sample(_SAMPLE_EPOCH_US + 166_667 * k, i % 3) for k in range(3)
+        ],
+        decoder_utilization_samples=[
+            Sample(_SAMPLE_EPOCH_US + 166_667 * k, (2 * i) % 5) for k in range(3)
+        ],
+        # Ampere and later keep bad memory out of service by row remapping, not page retirement.
+        retired_pages_supported=architecture < ARCH_AMPERE,
+        remapped_rows_supported=architecture >= ARCH_AMPERE,
     )
+
+
+def make_pcie_device(index: int) -> Device:
+    """A plausible NVIDIA L40S (Ada, PCIe Gen4 x16) with the features an HGX GPU has turned off.
+
+    No NVLink, ECC disabled (so no ECC error counters), one fan, no MIG, no GPM (Ada is before
+    Hopper), no HBM memory-temperature sensor (field 82 NOT_SUPPORTED), no ECC events; bad pages
+    are reported by page retirement (nvmlDeviceGetRetiredPages_v2, fields 29-31), not by row
+    remapping. Everything else, including its derivation from `index`, follows make_device().
+    """
+    i = index
+    dev = make_device(i, "NVIDIA L40S", ARCH_ADA)
+    clocks: dict[tuple[int, int], int] = {}
+    for ctype, current, app, boost in (
+        (CLOCK_GRAPHICS, 2520 - 15 * i, 2175, 2520),
+        (CLOCK_SM, 2520 - 15 * i, 2175, 2520),
+        (CLOCK_MEM, 9001, 9001, 9001),
+        (CLOCK_VIDEO, 1965 - 10 * i, 1965, 1965),
+    ):
+        clocks[(ctype, CLOCK_ID_CURRENT)] = current
+        clocks[(ctype, CLOCK_ID_APP_TARGET)] = app
+        clocks[(ctype, CLOCK_ID_APP_DEFAULT)] = app
+        clocks[(ctype, CLOCK_ID_BOOST_MAX)] = boost
+    dev.uuid = f"GPU-{0x1A40C500 + i:08x}-5d2e-4b7a-8c1f-{0xA0B1C2D3E4 + i:012x}"
+    dev.serial = f"132352{i:07d}"
+    dev.vbios_version = "95.02.66.00.02"
+    dev.cuda_compute_capability = (8, 9)
+    dev.pci_device_id = 0x26B910DE
+    dev.pci_subsystem_id = 0x185110DE
+    dev.memory_total = 46068 * _MIB
+    dev.memory_reserved = 467 * _MIB
+    dev.bar1_total = 65536 * _MIB
+    dev.temperature_thresholds = {0: 98, 1: 95, 3: 92}
+    dev.power_usage = 80_000 + 5_000 * i
+    dev.power_average = 79_000 + 5_000 * i
+    dev.power_limit = dev.power_limit_enforced = dev.power_limit_default = 350_000
+    dev.power_limit_min = 100_000
+    dev.power_limit_max = 350_000
+    dev.clocks = clocks
+    dev.max_clocks = {CLOCK_GRAPHICS: 2520, CLOCK_SM: 2520, CLOCK_MEM: 9001, CLOCK_VIDEO: 1965}
+    dev.fan_speeds = [30 + i]
+    dev.ecc_mode_current = 0
+    dev.ecc_mode_pending = 0
+    dev.ecc_errors = {(0, 0): 0, (1, 0): 0, (0, 1): 0, (1, 1): 0}
+    dev.retired_pages_supported = True
+    dev.remapped_rows_supported = False
+    dev.remapped_rows = (0, 0, 0, 0)
+    dev.pcie_link_gen_current = dev.pcie_link_gen_max = 4
+    dev.nvlinks = []
+    dev.max_mig_devices = 0
+    dev.supported_event_types = EVENT_PSTATE | EVENT_XID_CRITICAL | EVENT_CLOCK
+    dev.gpm_metrics = {}
+    dev.unsupported_fields = {FI_MEMORY_TEMP}
+    return dev
 
 
 def cache_dir() -> Path:
@@ -594,7 +738,11 @@ class Fleet:
         name: str = "NVIDIA H200",
         architecture: int = ARCH_HOPPER,
         omit: Iterable[str] = (),
+        device_factory: Callable[[int], Device] | None = None,
     ) -> None:
+        """`device_factory(index)` builds each device (e.g. make_pcie_device) instead of
+        make_device(index, name, architecture); devices can also be replaced later, then apply().
+        """
         self._owned_directory = directory is None
         self.directory = (
             Path(tempfile.mkdtemp(prefix="nvml-stub-")) if directory is None else directory
@@ -602,7 +750,8 @@ class Fleet:
         self.library_dir = build(omit)
         self.config_path = self.directory / "nvml-stub.conf"
         self.counters_path = self.directory / "nvml-stub.counters"
-        self.devices = [make_device(i, name, architecture) for i in range(num_devices)]
+        factory = device_factory or (lambda i: make_device(i, name, architecture))
+        self.devices = [factory(i) for i in range(num_devices)]
         self.driver_version = "550.90.07"
         self.nvml_version = "12.550.90.07"
         self.cuda_driver_version = 12040
@@ -758,6 +907,15 @@ def _rule_order(item: tuple[tuple[str, int | None], int]) -> tuple[bool, bool]:
     return (function == "*", device is None)
 
 
+# nvmlSamplingType_t -> the Device list nvmlDeviceGetSamples serves for it.
+_SAMPLE_LISTS = {
+    GPU_UTILIZATION_SAMPLES: "gpu_utilization_samples",
+    MEMORY_UTILIZATION_SAMPLES: "memory_utilization_samples",
+    ENC_UTILIZATION_SAMPLES: "encoder_utilization_samples",
+    DEC_UTILIZATION_SAMPLES: "decoder_utilization_samples",
+}
+
+
 def _render_device(d: Device) -> Iterator[str]:
     i = d.index
     scalars: dict[str, object] = {
@@ -802,29 +960,34 @@ def _render_device(d: Device) -> Iterator[str]:
         "encoder_sampling_period": d.encoder_sampling_period,
         "decoder_utilization": d.decoder_utilization,
         "decoder_sampling_period": d.decoder_sampling_period,
+        "encoder_session_count": d.encoder_session_count,
+        "encoder_average_fps": d.encoder_average_fps,
+        "encoder_average_latency": d.encoder_average_latency,
         "ecc_mode_current": d.ecc_mode_current,
         "ecc_mode_pending": d.ecc_mode_pending,
-        "retired_pages_supported": 1,
-        "remapped_rows_correctable": d.remapped_rows[0],
-        "remapped_rows_uncorrectable": d.remapped_rows[1],
-        "remapped_rows_pending": d.remapped_rows[2],
-        "remapped_rows_failure": d.remapped_rows[3],
         "pcie_link_gen_current": d.pcie_link_gen_current,
         "pcie_link_gen_max": d.pcie_link_gen_max,
         "pcie_link_width_current": d.pcie_link_width_current,
         "pcie_link_width_max": d.pcie_link_width_max,
-        "pcie_throughput.0": d.pcie_tx_throughput,
-        "pcie_throughput.1": d.pcie_rx_throughput,
+        f"pcie_throughput.{PCIE_UTIL_TX_BYTES}": d.pcie_tx_throughput,
+        f"pcie_throughput.{PCIE_UTIL_RX_BYTES}": d.pcie_rx_throughput,
         "pcie_replay_counter": d.pcie_replay_counter,
-        "mig_mode_current": int(d.mig_mode),
-        "mig_mode_pending": int(d.mig_mode),
         "max_mig_device_count": d.max_mig_devices,
         "supported_event_types": d.supported_event_types,
         "gpm_supported": int(d.gpm_supported),
         "process_utilization_supported": 1,
-        f"samples_supported.{GPU_UTILIZATION_SAMPLES}": 1,
-        f"samples_supported.{MEMORY_UTILIZATION_SAMPLES}": 1,
     }
+    for sampling_type in _SAMPLE_LISTS:
+        scalars[f"samples_supported.{sampling_type}"] = 1
+    if d.mig_supported:
+        scalars["mig_mode_current"] = scalars["mig_mode_pending"] = int(d.mig_mode)
+    if d.retired_pages_supported:
+        scalars["retired_pages_supported"] = 1
+    if d.remapped_rows_supported:
+        for key, rows in zip(
+            ("correctable", "uncorrectable", "pending", "failure"), d.remapped_rows, strict=True
+        ):
+            scalars[f"remapped_rows_{key}"] = rows
     for threshold, celsius in d.temperature_thresholds.items():
         scalars[f"temperature_threshold.{threshold}"] = celsius
     for (ctype, clock_id), mhz in d.clocks.items():
@@ -855,11 +1018,8 @@ def _render_device(d: Device) -> Iterator[str]:
         yield (
             f"putil {i} {s.pid} {s.timestamp} {s.sm_util} {s.mem_util} {s.enc_util} {s.dec_util}"
         )
-    for sampling_type, samples in (
-        (GPU_UTILIZATION_SAMPLES, d.gpu_utilization_samples),
-        (MEMORY_UTILIZATION_SAMPLES, d.memory_utilization_samples),
-    ):
-        for sample in samples:
+    for sampling_type, attr in _SAMPLE_LISTS.items():
+        for sample in getattr(d, attr):
             yield f"sample {i} {sampling_type} {sample.timestamp} {sample.value}"
     for page in d.retired_pages:
         yield f"retired {i} {page.cause} {page.address} {page.timestamp}"

@@ -14,7 +14,8 @@
  *   proc DEV PID MEM c|g GI CI      running process (compute or graphics)
  *   pname PID NAME...               process name
  *   putil DEV PID TS SM MEM ENC DEC process utilization sample
- *   sample DEV TYPE TS VALUE        nvmlDeviceGetSamples sample (unsigned int)
+ *   sample DEV TYPE TS VALUE        nvmlDeviceGetSamples sample (unsigned int); TYPE is an
+ *                                   nvmlSamplingType_t (1 GPU, 2 memory, 3 encoder, 4 decoder)
  *   field DEV ID SCOPE TYPE VALUE   nvmlDeviceGetFieldValues entry
  *   gpm DEV GI METRIC VALUE         GPM metric (GI "*" = whole device)
  *   retired DEV CAUSE ADDR TS       retired page
@@ -78,6 +79,11 @@ static const char *const sym_names[SYM_COUNT] = {
 /* pynvml sizes c_nvmlGpmMetricsGet_t.metrics with NVML_GPM_METRIC_MAX. */
 #define GPM_METRIC_MAX 477
 #define VALUE_TYPE_UNSIGNED_INT 1
+/* nvmlPcieUtilCounter_t: NVML_PCIE_UTIL_TX_BYTES = 0, NVML_PCIE_UTIL_RX_BYTES = 1. */
+#define PCIE_UTIL_COUNT 2
+/* Field ids of the ECC error counters: NVML_FI_DEV_ECC_SBE_VOL_TOTAL .. NVML_FI_DEV_ECC_DBE_AGG_CBU. */
+#define FI_ECC_FIRST_COUNTER 3
+#define FI_ECC_LAST_COUNTER 28
 
 #define STRUCT_VERSION(type, ver) ((unsigned int)(sizeof(type) | ((ver) << 24)))
 
@@ -1093,6 +1099,15 @@ HANDLE_FN(nvmlDeviceGetDecoderUtilization, unsigned int *util, unsigned int *per
     return end(NVML_SUCCESS);
 }
 
+/* nvml.h declares three unsigned int outputs (latency in microseconds); pynvml passes zeroed
+ * c_ulonglong buffers, which read back the same value on a little-endian host. */
+HANDLE_FN(nvmlDeviceGetEncoderStats, unsigned int *sessions, unsigned int *fps, unsigned int *latency)
+    GET_NUM(&c, sessions, "encoder_session_count");
+    GET_NUM(&c, fps, "encoder_average_fps");
+    GET_NUM(&c, latency, "encoder_average_latency");
+    return end(NVML_SUCCESS);
+}
+
 /* ---- ECC and memory health ---- */
 
 HANDLE_FN(nvmlDeviceGetEccMode, unsigned int *current, unsigned int *pending)
@@ -1101,8 +1116,21 @@ HANDLE_FN(nvmlDeviceGetEccMode, unsigned int *current, unsigned int *pending)
     return end(NVML_SUCCESS);
 }
 
+/* A device without ECC, or with ECC disabled, has no error counters: a real driver answers
+ * NOT_SUPPORTED for them (nvidia-smi prints N/A) while nvmlDeviceGetEccMode still succeeds. */
+static int ecc_counters_unsupported(const struct call *c) {
+    const char *mode = val(c, "ecc_mode_current");
+    return !mode || parse_num(mode) == 0;
+}
+
+static int is_ecc_counter_field(unsigned int id) {
+    return id >= FI_ECC_FIRST_COUNTER && id <= FI_ECC_LAST_COUNTER;
+}
+
 HANDLE_FN(nvmlDeviceGetTotalEccErrors, unsigned int error_type, unsigned int counter_type,
           unsigned long long *count)
+    if (ecc_counters_unsupported(&c))
+        return end(NVML_ERROR_NOT_SUPPORTED);
     GET_NUM(&c, count, "ecc_errors.%u.%u", error_type, counter_type);
     return end(NVML_SUCCESS);
 }
@@ -1148,7 +1176,11 @@ UINT_GETTER(nvmlDeviceGetMaxPcieLinkGeneration, "pcie_link_gen_max")
 UINT_GETTER(nvmlDeviceGetMaxPcieLinkWidth, "pcie_link_width_max")
 UINT_GETTER(nvmlDeviceGetPcieReplayCounter, "pcie_replay_counter")
 
+/* counter NVML_PCIE_UTIL_TX_BYTES (0) serves pcie_throughput.0, RX_BYTES (1) pcie_throughput.1,
+ * both in KiB/s; nvml.h knows no other counter. */
 HANDLE_FN(nvmlDeviceGetPcieThroughput, unsigned int counter, unsigned int *value)
+    if (counter >= PCIE_UTIL_COUNT)
+        return end(NVML_ERROR_INVALID_ARGUMENT);
     GET_NUM(&c, value, "pcie_throughput.%u", counter);
     return end(NVML_SUCCESS);
 }
@@ -1242,14 +1274,20 @@ static void set_value(nvmlValue_t *out, unsigned int type, const char *text) {
     }
 }
 
-/* Unknown or unconfigured fields fail in their own entry; the call itself still succeeds. */
+/*
+ * Unknown or unconfigured fields fail in their own entry; the call itself still succeeds.
+ * With ECC off the ECC counter fields fail that way too, whatever the config lists.
+ */
 HANDLE_FN(nvmlDeviceGetFieldValues, int count, nvmlFieldValue_t *values)
     if (count < 0 || (count > 0 && !values))
         return end(NVML_ERROR_INVALID_ARGUMENT);
     int64_t now_us = (int64_t)(now_ns(CLOCK_REALTIME) / 1000);
+    int no_ecc_counters = ecc_counters_unsupported(&c);
     for (int i = 0; i < count; i++) {
         nvmlFieldValue_t *v = &values[i];
         const struct field *f = c.ent->mig < 0 ? find_field(&c, v->fieldId, v->scopeId) : NULL;
+        if (no_ecc_counters && is_ecc_counter_field(v->fieldId))
+            f = NULL;
         v->timestamp = now_us;
         v->latencyUsec = 0;
         if (!f || !f->value) {
@@ -1334,7 +1372,11 @@ HANDLE_FN(nvmlDeviceGetProcessUtilization, nvmlProcessUtilizationSample_t *sampl
     return end(rc);
 }
 
-/* pynvml sizes with a NULL buffer and expects SUCCESS from that call. */
+/*
+ * pynvml sizes with a NULL buffer and expects SUCCESS from that call; NOT_FOUND when no sample is
+ * newer than last_seen (microseconds, like the sample timestamps). Every sampling type the device
+ * lists as samples_supported.TYPE is served from its own "sample" lines; MIG handles have none.
+ */
 HANDLE_FN(nvmlDeviceGetSamples, unsigned int type, unsigned long long last_seen, unsigned int *value_type,
           unsigned int *count, nvmlSample_t *samples)
     if (!count || !value_type)

@@ -1,0 +1,129 @@
+"""PCIe traffic, replays, and the link's current and maximum generation and width."""
+
+from __future__ import annotations
+
+from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.nvml import (
+    FI_PCIE_COUNT_RX_BYTES,
+    FI_PCIE_COUNT_TX_BYTES,
+    FI_PCIE_REPLAY_COUNTER,
+    PCIE_RX_BYTES,
+    PCIE_TX_BYTES,
+    Device,
+    FieldRequest,
+)
+
+# The link trains down when idle and back up under load; a few seconds of lag is plenty.
+LINK_STATE_MAX_AGE = 10.0
+
+TX_BYTES = MetricSpec(
+    "nvml_pcie_tx_bytes_total",
+    "counter",
+    "Bytes the GPU sent over PCIe.",
+    unit="bytes",
+    source="field NVML_FI_DEV_PCIE_COUNT_TX_BYTES",
+)
+RX_BYTES = MetricSpec(
+    "nvml_pcie_rx_bytes_total",
+    "counter",
+    "Bytes the GPU received over PCIe.",
+    unit="bytes",
+    source="field NVML_FI_DEV_PCIE_COUNT_RX_BYTES",
+)
+TX_THROUGHPUT = MetricSpec(
+    "nvml_pcie_tx_bytes_per_second",
+    "gauge",
+    "PCIe send throughput over a 20 ms window; only where the byte counter is unsupported.",
+    source="nvmlDeviceGetPcieThroughput TX_BYTES (KiB/s * 1024)",
+    dcgm=(Dcgm("DCGM_FI_PROF_PCIE_TX_BYTES", "PCIe transmit rate (in B/s).", "B/s"),),
+)
+RX_THROUGHPUT = MetricSpec(
+    "nvml_pcie_rx_bytes_per_second",
+    "gauge",
+    "PCIe receive throughput over a 20 ms window; only where the byte counter is unsupported.",
+    source="nvmlDeviceGetPcieThroughput RX_BYTES (KiB/s * 1024)",
+    dcgm=(Dcgm("DCGM_FI_PROF_PCIE_RX_BYTES", "PCIe receive rate (in B/s).", "B/s"),),
+)
+REPLAYS = MetricSpec(
+    "nvml_pcie_replays_total",
+    "counter",
+    "PCIe link-level replays (retransmissions); growth points at a marginal link or riser.",
+    source="field NVML_FI_DEV_PCIE_REPLAY_COUNTER",
+    dcgm=(Dcgm("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "Total PCIe retries.", type="counter"),),
+)
+LINK_GENERATION = MetricSpec(
+    "nvml_pcie_link_generation",
+    "gauge",
+    "Current PCIe link generation (it drops when the link idles).",
+    source="nvmlDeviceGetCurrPcieLinkGeneration (at most every 10 s)",
+    dcgm=(Dcgm("DCGM_FI_DEV_PCIE_LINK_GEN", "PCIe current link generation."),),
+)
+LINK_WIDTH = MetricSpec(
+    "nvml_pcie_link_width",
+    "gauge",
+    "Current PCIe link width in lanes.",
+    source="nvmlDeviceGetCurrPcieLinkWidth (at most every 10 s)",
+    dcgm=(Dcgm("DCGM_FI_DEV_PCIE_LINK_WIDTH", "PCIe current link width."),),
+)
+LINK_MAX_GENERATION = MetricSpec(
+    "nvml_pcie_link_max_generation",
+    "gauge",
+    "Highest PCIe generation the GPU and the slot support together.",
+    source="nvmlDeviceGetMaxPcieLinkGeneration (read once)",
+    dcgm=(Dcgm("DCGM_FI_DEV_PCIE_MAX_LINK_GEN", "PCIe maximum link generation."),),
+)
+LINK_MAX_WIDTH = MetricSpec(
+    "nvml_pcie_link_max_width",
+    "gauge",
+    "Widest PCIe link the GPU and the slot support together, in lanes.",
+    source="nvmlDeviceGetMaxPcieLinkWidth (read once)",
+    dcgm=(Dcgm("DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH", "PCIe maximum link width."),),
+)
+
+
+class PcieCollector(Collector):
+    name = "pcie"
+    metrics = (
+        TX_BYTES,
+        RX_BYTES,
+        TX_THROUGHPUT,
+        RX_THROUGHPUT,
+        REPLAYS,
+        LINK_GENERATION,
+        LINK_WIDTH,
+        LINK_MAX_GENERATION,
+        LINK_MAX_WIDTH,
+    )
+
+    def fields(self, device: Device) -> tuple[FieldRequest, ...]:
+        return (
+            (FI_PCIE_COUNT_TX_BYTES, 0),
+            (FI_PCIE_COUNT_RX_BYTES, 0),
+            (FI_PCIE_REPLAY_COUNTER, 0),
+        )
+
+    def collect(self, device: Device, out: Emitter) -> None:
+        drv = device.driver
+        for field_id, counter, gauge, direction in (
+            (FI_PCIE_COUNT_TX_BYTES, TX_BYTES, TX_THROUGHPUT, PCIE_TX_BYTES),
+            (FI_PCIE_COUNT_RX_BYTES, RX_BYTES, RX_THROUGHPUT, PCIE_RX_BYTES),
+        ):
+            total = device.field(field_id)
+            if total is not None:
+                out.add(counter, total)
+                continue
+            # Older GPUs only have the throughput call, which blocks ~20 ms per direction.
+            kib_per_second = device.read(drv.pcie_throughput, direction)
+            if kib_per_second is not None:
+                out.add(gauge, kib_per_second * 1024)
+        replays = device.field(FI_PCIE_REPLAY_COUNTER)
+        if replays is not None:
+            out.add(REPLAYS, replays)
+        for spec, value in (
+            (LINK_GENERATION, device.recent(LINK_STATE_MAX_AGE, drv.pcie_link_generation)),
+            (LINK_WIDTH, device.recent(LINK_STATE_MAX_AGE, drv.pcie_link_width)),
+            (LINK_MAX_GENERATION, device.cached(drv.pcie_max_link_generation)),
+            (LINK_MAX_WIDTH, device.cached(drv.pcie_max_link_width)),
+        ):
+            if value is not None:
+                out.add(spec, value)
