@@ -24,3 +24,4 @@ EXPOSE 9471
 HEALTHCHECK --interval=30s --timeout=3s \
   CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9471/healthz', timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["nvml-exporter"]
+CMD ["--config.file", "/etc/nvml-exporter/exporter.yaml"]

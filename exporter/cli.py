@@ -191,28 +191,37 @@ class App:
         log.info("configuration reloaded", extra={"source": new.source})
 
     async def serve(self) -> int:
-        server = WebServer(self.sampler, self.config.web, self.config.backend)
-        try:
-            await server.start()
-        except OSError as err:
-            log.error(
-                "cannot listen",
-                extra={
-                    "address": self.config.web.listen_address,
-                    "reason": err.strerror or str(err),
-                },
-            )
-            self.sampler.stop(SAMPLER_GRACE_SECONDS)
-            return 1
         loop = asyncio.get_running_loop()
+        # Handlers first: a signal during start-up must not kill the process uncleanly.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        await self.stopping.wait()
+        self.sampler.start()
+        # Binding after the first sample lets the first scrape see real data; a sick GPU
+        # cannot hold this up for longer than one sample deadline.
+        give_up = loop.time() + self.config.sampling.deadline + 1
+        while not (self.sampler.has_sampled() or self.stopping.is_set()) and loop.time() < give_up:
+            await asyncio.sleep(0.01)
+        server = WebServer(self.sampler, self.config.web, self.config.backend)
+        if not self.stopping.is_set():
+            try:
+                await server.start()
+            except OSError as err:
+                log.error(
+                    "cannot listen",
+                    extra={
+                        "address": self.config.web.listen_address,
+                        "reason": err.strerror or str(err),
+                    },
+                )
+                await loop.run_in_executor(None, self.sampler.stop, SAMPLER_GRACE_SECONDS)
+                return 1
+            await self.stopping.wait()
         log.info("shutting down")
+        # Both in parallel, so the whole stop fits the 5 s orchestrators allow.
+        sampler_stopped = loop.run_in_executor(None, self.sampler.stop, SAMPLER_GRACE_SECONDS)
         await server.close(HTTP_GRACE_SECONDS)
-        clean = await loop.run_in_executor(None, self.sampler.stop, SAMPLER_GRACE_SECONDS)
-        if not clean:
+        if not await sampler_stopped:
             log.warning("an NVML call was still running; exiting without nvmlShutdown")
         return 0
 
@@ -244,6 +253,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     sampler = Sampler(config, make_driver(config))
-    sampler.start()
-    sampler.wait_for_first_sample(config.sampling.deadline + 1)
     return asyncio.run(App(args, config, sampler).serve())

@@ -40,31 +40,27 @@ LIBRARY_NOT_FOUND = 12
 FUNCTION_NOT_FOUND = 13
 GPU_IS_LOST = 15
 RESET_REQUIRED = 16
+LIB_RM_VERSION_MISMATCH = 18
+NO_DATA = 21
 ARGUMENT_VERSION_MISMATCH = 25
+DEPRECATED = 26
 GPU_NOT_FOUND = 28
 UNKNOWN = 999
 
 ABSENT_CODES = frozenset(
-    {NOT_SUPPORTED, FUNCTION_NOT_FOUND, NO_PERMISSION, ARGUMENT_VERSION_MISMATCH}
+    {NOT_SUPPORTED, FUNCTION_NOT_FOUND, NO_PERMISSION, ARGUMENT_VERSION_MISMATCH, DEPRECATED}
 )
 LOST_CODES = frozenset({GPU_IS_LOST, RESET_REQUIRED, GPU_NOT_FOUND})
+# The library as a whole stopped working (driver unloaded or upgraded under us).
+SESSION_CODES = frozenset({UNINITIALIZED, DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH})
+# "Nothing to report right now", not a failure.
+NO_VALUE_CODES = frozenset({NOT_FOUND, NO_DATA})
 
-_ERROR_NAMES = {
-    UNINITIALIZED: "uninitialized",
-    INVALID_ARGUMENT: "invalid_argument",
-    NOT_SUPPORTED: "not_supported",
-    NO_PERMISSION: "no_permission",
-    NOT_FOUND: "not_found",
-    INSUFFICIENT_SIZE: "insufficient_size",
-    DRIVER_NOT_LOADED: "driver_not_loaded",
-    TIMEOUT: "timeout",
-    LIBRARY_NOT_FOUND: "library_not_found",
-    FUNCTION_NOT_FOUND: "function_not_found",
-    GPU_IS_LOST: "gpu_is_lost",
-    RESET_REQUIRED: "reset_required",
-    ARGUMENT_VERSION_MISMATCH: "argument_version_mismatch",
-    GPU_NOT_FOUND: "gpu_not_found",
-    UNKNOWN: "unknown",
+# Every code pynvml knows, by its nvml.h name: NVML_ERROR_GPU_IS_LOST -> "gpu_is_lost".
+_ERROR_NAMES: dict[int, str] = {
+    int(value): name.removeprefix("NVML_ERROR_").lower()
+    for name, value in vars(pynvml).items()
+    if name.startswith("NVML_ERROR_") and isinstance(value, int)
 }
 
 # Enumerations from nvml.h that the collectors use.
@@ -118,6 +114,14 @@ class NvmlError(Exception):
         super().__init__(f"{function or 'NVML'}: {error_name(code)} ({code})")
         self.code = code
         self.function = function
+
+
+class SessionLost(Exception):
+    """NVML as a whole stopped answering; it must be initialised again."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class DeviceLost(Exception):
@@ -255,13 +259,17 @@ class PynvmlDriver:
         while True:
             try:
                 return variants[index]()
+            except AttributeError:
+                # An older nvidia-ml-py lacks the wrapper for the newer call altogether.
+                if index + 1 >= len(variants):
+                    raise NvmlError(FUNCTION_NOT_FOUND, name) from None
             except pynvml.NVMLError as err:
                 retryable = err.value in (FUNCTION_NOT_FOUND, ARGUMENT_VERSION_MISMATCH)
                 if not retryable or index + 1 >= len(variants):
                     raise
-                index += 1
-                with self._variant_lock:
-                    self._variant[name] = index
+            index += 1
+            with self._variant_lock:
+                self._variant[name] = index
 
     def init(self) -> None:
         pynvml.nvmlInit()
@@ -519,8 +527,12 @@ class Device:
     ) -> None:
         """The error policy: raise DeviceLost, or remember an absent value, or count an error."""
         name = key[0]
+        if code in SESSION_CODES:
+            raise SessionLost(error_name(code)) from cause
         if code in LOST_CODES:
             raise DeviceLost(error_name(code)) from cause
+        if code in NO_VALUE_CODES:
+            return
         if code in ABSENT_CODES:
             self._absent.add(key)
             log.debug(
@@ -599,6 +611,8 @@ class Device:
             code = error_code(exc)
             if code is None:
                 raise
+            if code in SESSION_CODES:
+                raise SessionLost(error_name(code)) from exc
             if code in LOST_CODES:
                 raise DeviceLost(error_name(code)) from exc
             # The whole call failed (an old driver without it, say): each field inherits the
@@ -626,10 +640,12 @@ def _cuda_version_text(raw: int) -> str:
 
 
 class Session:
-    """NVML's lifecycle: init with capped exponential backoff, enumeration, shutdown."""
+    """NVML's lifecycle: init with capped exponential backoff, enumeration, re-opening GPUs
+    that failed to open, shutdown. Used only from the sampler thread."""
 
     INITIAL_BACKOFF = 0.5
     MAX_BACKOFF = 30.0
+    REOPEN_INTERVAL = 5.0
 
     def __init__(
         self,
@@ -648,6 +664,7 @@ class Session:
         self.attempts = 0
         self._backoff = self.INITIAL_BACKOFF
         self._next_attempt = 0.0
+        self._next_reopen = 0.0
 
     def start(self) -> bool:
         """Tries to initialise NVML unless backing off; True when NVML is up."""
@@ -670,12 +687,14 @@ class Session:
         except Exception as exc:
             code = error_code(exc)
             if code is None:
-                raise
+                # A bug or a surprise from the binding: do not re-init every interval.
+                log.exception("enumerating GPUs failed")
             self._shutdown_quietly()
-            self._failed(error_name(code), now)
+            self._failed(error_name(code) if code is not None else "enumeration_failed", now)
             return False
         self.up = True
         self._backoff = self.INITIAL_BACKOFF
+        self.last_error = ""
         log.info(
             "NVML initialised",
             extra={
@@ -686,6 +705,30 @@ class Session:
             },
         )
         return True
+
+    def lost(self, reason: str) -> None:
+        """NVML as a whole stopped working: drop everything and start over with backoff."""
+        log.error("NVML stopped working; reinitialising", extra={"reason": reason})
+        self.shutdown()
+        self._backoff = self.INITIAL_BACKOFF
+        self._failed(reason, self._clock())
+
+    def reselect(self, selection: Selection) -> None:
+        """Applies a new device selection by enumerating again; no re-init needed."""
+        self.selection = selection
+        if self.up:
+            self._enumerate()
+
+    def reopen_failed(self) -> None:
+        """GPUs that could not be opened are tried again every few seconds."""
+        now = self._clock()
+        if now < self._next_reopen or all(d.handle is not None for d in self.devices):
+            return
+        self._next_reopen = now + self.REOPEN_INTERVAL
+        reopened = [
+            self._open_or_placeholder(d.index) if d.handle is None else d for d in self.devices
+        ]
+        self.devices = [d for d in reopened if d is not None]
 
     def _failed(self, reason: str, now: float) -> None:
         first = self.last_error != reason
@@ -708,23 +751,31 @@ class Session:
             cuda = ""
         self.system = System(driver_version=version, cuda_driver_version=cuda)
         self.total_devices = drv.device_count()
-        devices = []
-        for index in range(self.total_devices):
-            try:
-                device = self._open(index)
-            except Exception as exc:
-                code = error_code(exc)
-                if code is None and not isinstance(exc, DeviceLost):
-                    raise
-                reason = exc.reason if isinstance(exc, DeviceLost) else error_name(code or UNKNOWN)
-                log.warning("GPU could not be opened", extra={"gpu": index, "reason": reason})
-                if self.selection is not None and not self.selection.selects(index, "", ""):
-                    continue
-                device = Device(drv, None, DeviceIdentity(index=index, uuid=""), self.system)
-                device.down_reason = reason
-            if device is not None:
-                devices.append(device)
-        self.devices = devices
+        devices = [self._open_or_placeholder(index) for index in range(self.total_devices)]
+        self.devices = [d for d in devices if d is not None]
+        if self.selection is not None and not self.devices and self.total_devices:
+            log.warning(
+                "the device selection matches none of the GPUs",
+                extra={"gpus": self.total_devices, "selection": self.selection},
+            )
+
+    def _open_or_placeholder(self, index: int) -> Device | None:
+        """The GPU at `index`, a down placeholder if it cannot be opened, None if unselected."""
+        try:
+            return self._open(index)
+        except Exception as exc:
+            code = error_code(exc)
+            if code is None and not isinstance(exc, DeviceLost):
+                raise
+            if code in SESSION_CODES:
+                raise
+            reason = exc.reason if isinstance(exc, DeviceLost) else error_name(code or UNKNOWN)
+            log.warning("GPU could not be opened", extra={"gpu": index, "reason": reason})
+            if self.selection is not None and not self.selection.selects(index, "", ""):
+                return None
+            device = Device(self.driver, None, DeviceIdentity(index=index, uuid=""), self.system)
+            device.down_reason = reason
+            return device
 
     def _open(self, index: int) -> Device | None:
         drv = self.driver

@@ -27,7 +27,15 @@ from exporter import __version__, dcgm
 from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec
 from exporter.collectors.base import Sample
 from exporter.config import Config
-from exporter.nvml import Device, DeviceLost, Driver, FieldRequest, Session, binding_version
+from exporter.nvml import (
+    Device,
+    DeviceLost,
+    Driver,
+    FieldRequest,
+    Session,
+    SessionLost,
+    binding_version,
+)
 from exporter.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -48,7 +56,9 @@ GPU_UP = MetricSpec(
     "1 if the GPU answered this sample; 0 if it is lost, needs a reset or timed out.",
     source="exporter (GPU_IS_LOST, RESET_REQUIRED, sample deadline)",
 )
-GPU_DEVICES = _spec("nvml_gpu_devices", "gauge", "Number of GPUs NVML reports on this host.")
+GPU_DEVICES = _spec(
+    "nvml_gpu_devices", "gauge", "GPUs NVML reports on this host, before device selection."
+)
 COLLECTOR_SUCCESS = _spec(
     "nvml_collector_success",
     "gauge",
@@ -118,6 +128,12 @@ PROCESS_METRICS = (
     _process_spec("process_max_fds", "gauge", "Limit on open file descriptors."),
 )
 
+SAMPLE_FAILURES = _spec(
+    "nvml_exporter_sample_failures_total",
+    "counter",
+    "Samples that failed with an unexpected error (a bug); the previous data stays served.",
+)
+
 SELF_METRICS = (
     NVML_UP,
     GPU_UP,
@@ -131,6 +147,7 @@ SELF_METRICS = (
     BACKEND_INFO,
     RELOAD_SUCCESS,
     RELOAD_TIMESTAMP,
+    SAMPLE_FAILURES,
 )
 
 
@@ -140,6 +157,7 @@ class DeviceResult:
     # collector name -> (succeeded, seconds, errors)
     status: dict[str, tuple[bool, float, int]] = field(default_factory=dict)
     down_reason: str | None = None
+    session_lost: str | None = None
 
 
 def _where(collector: Collector, device: Device) -> dict[str, object]:
@@ -200,7 +218,7 @@ class _FamilyBuilder:
     def add(self, spec: MetricSpec, labels: Sequence[str], value: float) -> None:
         family = self._families.get(spec)
         if family is None:
-            suffix = self._suffix if spec.per_device else ""
+            suffix = self._suffix if spec.per_device and spec.type != "info" else ""
             family = self._families[spec] = _family(spec, suffix)
         family.add_sample(spec.name, dict(zip(spec.label_names, labels, strict=True)), value)
 
@@ -248,6 +266,7 @@ class Sampler:
         self._pending: dict[int, Future[DeviceResult]] = {}
         self._error_totals = dict.fromkeys(registry, 0)
         self._down: dict[int, str] = {}
+        self._logged_failures: set[tuple[str, str]] = set()
         self._process = ProcessCollector(registry=None)
         self._stop = threading.Event()
         self._first_sample = threading.Event()
@@ -256,7 +275,9 @@ class Sampler:
         self.reload_timestamp = wall_clock()
         self.ready = False
         self.heartbeat = clock()
-        self.snapshot = Snapshot(self._static_families(), wall_clock())
+        self.sample_failures = 0
+        self._static = self._static_families()
+        self.snapshot = Snapshot(self._static, wall_clock())
 
     # --- configuration ---------------------------------------------------------------------
 
@@ -269,11 +290,12 @@ class Sampler:
         return selected
 
     def reconfigure(self, config: Config) -> None:
-        """Applies a reloaded configuration from the next sample on."""
+        """Applies a reloaded configuration from the next sample on.
+
+        Called from another thread: it only swaps references; the sampler thread itself
+        re-enumerates for a new device selection, so NVML is never touched from two places.
+        """
         self._collectors = self._select(config)
-        if config.devices != self.config.devices:
-            self.session.selection = config.devices
-            self.session.shutdown()
         self.config = config
 
     # --- sampling ----------------------------------------------------------------------------
@@ -299,14 +321,16 @@ class Sampler:
             for collector in collectors:
                 try:
                     requests.extend(collector.fields(device))
-                except DeviceLost:
+                except (DeviceLost, SessionLost):
                     raise
-                except Exception:
+                except Exception as exc:
                     failed.add(collector.name)
-                    log.exception("collector failed", extra=_where(collector, device))
+                    self._log_collector_failure(collector, device, exc)
             device.fetch_fields(requests)
         except DeviceLost as lost:
             return DeviceResult(down_reason=lost.reason)
+        except SessionLost as lost:
+            return DeviceResult(down_reason=lost.reason, session_lost=lost.reason)
         for collector in collectors:
             started = time.perf_counter()
             errors_before = device.errors
@@ -315,13 +339,28 @@ class Sampler:
                 errors = device.errors - errors_before
             except DeviceLost as lost:
                 return DeviceResult(down_reason=lost.reason)
-            except Exception:
+            except SessionLost as lost:
+                return DeviceResult(down_reason=lost.reason, session_lost=lost.reason)
+            except Exception as exc:
                 errors = device.errors - errors_before + 1
-                log.exception("collector failed", extra=_where(collector, device))
+                self._log_collector_failure(collector, device, exc)
             errors += collector.name in failed
             result.status[collector.name] = (errors == 0, time.perf_counter() - started, errors)
         result.samples = out.samples
         return result
+
+    def _log_collector_failure(self, collector: Collector, device: Device, exc: Exception) -> None:
+        """With traceback once per collector and kind of error; it is counted either way."""
+        key = (collector.name, type(exc).__name__)
+        if key in self._logged_failures:
+            log.debug("collector failed", extra=_where(collector, device), exc_info=exc)
+            return
+        self._logged_failures.add(key)
+        log.error(
+            "collector failed; further failures of this kind are counted, not logged",
+            extra=_where(collector, device),
+            exc_info=exc,
+        )
 
     def _read_devices(self, devices: Sequence[Device], started: float) -> dict[int, DeviceResult]:
         collectors = self._collectors
@@ -364,14 +403,32 @@ class Sampler:
                 log.info("GPU up again", extra={"gpu": device.index, "uuid": device.uuid})
                 del self._down[device.index]
 
+    def _prepare_session(self) -> bool:
+        """Brings NVML up (with backoff), applies a new selection, re-opens failed GPUs."""
+        session = self.session
+        if not session.start():
+            return False
+        try:
+            if session.selection != self.config.devices:
+                session.reselect(self.config.devices)
+            session.reopen_failed()
+        except SessionLost as lost:
+            session.lost(lost.reason)
+            return False
+        return True
+
     def sample_once(self) -> Snapshot:
         started = self._clock()
-        self.heartbeat = started
-        up = self.session.start()
+        up = self._prepare_session()
         builder = _FamilyBuilder(self.config.sampling.interval, self.config.naming, self._host)
-        builder.add(NVML_UP, (), 1 if up else 0)
         devices = self.session.devices if up else []
-        results = self._read_devices(devices, started) if devices else {}
+        # The deadline counts from here: a slow nvmlInit is not the GPUs' fault.
+        results = self._read_devices(devices, self._clock()) if devices else {}
+        lost = next((r.session_lost for r in results.values() if r.session_lost), None)
+        if lost is not None:
+            self.session.lost(lost)
+            up, devices, results = False, [], {}
+        builder.add(NVML_UP, (), 1 if up else 0)
         self._note_transitions(devices, results)
         if up:
             builder.add(GPU_DEVICES, (), self.session.total_devices)
@@ -402,9 +459,12 @@ class Sampler:
         builder.add(LAST_SAMPLE, (), self._wall())
         builder.add(RELOAD_SUCCESS, (), 1 if self.reload_successful else 0)
         builder.add(RELOAD_TIMESTAMP, (), self.reload_timestamp)
-        families = builder.families() + self._static_families() + list(self._process.collect())
+        builder.add(SAMPLE_FAILURES, (), self.sample_failures)
+        families = builder.families() + self._static + list(self._process.collect())
         snapshot = Snapshot(families, self._wall(), openmetrics=self.config.naming != "dcgm")
         self.snapshot = snapshot
+        # Only a published snapshot proves the loop works; /healthz goes by this.
+        self.heartbeat = self._clock()
         if up:
             self.ready = True
         return snapshot
@@ -417,8 +477,10 @@ class Sampler:
             try:
                 self.sample_once()
             except Exception:
-                # A bug must not kill the loop: /healthz would stay green while nothing updates.
-                log.exception("sample failed")
+                # A bug must not kill the loop; /healthz turns red if it keeps happening.
+                self.sample_failures += 1
+                if self.sample_failures == 1 or log.isEnabledFor(logging.DEBUG):
+                    log.exception("sample failed; further failures are counted")
             self._first_sample.set()
             next_tick += self.config.sampling.interval
             now = self._clock()
@@ -430,8 +492,10 @@ class Sampler:
         self._thread.start()
 
     def wait_for_first_sample(self, timeout: float) -> bool:
-        """Lets start-up serve real data from the first scrape, without hanging on a sick GPU."""
         return self._first_sample.wait(timeout)
+
+    def has_sampled(self) -> bool:
+        return self._first_sample.is_set()
 
     def alive(self, now: float | None = None) -> bool:
         """True while the loop keeps turning; a stuck loop fails liveness."""

@@ -6,12 +6,13 @@ import gzip
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ExporterProcess
+from conftest import REPO, ExporterProcess
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +148,38 @@ def test_sigterm_exits_promptly_even_while_an_nvml_call_hangs(
     proc.signal(signal.SIGTERM)
     assert proc.proc.wait(5) == 0
     assert time.monotonic() - started < 5
+
+
+def test_sigterm_during_start_up_exits_cleanly(tmp_config: Callable[[str], Path]) -> None:
+    # The first sample hangs on a slow GPU, so the exporter is still starting up.
+    path = tmp_config(
+        "sampling:\n  interval: 5s\nsimulation:\n  devices: 1\n  faults:\n"
+        "    - {kind: slow, device: 0, function: memory, delay: 20s}\n"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "--simulate",
+            "1",
+            "--config.file",
+            str(path),
+            "--web.listen-address",
+            "127.0.0.1:0",
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    assert proc.poll() is None
+    started = time.monotonic()
+    proc.send_signal(signal.SIGHUP)  # must not kill it either
+    time.sleep(0.3)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) == 0
+    assert time.monotonic() - started < 5
+    assert proc.stderr is not None
+    assert "listening" not in proc.stderr.read()

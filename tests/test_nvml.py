@@ -257,3 +257,34 @@ def test_newest_versioned_call_falls_back_once_to_the_old_one(
     second = driver.memory(object())
     assert first == second == nvml.MemoryInfo(total=100, used=60, free=40, reserved=None)
     assert calls == [pynvml.nvmlMemory_v2, None, None]  # v2 tried once, then v1 only
+
+
+def test_an_older_binding_without_the_newer_wrapper_falls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(pynvml, "nvmlDeviceGetTemperatureV")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTemperature", lambda handle, sensor: 61)
+    assert PynvmlDriver().temperature(object(), nvml.TEMPERATURE_GPU) == 61
+
+
+@pytest.mark.parametrize("code", [nvml.NOT_FOUND, nvml.NO_DATA])
+def test_nothing_to_report_is_neither_an_error_nor_remembered(code: int) -> None:
+    drv = ScriptedDriver()
+    drv.script["power_usage"] = NvmlError(code)
+    dev = device(drv)
+    assert dev.read(drv.power_usage) is None
+    assert dev.read(drv.power_usage) is None
+    assert drv.calls["power_usage"] == 2 and dev.errors == 0
+
+
+@pytest.mark.parametrize("code", [nvml.UNINITIALIZED, nvml.DRIVER_NOT_LOADED, 18])
+def test_library_wide_failures_end_the_session(code: int) -> None:
+    drv = ScriptedDriver()
+    drv.script["power_usage"] = pynvml.NVMLError(code)
+    with pytest.raises(nvml.SessionLost):
+        device(drv).read(drv.power_usage)
+
+
+def test_every_nvml_error_code_has_a_name() -> None:
+    assert nvml.error_name(pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH) == "lib_rm_version_mismatch"
+    assert nvml.error_name(pynvml.NVML_ERROR_IN_USE) == "in_use"

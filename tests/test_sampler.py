@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from types import MappingProxyType
 from typing import ClassVar
 
+import pytest
 from fakes import FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collectors import COLLECTORS, Collector, Emitter, MetricSpec
-from exporter.config import Config, FaultConfig, SamplingConfig, SimulationConfig
-from exporter.nvml import DRIVER_NOT_LOADED, Device, NvmlError
+from exporter.config import (
+    Config,
+    DeviceSelection,
+    FaultConfig,
+    SamplingConfig,
+    SimulationConfig,
+)
+from exporter.nvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, Device, NvmlError
 from exporter.sampler import Sampler
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format, Snapshot
@@ -223,3 +231,87 @@ def test_snapshot_renders_each_body_once() -> None:
     first = snapshot.body(Format.OPENMETRICS, compressed=True)
     assert snapshot.body(Format.OPENMETRICS, compressed=True) is first
     assert snapshot.body(Format.TEXT, compressed=False) is snapshot.body(Format.TEXT, False)
+
+
+def test_collector_failures_are_logged_once_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    registry = MappingProxyType({**COLLECTORS, "broken": BrokenCollector})
+    config = dataclasses.replace(
+        Config(backend="simulated"),
+        simulation=SimulationConfig(devices=2),
+        collectors=MappingProxyType({**dict.fromkeys(COLLECTORS, True), "broken": True}),
+    )
+    sampler = Sampler(config, SimulatedDriver(config.simulation), registry=registry)
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            found = samples(sampler.sample_once())
+    assert len([r for r in caplog.records if "collector failed" in r.message]) == 1
+    errors = found[("nvml_collector_errors_total", frozenset({("collector", "broken")}))]
+    assert errors == 6
+
+
+def test_a_gpu_that_could_not_be_opened_is_retried_and_comes_back() -> None:
+    clock = FakeClock()
+    sampler = simulated(
+        devices=3, faults=(FaultConfig(kind="lost", device=1, duration=2),), clock=clock
+    )
+    first = samples(sampler.sample_once())
+    assert by_gpu(first, "nvml_gpu_up") == {"0": 1, "1": 0, "2": 1}
+    clock.advance(3)
+    assert by_gpu(samples(sampler.sample_once()), "nvml_gpu_up")["1"] == 0  # not retried yet
+    clock.advance(3)
+    later = samples(sampler.sample_once())
+    assert by_gpu(later, "nvml_gpu_up") == {"0": 1, "1": 1, "2": 1}
+    uuids = {dict(k)["gpu"]: dict(k)["uuid"] for k in sampler_keys(later, "nvml_gpu_up")}
+    assert uuids["1"].startswith("GPU-")
+
+
+def sampler_keys(found: Samples, name: str) -> list[frozenset[tuple[str, str]]]:
+    return [labels for (n, labels) in found if n == name]
+
+
+def test_a_new_device_selection_applies_at_the_next_sample() -> None:
+    sampler = simulated(devices=4)
+    assert len(by_gpu(samples(sampler.sample_once()), "nvml_gpu_up")) == 4
+    sampler.reconfigure(
+        dataclasses.replace(sampler.config, devices=DeviceSelection(exclude=(1, 3)))
+    )
+    found = samples(sampler.sample_once())
+    assert by_gpu(found, "nvml_gpu_up") == {"0": 1, "2": 1}
+    assert found[("nvml_gpu_devices", frozenset())] == 4
+
+
+class SessionBreaker(Collector):
+    """Simulates the driver being unloaded under the exporter."""
+
+    name = "breaker"
+    metrics: ClassVar[tuple[MetricSpec, ...]] = ()
+    broken = True
+
+    def collect(self, device: Device, out: Emitter) -> None:
+        if SessionBreaker.broken:
+            device.read(_raise_rm_mismatch)
+
+
+def _raise_rm_mismatch(handle: object) -> None:
+    raise NvmlError(LIB_RM_VERSION_MISMATCH)
+
+
+def test_driver_breaking_under_us_reports_nvml_down_and_reinitialises() -> None:
+    clock = FakeClock()
+    registry = MappingProxyType({**COLLECTORS, "breaker": SessionBreaker})
+    config = dataclasses.replace(
+        Config(backend="simulated"),
+        simulation=SimulationConfig(devices=2),
+        collectors=MappingProxyType({"power": True, "breaker": True}),
+    )
+    driver = SimulatedDriver(config.simulation, clock=clock)
+    sampler = Sampler(config, driver, clock=clock, registry=registry)
+    SessionBreaker.broken = True
+    found = samples(sampler.sample_once())
+    assert found[("nvml_up", frozenset())] == 0
+    assert by_gpu(found, "nvml_gpu_up") == {}
+    SessionBreaker.broken = False
+    clock.advance(1)
+    found = samples(sampler.sample_once())
+    assert found[("nvml_up", frozenset())] == 1
+    assert by_gpu(found, "nvml_gpu_up") == {"0": 1, "1": 1}

@@ -19,7 +19,7 @@ from conftest import ExporterProcess, Scrape, start_exporter
 from exporter import nvml
 from exporter.collectors import clock_events
 from exporter.metricsdoc import documented
-from exporter.nvml import CLOCK_GRAPHICS, CLOCK_MEM, CLOCK_SM, CLOCK_VIDEO
+from exporter.nvml import CLOCK_GRAPHICS, CLOCK_MEM, CLOCK_SM, CLOCK_VIDEO, LIB_RM_VERSION_MISMATCH
 
 pytestmark = pytest.mark.slow
 
@@ -377,3 +377,18 @@ def scrape_latencies(proc: ExporterProcess, count: int) -> list[float]:
         out.append(time.perf_counter() - started)
         time.sleep(0.01)
     return out
+
+
+def test_driver_replaced_under_the_exporter_reports_nvml_down_then_recovers(
+    fleet: nvml_stub.Fleet, running: list[ExporterProcess]
+) -> None:
+    proc = start(fleet)
+    running.append(proc)
+    assert proc.get().values("nvml_up") == {frozenset(): 1.0}
+    fleet.fail("*", LIB_RM_VERSION_MISMATCH)
+    proc.wait_for(lambda: proc.get().values("nvml_up") == {frozenset(): 0.0})
+    assert proc.get().values("nvml_gpu_up") == {}
+    fleet.clear_fault("*")
+    proc.wait_for(lambda: proc.get().values("nvml_up") == {frozenset(): 1.0}, timeout=10)
+    assert set(by_gpu(proc.get(), "nvml_gpu_up").values()) == {1.0}
+    assert "lib_rm_version_mismatch" in proc.log()
