@@ -392,3 +392,30 @@ def test_driver_replaced_under_the_exporter_reports_nvml_down_then_recovers(
     proc.wait_for(lambda: proc.get().values("nvml_up") == {frozenset(): 1.0}, timeout=10)
     assert set(by_gpu(proc.get(), "nvml_gpu_up").values()) == {1.0}
     assert "lib_rm_version_mismatch" in proc.log()
+
+
+def test_short_bursts_between_samples_show_their_true_average_through_the_counter(
+    fleet: nvml_stub.Fleet, running: list[ExporterProcess]
+) -> None:
+    dev = fleet.devices[0]
+    dev.utilization_gpu = 0  # the instantaneous reading sees only the idle gaps
+    fleet.apply()
+    proc = start(fleet)
+    running.append(proc)
+    busy = proc.get().values("nvml_gpu_busy_seconds_total")
+    key = next(k for k in busy if dict(k)["gpu"] == "0")
+    before = busy[key]
+    # Three seconds of driver samples at 1/6 s: a 100 % burst, then five idle periods.
+    last = max(s.timestamp for s in dev.gpu_utilization_samples)
+    period_us = 166_667
+    burst = [
+        nvml_stub.Sample(last + period_us * (k + 1), 100 if k % 6 == 0 else 0) for k in range(18)
+    ]
+    dev.gpu_utilization_samples = [*dev.gpu_utilization_samples, *burst]
+    fleet.apply()
+    proc.wait_for(lambda: proc.get().values("nvml_gpu_busy_seconds_total")[key] > before)
+    scrape = proc.get()
+    window_seconds = 18 * period_us / 1e6
+    average = (scrape.values("nvml_gpu_busy_seconds_total")[key] - before) / window_seconds
+    assert average == pytest.approx(1 / 6, abs=0.02)
+    assert scrape.values("nvml_gpu_utilization_ratio")[key] == pytest.approx(1 / 6, abs=0.02)
