@@ -11,7 +11,7 @@ from fakes import FakeClock
 
 from exporter.collectors import MetricSpec
 from exporter.config import Config, SimulationConfig
-from exporter.metricsdoc import documented, render
+from exporter.metricsdoc import documented, documented_dcgm, render
 from exporter.sampler import Sampler
 from exporter.simulate import SimulatedDriver
 
@@ -23,9 +23,10 @@ def documented_in_file() -> set[str]:
     return set(re.findall(r"^\| `([a-zA-Z_:][a-zA-Z0-9_:]*)` \|", DOC.read_text(), re.MULTILINE))
 
 
-def emitted_by_simulated_fleet(model: str) -> set[str]:
+def emitted_by_simulated_fleet(model: str, naming: str = "nvml") -> set[str]:
     config = dataclasses.replace(
-        Config(backend="simulated"), simulation=SimulationConfig(devices=2, model=model)
+        Config(backend="simulated", naming=naming),
+        simulation=SimulationConfig(devices=2, model=model),
     )
     clock = FakeClock()
     sampler = Sampler(config, SimulatedDriver(config.simulation, clock=clock), clock=clock)
@@ -61,3 +62,18 @@ def test_simulated_fleet_emits_exactly_the_documented_metrics() -> None:
     # An H200 has no fans; an L40S has one: together they cover every default collector.
     emitted = emitted_by_simulated_fleet("NVIDIA H200") | emitted_by_simulated_fleet("NVIDIA L40S")
     assert emitted == documented_in_file()
+
+
+def test_dcgm_mode_emits_only_documented_dcgm_fields() -> None:
+    emitted = emitted_by_simulated_fleet("NVIDIA H200", "dcgm") | emitted_by_simulated_fleet(
+        "NVIDIA L40S", "dcgm"
+    )
+    dcgm_names = {name for name in emitted if name.startswith("DCGM_")}
+    assert dcgm_names, "dcgm mode emitted no DCGM fields"
+    assert dcgm_names <= documented_dcgm()
+    assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_POWER_USAGE"} <= dcgm_names
+    # Everything else in dcgm mode is the exporter's own health and process metrics.
+    others = emitted - dcgm_names
+    assert others <= {n for n, spec in documented().items() if not spec.per_device} | {
+        "nvml_gpu_up"
+    }

@@ -188,6 +188,8 @@ def test_every_gpu_metric_equals_the_stand_in_value_after_conversion(
     assert scrape.values("nvml_gpu_devices") == {frozenset(): 8.0}
     per_device = {name for name, spec in documented().items() if spec.per_device}
     assert set(EXPECTED) == per_device, "a documented GPU metric lacks a conformance check"
+    emitted = {name for name, _ in scrape.samples()}
+    assert emitted <= set(documented()), f"undocumented: {emitted - set(documented())}"
     seen: dict[str, set[str]] = {}
     for name, expect in EXPECTED.items():
         series = scrape.values(name)
