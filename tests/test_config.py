@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from exporter.cli import main
 from exporter.collectors import COLLECTOR_DEFAULTS
 from exporter.config import (
     Config,
@@ -140,6 +141,14 @@ def test_bad_config_names_key_and_reason(path: Path) -> None:
     message = str(err.value)
     assert message.startswith(f"{path}: ")
     assert expectation(path) in message
+
+
+@pytest.mark.parametrize("path", BAD_CONFIGS, ids=lambda p: p.stem)
+def test_bad_config_makes_the_command_exit_2_with_the_reason(
+    path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config.file", str(path), "--web.listen-address", "127.0.0.1:0"]) == 2
+    assert expectation(path) in capsys.readouterr().err
 
 
 @pytest.mark.slow
