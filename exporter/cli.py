@@ -17,7 +17,9 @@ import time
 from collections.abc import Sequence
 
 from exporter import __version__, logs
-from exporter.collectors import COLLECTORS
+from exporter.attribution import KubeletPods, ProcAttribution
+from exporter.collectors import COLLECTORS, Services
+from exporter.collectors.base import Attribution
 from exporter.config import (
     DEFAULT_LISTEN_ADDRESS,
     Config,
@@ -27,8 +29,9 @@ from exporter.config import (
     load_config,
 )
 from exporter.nvml import Driver, PynvmlDriver
+from exporter.podresources import PodResourcesWatcher
 from exporter.sampler import Sampler
-from exporter.simulate import SimulatedDriver, fleet_description
+from exporter.simulate import SimulatedAttribution, SimulatedDriver, fleet_description
 from exporter.web import WebServer
 
 log = logging.getLogger("exporter")
@@ -140,10 +143,19 @@ def load(args: argparse.Namespace) -> Config:
     return apply_overrides(load_config(args.config_file), overrides_from(args))
 
 
-def make_driver(config: Config) -> Driver:
+def make_backend(config: Config) -> tuple[Driver, Services]:
+    """The NVML driver and what collectors need besides it, real or simulated together."""
+    pods = None
+    if config.kubernetes.enabled:
+        k8s = config.kubernetes
+        watcher = PodResourcesWatcher(k8s.socket, interval=k8s.interval, timeout=k8s.timeout)
+        watcher.start()
+        pods = KubeletPods(watcher)
     if config.backend == "simulated":
-        return SimulatedDriver(config.simulation)
-    return PynvmlDriver()
+        simulated = SimulatedDriver(config.simulation)
+        attribution: Attribution = SimulatedAttribution(simulated, config.simulation.seed)
+        return simulated, Services(attribution, pods)
+    return PynvmlDriver(), Services(ProcAttribution(config.processes.proc_root), pods)
 
 
 class App:
@@ -252,5 +264,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "collectors": ",".join(config.enabled_collectors()),
         },
     )
-    sampler = Sampler(config, make_driver(config))
+    driver, services = make_backend(config)
+    sampler = Sampler(config, driver, services=services)
     return asyncio.run(App(args, config, sampler).serve())

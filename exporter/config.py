@@ -78,7 +78,25 @@ class SimulationConfig:
     model: str = "NVIDIA H200"
     seed: int = 0
     processes_per_device: int = 2
+    # The first this many GPUs run in MIG mode, split into seven 1g instances.
+    mig_devices: int = 0
     faults: tuple[FaultConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProcessesConfig:
+    # Per-process series on one GPU beyond this are dropped, smallest memory first.
+    max_per_device: int = 32
+    # Where the host's /proc is visible (e.g. /host/proc when mounted into a container).
+    proc_root: str = "/proc"
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    enabled: bool = False
+    socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    interval: float = 10.0
+    timeout: float = 2.0
 
 
 DeviceRef = int | str  # an NVML index, a UUID, or a PCI bus id
@@ -130,6 +148,8 @@ class Config:
         default_factory=lambda: MappingProxyType(dict(COLLECTOR_DEFAULTS))
     )
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    processes: ProcessesConfig = field(default_factory=ProcessesConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
     def enabled_collectors(self) -> tuple[str, ...]:
         return tuple(name for name, on in self.collectors.items() if on)
@@ -406,9 +426,21 @@ def _parse_simulation(raw: object, path: str) -> SimulationConfig:
             "model": _model,
             "seed": lambda v, p: _int(v, p, minimum=0, maximum=2**31),
             "processes_per_device": lambda v, p: _int(v, p, minimum=0, maximum=1000),
+            "mig_devices": lambda v, p: _int(v, p, minimum=0, maximum=64),
             "faults": _parse_faults,
         },
     )
+    if simulation.mig_devices:
+        from exporter.simulate import MODELS
+
+        if not MODELS[simulation.model].mig_profile:
+            raise _Invalid(f"{path}.mig_devices", f"{simulation.model} does not support MIG")
+    if simulation.mig_devices > simulation.devices:
+        raise _Invalid(
+            f"{path}.mig_devices",
+            f"must not exceed simulation.devices ({simulation.devices}), "
+            f"got {simulation.mig_devices}",
+        )
     for i, fault in enumerate(simulation.faults):
         if fault.device is not None and fault.device >= simulation.devices:
             raise _Invalid(
@@ -416,6 +448,39 @@ def _parse_simulation(raw: object, path: str) -> SimulationConfig:
                 f"must be below simulation.devices ({simulation.devices}), got {fault.device}",
             )
     return simulation
+
+
+def _parse_processes(raw: object, path: str) -> ProcessesConfig:
+    return _section(
+        ProcessesConfig,
+        raw,
+        path,
+        {
+            "max_per_device": lambda v, p: _int(v, p, minimum=1, maximum=10_000),
+            "proc_root": _str,
+        },
+    )
+
+
+def _parse_kubernetes(raw: object, path: str) -> KubernetesConfig:
+    kubernetes = _section(
+        KubernetesConfig,
+        raw,
+        path,
+        {
+            "enabled": _bool,
+            "socket": _str,
+            "interval": lambda v, p: _positive_duration(v, p, minimum=1, maximum=3600),
+            "timeout": lambda v, p: _positive_duration(v, p, minimum=0.01, maximum=60),
+        },
+    )
+    if kubernetes.timeout > kubernetes.interval:
+        raise _Invalid(
+            _join(path, "timeout"),
+            f"must not exceed kubernetes.interval ({kubernetes.interval:g}s), "
+            f"got {kubernetes.timeout:g}s",
+        )
+    return kubernetes
 
 
 _TOP_LEVEL: Mapping[str, Callable[[object, str], Any]] = {
@@ -427,6 +492,8 @@ _TOP_LEVEL: Mapping[str, Callable[[object, str], Any]] = {
     "devices": _parse_devices,
     "collectors": _parse_collectors,
     "simulation": _parse_simulation,
+    "processes": _parse_processes,
+    "kubernetes": _parse_kubernetes,
 }
 
 

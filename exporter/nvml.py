@@ -172,6 +172,35 @@ class EncoderStats:
     average_latency_us: int
 
 
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    used_memory: int | None  # bytes; None where NVML cannot tell
+    gpu_instance: int | None  # MIG placement; None on a GPU without MIG
+    compute_instance: int | None
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    """One process's utilization over one driver sample period, in percent."""
+
+    pid: int
+    timestamp_us: int
+    sm: int
+    memory: int
+    encoder: int
+    decoder: int
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    handle: Any
+    uuid: str
+    gpu_instance: int
+    compute_instance: int
+    profile: str  # e.g. "1g.18gb"
+
+
 # One entry of nvmlDeviceGetFieldValues: its own return code, and the value when it is SUCCESS.
 FieldResult = tuple[int, float | None]
 FieldRequest = tuple[int, int]  # (field id, scope id: an NVLink index, or 0)
@@ -228,6 +257,11 @@ class Driver(Protocol):
     def compute_mode(self, handle: Handle) -> int: ...
     def mig_mode(self, handle: Handle) -> tuple[int, int]: ...
     def ecc_mode(self, handle: Handle) -> tuple[int, int]: ...
+    def compute_processes(self, handle: Handle) -> list[ProcessInfo]: ...
+    def graphics_processes(self, handle: Handle) -> list[ProcessInfo]: ...
+    def process_utilization(self, handle: Handle, since_us: int) -> list[ProcessSample]: ...
+    def process_name(self, pid: int) -> str: ...
+    def mig_instances(self, handle: Handle) -> list[MigInstance]: ...
 
 
 # Per-device calls by name: what a simulated `unsupported` or `slow` fault may target.
@@ -441,6 +475,80 @@ class PynvmlDriver:
         current, pending = pynvml.nvmlDeviceGetEccMode(handle)
         return int(current), int(pending)
 
+    def compute_processes(self, handle: Handle) -> list[ProcessInfo]:
+        return [_process(p) for p in pynvml.nvmlDeviceGetComputeRunningProcesses_v3(handle)]
+
+    def graphics_processes(self, handle: Handle) -> list[ProcessInfo]:
+        return [_process(p) for p in pynvml.nvmlDeviceGetGraphicsRunningProcesses_v3(handle)]
+
+    def process_utilization(self, handle: Handle, since_us: int) -> list[ProcessSample]:
+        try:
+            entries = pynvml.nvmlDeviceGetProcessUtilization(handle, since_us)
+        except pynvml.NVMLError as err:
+            # NOT_FOUND: no sample newer than `since_us`; SUCCESS: pynvml's wrapper raises it
+            # when the size query already finds nothing.
+            if err.value in (NOT_FOUND, SUCCESS):
+                return []
+            raise
+        return [
+            ProcessSample(
+                int(e.pid),
+                int(e.timeStamp),
+                int(e.smUtil),
+                int(e.memUtil),
+                int(e.encUtil),
+                int(e.decUtil),
+            )
+            for e in entries
+        ]
+
+    def process_name(self, pid: int) -> str:
+        return str(pynvml.nvmlSystemGetProcessName(pid))
+
+    def mig_instances(self, handle: Handle) -> list[MigInstance]:
+        instances = []
+        for index in range(int(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle))):
+            try:
+                mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, index)
+            except pynvml.NVMLError as err:
+                if err.value == NOT_FOUND:  # an empty slot
+                    continue
+                raise
+            name = str(pynvml.nvmlDeviceGetName(mig))
+            instances.append(
+                MigInstance(
+                    handle=mig,
+                    uuid=str(pynvml.nvmlDeviceGetUUID(mig)),
+                    gpu_instance=int(pynvml.nvmlDeviceGetGpuInstanceId(mig)),
+                    compute_instance=int(pynvml.nvmlDeviceGetComputeInstanceId(mig)),
+                    profile=mig_profile(name),
+                )
+            )
+        return instances
+
+
+def mig_profile(name: str) -> str:
+    """ "NVIDIA H200 MIG 1g.18gb" -> "1g.18gb"."""
+    return name.rsplit(" MIG ", 1)[1] if " MIG " in name else name
+
+
+# NVML's "not available" for unsigned fields.
+_UINT_NA = 0xFFFFFFFF
+
+
+def _process(entry: Any) -> ProcessInfo:
+    gi, ci = (
+        getattr(entry, "gpuInstanceId", _UINT_NA),
+        getattr(entry, "computeInstanceId", _UINT_NA),
+    )
+    used = entry.usedGpuMemory
+    return ProcessInfo(
+        pid=int(entry.pid),
+        used_memory=None if used is None else int(used),
+        gpu_instance=None if gi == _UINT_NA else int(gi),
+        compute_instance=None if ci == _UINT_NA else int(ci),
+    )
+
 
 # nvmlValueType_t -> the member of the value union that holds it.
 _VALUE_MEMBERS = {
@@ -505,6 +613,8 @@ class Device:
         self._logged: set[tuple[str, int]] = set()
         # Read by the sampler around each collector to attribute errors to it.
         self.errors = 0
+        # Reads shared by collectors within one sample; the sampler clears it each sample.
+        self.memo: dict[str, object] = {}
         # Set when the device could not be opened at all; the sampler reports it down.
         self.down_reason: str | None = None
 
@@ -521,6 +631,29 @@ class Device:
     ) -> T | None:
         """Calls a driver method for this device; None when the value is not available."""
         return self.read_as(args, fn, *args, **kwargs)
+
+    def read_as(
+        self,
+        key_args: tuple[object, ...],
+        fn: Callable[Concatenate[Handle, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T | None:
+        """Like `read`, remembering absence under `key_args`: for calls whose arguments move,
+        such as a timestamp, where the call as such is supported or not."""
+        return self._guarded((fn.__name__, key_args), lambda: fn(self.handle, *args, **kwargs))
+
+    def _guarded(self, key: tuple[str, tuple[object, ...]], call: Callable[[], T]) -> T | None:
+        if key in self._absent:
+            return None
+        try:
+            return call()
+        except Exception as exc:
+            code = error_code(exc)
+            if code is None:
+                raise
+            self._apply_policy(key, code, exc)
+            return None
 
     def _apply_policy(
         self, key: tuple[str, tuple[object, ...]], code: int, cause: BaseException | None
@@ -563,26 +696,19 @@ class Device:
                 self._cached[key] = value
         return value  # type: ignore[return-value]
 
-    def read_as(
+    def read_system(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
+        """Like `read`, for system-level calls that take no device handle."""
+        return self._guarded(("system:" + fn.__name__, args), lambda: fn(*args, **kwargs))
+
+    def read_on(
         self,
-        key_args: tuple[object, ...],
+        handle: Handle,
         fn: Callable[Concatenate[Handle, P], T],
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T | None:
-        """Like `read`, remembering absence under `key_args`: for calls whose arguments move,
-        such as a timestamp, where the call as such is supported or not."""
-        key = (fn.__name__, key_args)
-        if key in self._absent:
-            return None
-        try:
-            return fn(self.handle, *args, **kwargs)
-        except Exception as exc:
-            code = error_code(exc)
-            if code is None:
-                raise
-            self._apply_policy(key, code, exc)
-            return None
+        """Like `read`, on a MIG instance of this GPU; absence is remembered separately."""
+        return self._guarded(("mig:" + fn.__name__, args), lambda: fn(handle, *args, **kwargs))
 
     def recent(
         self,

@@ -24,7 +24,7 @@ from prometheus_client import ProcessCollector
 from prometheus_client.metrics_core import Metric
 
 from exporter import __version__, dcgm
-from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec
+from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec, Services
 from exporter.collectors.base import Sample
 from exporter.config import Config
 from exporter.nvml import (
@@ -160,8 +160,8 @@ class DeviceResult:
     session_lost: str | None = None
 
 
-def _where(collector: Collector, device: Device) -> dict[str, object]:
-    return {"collector": collector.name, "gpu": device.index}
+def _where(collector: Collector, device: Device | None) -> dict[str, object]:
+    return {"collector": collector.name, "gpu": "" if device is None else device.index}
 
 
 class _DeviceWorker:
@@ -253,8 +253,10 @@ class Sampler:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         registry: Mapping[str, type[Collector]] = COLLECTORS,
+        services: Services | None = None,
     ) -> None:
         self._registry = registry
+        self._services = services or Services()
         self._clock = clock
         self._wall = wall_clock
         self.session = Session(driver, config.devices, clock=clock)
@@ -286,7 +288,9 @@ class Sampler:
         for name in config.enabled_collectors():
             if name not in self._instances:
                 self._instances[name] = self._registry[name]()
-            selected.append(self._instances[name])
+            collector = self._instances[name]
+            collector.configure(config, self._services)
+            selected.append(collector)
         return selected
 
     def reconfigure(self, config: Config) -> None:
@@ -315,6 +319,7 @@ class Sampler:
     def _read_device(self, device: Device, collectors: Sequence[Collector]) -> DeviceResult:
         result = DeviceResult()
         out = Emitter()
+        device.memo = {}
         requests: list[FieldRequest] = []
         failed: set[str] = set()
         try:
@@ -349,7 +354,9 @@ class Sampler:
         result.samples = out.samples
         return result
 
-    def _log_collector_failure(self, collector: Collector, device: Device, exc: Exception) -> None:
+    def _log_collector_failure(
+        self, collector: Collector, device: Device | None, exc: Exception
+    ) -> None:
         """With traceback once per collector and kind of error; it is counted either way."""
         key = (collector.name, type(exc).__name__)
         if key in self._logged_failures:
@@ -448,6 +455,15 @@ class Sampler:
             builder.add_device(device, result.samples)
             for name, outcome in result.status.items():
                 status.setdefault(name, []).append(outcome)
+        for collector in self._collectors:
+            out = Emitter()
+            try:
+                collector.collect_global(out)
+            except Exception as exc:
+                status.setdefault(collector.name, []).append((False, 0.0, 1))
+                self._log_collector_failure(collector, None, exc)
+            for spec, labels, value in out.samples:
+                builder.add(spec, labels, value)
         for name, outcomes in status.items():
             self._error_totals[name] += sum(errors for _, _, errors in outcomes)
             builder.add(COLLECTOR_SUCCESS, (name,), 1 if all(ok for ok, _, _ in outcomes) else 0)

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from exporter.collectors.base import Container
 from exporter.config import FaultConfig, SimulationConfig
 from exporter.nvml import (
     CLOCK_GRAPHICS,
@@ -60,6 +61,7 @@ from exporter.nvml import (
     GPU_UTILIZATION_SAMPLES,
     INVALID_ARGUMENT,
     MEMORY_UTILIZATION_SAMPLES,
+    NOT_FOUND,
     NOT_SUPPORTED,
     PCIE_TX_BYTES,
     SUCCESS,
@@ -70,7 +72,10 @@ from exporter.nvml import (
     FieldResult,
     Handle,
     MemoryInfo,
+    MigInstance,
     NvmlError,
+    ProcessInfo,
+    ProcessSample,
     Utilization,
 )
 
@@ -105,6 +110,8 @@ class GpuModel:
     row_remapping: bool = True
     # Recent data-center boards count PCIe bytes; others only offer the 20 ms throughput call.
     pcie_byte_counters: bool = True
+    # The smallest MIG profile, seven of which fill the GPU; "" where MIG is not supported.
+    mig_profile: str = ""
 
 
 MODELS = {
@@ -126,6 +133,7 @@ MODELS = {
             pcie_generation=5,
             has_encoder=False,
             thresholds=(92, 89, 95, 87),
+            mig_profile="1g.18gb",
         ),
         GpuModel(
             name="NVIDIA H100 80GB HBM3",
@@ -143,6 +151,7 @@ MODELS = {
             pcie_generation=5,
             has_encoder=False,
             thresholds=(92, 89, 95, 87),
+            mig_profile="1g.10gb",
         ),
         GpuModel(
             name="NVIDIA A100-SXM4-80GB",
@@ -160,6 +169,7 @@ MODELS = {
             pcie_generation=4,
             has_encoder=False,
             thresholds=(92, 89, 95, 85),
+            mig_profile="1g.10gb",
         ),
         GpuModel(
             name="NVIDIA L40S",
@@ -195,6 +205,18 @@ class _Process:
     pid: int
     name: str
     base_bytes: int
+    mig_slot: int | None = None  # which MIG instance it runs in
+
+
+MIG_SLOTS = 7
+# GPU instance ids NVML assigns to the seven 1g instances of a fully partitioned GPU.
+MIG_GPU_INSTANCE_IDS = (7, 8, 9, 11, 12, 13, 14)
+
+
+@dataclass(frozen=True)
+class _MigHandle:
+    device: int
+    slot: int
 
 
 @dataclass
@@ -246,13 +268,16 @@ class SimulatedDriver:
         rng = random.Random(self._config.seed * 1_000_003 + index)
         model = self._model
         processes = []
-        share = 0.55 * model.memory_bytes / max(1, self._config.processes_per_device)
-        for k in range(self._config.processes_per_device):
+        mig = index < self._config.mig_devices
+        count = MIG_SLOTS if mig else self._config.processes_per_device
+        share = 0.55 * model.memory_bytes / max(1, count)
+        for k in range(count):
             processes.append(
                 _Process(
                     pid=10_000 + index * 100 + k,
                     name=PROCESS_NAMES[(index + k) % len(PROCESS_NAMES)],
                     base_bytes=int(share * rng.uniform(0.7, 1.0)) // MIB * MIB,
+                    mig_slot=k if mig else None,
                 )
             )
         state = _DeviceState(index=index, model=model, rng=rng, processes=processes)
@@ -412,6 +437,8 @@ class SimulatedDriver:
         return Utilization(gpu=round(100 * s.util), memory=round(100 * s.util * s.memory_intensity))
 
     def memory(self, handle: Handle) -> MemoryInfo:
+        if isinstance(handle, _MigHandle):
+            return self._mig_memory(handle)
         s = self._device(handle, "memory")
         total = s.model.memory_bytes
         reserved = 536 * MIB
@@ -598,15 +625,106 @@ class SimulatedDriver:
         self._device(handle, "compute_mode")
         return 0
 
-    def mig_mode(self, handle: Handle) -> tuple[int, int]:
-        self._device(handle, "mig_mode")
-        return 0, 0
-
     def ecc_mode(self, handle: Handle) -> tuple[int, int]:
         self._device(handle, "ecc_mode")
         return 1, 1
+
+    # --- processes and MIG -----------------------------------------------------------------
+
+    def _is_mig(self, index: int) -> bool:
+        return index < self._config.mig_devices
+
+    def compute_processes(self, handle: Handle) -> list[ProcessInfo]:
+        s = self._device(handle, "compute_processes")
+        return [
+            ProcessInfo(
+                pid=p.pid,
+                used_memory=self._process_bytes(s, p),
+                gpu_instance=None if p.mig_slot is None else MIG_GPU_INSTANCE_IDS[p.mig_slot],
+                compute_instance=None if p.mig_slot is None else 0,
+            )
+            for p in s.processes
+        ]
+
+    def graphics_processes(self, handle: Handle) -> list[ProcessInfo]:
+        self._device(handle, "graphics_processes")
+        return []
+
+    def process_utilization(self, handle: Handle, since_us: int) -> list[ProcessSample]:
+        s = self._device(handle, "process_utilization")
+        if not s.history or s.history[-1][0] <= since_us:
+            return []
+        timestamp, gpu, memory = s.history[-1]
+        weights = [p.base_bytes for p in s.processes]
+        total = sum(weights) or 1
+        return [
+            ProcessSample(p.pid, timestamp, round(gpu * w / total), round(memory * w / total), 0, 0)
+            for p, w in zip(s.processes, weights, strict=True)
+        ]
+
+    def process_name(self, pid: int) -> str:
+        for state in self._states:
+            for process in state.processes:
+                if process.pid == pid:
+                    return process.name
+        raise NvmlError(NOT_FOUND, "process_name")
+
+    def mig_mode(self, handle: Handle) -> tuple[int, int]:
+        self._device(handle, "mig_mode")
+        mode = 1 if self._is_mig(handle) else 0
+        return mode, mode
+
+    def mig_instances(self, handle: Handle) -> list[MigInstance]:
+        s = self._device(handle, "mig_instances")
+        if not self._is_mig(handle):
+            raise NvmlError(NOT_SUPPORTED, "mig_instances")
+        return [
+            MigInstance(
+                handle=_MigHandle(handle, slot),
+                uuid=self._mig_uuid(handle, slot),
+                gpu_instance=MIG_GPU_INSTANCE_IDS[slot],
+                compute_instance=0,
+                profile=s.model.mig_profile,
+            )
+            for slot in range(MIG_SLOTS)
+        ]
+
+    def _mig_uuid(self, index: int, slot: int) -> str:
+        rng = random.Random(f"mig-{self._config.seed}-{index}-{slot}")
+        h = f"{rng.getrandbits(128):032x}"
+        return f"MIG-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+    def _mig_memory(self, handle: _MigHandle) -> MemoryInfo:
+        s = self._device(handle.device, "memory")
+        total = s.model.memory_bytes // MIG_SLOTS // MIB * MIB
+        used = sum(
+            min(self._process_bytes(s, p), total) for p in s.processes if p.mig_slot == handle.slot
+        )
+        return MemoryInfo(total=total, used=used, free=total - used, reserved=0)
 
 
 def fleet_description(config: SimulationConfig) -> str:
     model = MODELS[config.model]
     return f"{config.devices} x {model.name}"
+
+
+class SimulatedAttribution:
+    """Names and containers for the simulated fleet's processes, as if every inference server
+    ran in its own Kubernetes pod."""
+
+    def __init__(self, driver: SimulatedDriver, seed: int) -> None:
+        self._driver = driver
+        self._seed = seed
+
+    def process_name(self, pid: int) -> str | None:
+        try:
+            return self._driver.process_name(pid)
+        except NvmlError:
+            return None
+
+    def container(self, pid: int) -> Container | None:
+        rng = random.Random(f"container-{self._seed}-{pid}")
+        container_id = f"{rng.getrandbits(256):064x}"
+        h = f"{rng.getrandbits(128):032x}"
+        pod_uid = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        return Container(container_id=container_id, pod_uid=pod_uid)

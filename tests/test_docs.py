@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from fakes import FakeClock
 
-from exporter.collectors import MetricSpec
+from exporter.collectors import COLLECTORS, MetricSpec, Services
+from exporter.collectors.base import Pod
 from exporter.config import Config, SimulationConfig
 from exporter.metricsdoc import documented, documented_dcgm, render
 from exporter.sampler import Sampler
-from exporter.simulate import SimulatedDriver
+from exporter.simulate import MODELS, SimulatedAttribution, SimulatedDriver
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "metrics.md"
@@ -23,13 +26,34 @@ def documented_in_file() -> set[str]:
     return set(re.findall(r"^\| `([a-zA-Z_:][a-zA-Z0-9_:]*)` \|", DOC.read_text(), re.MULTILINE))
 
 
+class OnePod:
+    """Every GPU and MIG device held by the same pod."""
+
+    def __init__(self, uuids: list[str]) -> None:
+        self._pods = {uuid: (Pod("ml", "llama-0", "server"),) for uuid in uuids}
+
+    def pods(self) -> Mapping[str, tuple[Pod, ...]]:
+        return self._pods
+
+    def status(self) -> tuple[bool, float | None, int]:
+        return True, 1_764_000_000.0, 0
+
+
 def emitted_by_simulated_fleet(model: str, naming: str = "nvml") -> set[str]:
+    """Everything on: every collector, MIG where the model has it, a pod for every GPU."""
+    mig = 1 if MODELS[model].mig_profile else 0
     config = dataclasses.replace(
         Config(backend="simulated", naming=naming),
-        simulation=SimulationConfig(devices=2, model=model),
+        simulation=SimulationConfig(devices=2, model=model, mig_devices=mig),
+        collectors=MappingProxyType(dict.fromkeys(COLLECTORS, True)),
     )
     clock = FakeClock()
-    sampler = Sampler(config, SimulatedDriver(config.simulation, clock=clock), clock=clock)
+    driver = SimulatedDriver(config.simulation, clock=clock)
+    uuids = [driver.uuid(i) for i in range(2)]
+    if mig:
+        uuids += [m.uuid for m in driver.mig_instances(0)]
+    services = Services(SimulatedAttribution(driver, 0), OnePod(uuids))
+    sampler = Sampler(config, driver, clock=clock, services=services)
     sampler.sample_once()
     clock.advance(2)  # utilization comes from the driver's samples between two reads
     snapshot = sampler.sample_once()

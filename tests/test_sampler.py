@@ -12,7 +12,7 @@ import pytest
 from fakes import FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.collectors import COLLECTORS, Collector, Emitter, MetricSpec
+from exporter.collectors import COLLECTOR_DEFAULTS, COLLECTORS, Collector, Emitter, MetricSpec
 from exporter.config import (
     Config,
     DeviceSelection,
@@ -76,7 +76,7 @@ def test_one_sample_describes_every_gpu() -> None:
     success = {
         dict(k)["collector"]: v for (n, k), v in found.items() if n == "nvml_collector_success"
     }
-    assert success == dict.fromkeys(COLLECTORS, 1.0)
+    assert success == {name: 1.0 for name, on in COLLECTOR_DEFAULTS.items() if on}
 
 
 def test_help_says_values_are_sampled_every_interval() -> None:

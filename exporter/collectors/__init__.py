@@ -5,16 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec, Services
 from exporter.collectors.clock_events import ClockEventsCollector
 from exporter.collectors.clocks import ClocksCollector
 from exporter.collectors.ecc import EccCollector
 from exporter.collectors.info import InfoCollector
+from exporter.collectors.kubernetes import KubernetesCollector
 from exporter.collectors.memory import MemoryCollector
+from exporter.collectors.mig import MigCollector
 from exporter.collectors.modes import ModesCollector
 from exporter.collectors.nvlink import NvlinkCollector
 from exporter.collectors.pcie import PcieCollector
 from exporter.collectors.power import PowerCollector
+from exporter.collectors.processes import ProcessCountCollector, ProcessesCollector
 from exporter.collectors.thermal import ThermalCollector
 from exporter.collectors.utilization import UtilizationCollector
 from exporter.collectors.video import VideoCollector
@@ -35,6 +38,10 @@ COLLECTORS: Mapping[str, type[Collector]] = MappingProxyType(
             EccCollector,
             VideoCollector,
             ModesCollector,
+            ProcessCountCollector,
+            ProcessesCollector,
+            MigCollector,
+            KubernetesCollector,
         )
     }
 )
@@ -43,4 +50,12 @@ COLLECTOR_DEFAULTS: Mapping[str, bool] = MappingProxyType(
     {name: cls.default_enabled for name, cls in COLLECTORS.items()}
 )
 
-__all__ = ["COLLECTORS", "COLLECTOR_DEFAULTS", "Collector", "Dcgm", "Emitter", "MetricSpec"]
+__all__ = [
+    "COLLECTORS",
+    "COLLECTOR_DEFAULTS",
+    "Collector",
+    "Dcgm",
+    "Emitter",
+    "MetricSpec",
+    "Services",
+]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from exporter.nvml import Device, FieldRequest
+
+if TYPE_CHECKING:
+    from exporter.config import Config
 
 IDENTITY_LABELS = ("gpu", "uuid")
 
@@ -61,6 +65,45 @@ class Emitter:
         self.samples.append((spec, labels, value))
 
 
+@dataclass(frozen=True)
+class Container:
+    """Where a process runs, as far as its cgroup tells."""
+
+    container_id: str = ""
+    pod_uid: str = ""
+
+
+@dataclass(frozen=True)
+class Pod:
+    """Who the kubelet allocated a GPU (or MIG device) to."""
+
+    namespace: str
+    pod: str
+    container: str
+
+
+class Attribution(Protocol):
+    """Names and containers of GPU processes: from the host's /proc, or the simulated fleet."""
+
+    def process_name(self, pid: int) -> str | None: ...
+    def container(self, pid: int) -> Container | None: ...  # None: the PID is not visible
+
+
+class PodSource(Protocol):
+    """The kubelet's device allocations, cached; never blocks."""
+
+    def pods(self) -> Mapping[str, tuple[Pod, ...]]: ...  # GPU or MIG UUID -> pods
+    def status(self) -> tuple[bool, float | None, int]: ...  # up, last success, errors
+
+
+@dataclass(frozen=True)
+class Services:
+    """What collectors may use besides NVML; none of it is touched by a scrape."""
+
+    attribution: Attribution | None = None
+    pods: PodSource | None = None
+
+
 class Collector:
     """A group of metrics read from each device once per sampling interval.
 
@@ -75,6 +118,12 @@ class Collector:
     # describe a GPU that stopped answering.
     reads_nvml: ClassVar[bool] = True
     metrics: ClassVar[tuple[MetricSpec, ...]]
+
+    def configure(self, config: Config, services: Services) -> None:
+        """Called when the sampler starts and on every reload."""
+
+    def collect_global(self, out: Emitter) -> None:
+        """Once per sample, after all devices: for series not tied to a GPU."""
 
     def fields(self, device: Device) -> tuple[FieldRequest, ...]:
         """Field values this collector reads; the sampler fetches all collectors' fields of a
