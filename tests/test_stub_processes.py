@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def test_per_process_series_equal_the_stand_in_and_name_the_container(
 ) -> None:
     proc = start(fleet, tmp_path)
     running.append(proc)
+    time.sleep(0.5)  # a few samples: values must hold while the driver has no newer samples
     scrape = proc.get()
     memory = {
         (labels["gpu"], labels["pid"]): (labels, value)
@@ -80,6 +82,15 @@ def test_per_process_series_equal_the_stand_in_and_name_the_container(
         assert labels["process_name"] == f"proc{process.pid}"
         assert labels["type"] == process.kind
         assert (labels["container_id"], labels["pod_uid"]) == (CONTAINER, POD_UID)
+    sm = {
+        (dict(k)["gpu"], dict(k)["pid"]): v
+        for k, v in scrape.values("nvml_process_sm_utilization_ratio").items()
+    }
+    for dev in fleet.devices:
+        for process in dev.processes:
+            own = [s for s in dev.process_samples if s.pid == process.pid]
+            expected_sm = sum(s.sm_util for s in own) / len(own) / 100 if own else 0.0
+            assert sm[(str(dev.index), str(process.pid))] == pytest.approx(expected_sm)
     counts = {
         dict(k)["gpu"]: v
         for k, v in scrape.values("nvml_processes").items()

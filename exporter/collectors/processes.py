@@ -166,6 +166,7 @@ class ProcessesCollector(Collector):
         self._pods: PodSource | None = None
         # Per GPU: the newest utilization sample seen, and what we know of each PID.
         self._last_sample_us: dict[str, int] = {}
+        self._last_utilization: dict[str, dict[int, tuple[float, float, float, float]]] = {}
         self._identities: dict[str, dict[int, _Identity]] = {}
 
     def configure(self, config: Config, services: Services) -> None:
@@ -196,16 +197,17 @@ class ProcessesCollector(Collector):
         return _Identity(name or "", container or Container())
 
     def _utilization(self, device: Device) -> dict[int, tuple[float, float, float, float]]:
-        """Average utilization per PID over the driver samples since the last read."""
+        """Average utilization per PID over the driver samples since the last read; when the
+        driver has no new sample yet (its period can exceed ours), the previous averages."""
         since = self._last_sample_us.get(device.uuid, 0)
         samples = device.read_as((), device.driver.process_utilization, since) or []
         if not samples:
-            return {}
+            return self._last_utilization.get(device.uuid, {})
         self._last_sample_us[device.uuid] = max(s.timestamp_us for s in samples)
         by_pid: dict[int, list[ProcessSample]] = defaultdict(list)
         for sample in samples:
             by_pid[sample.pid].append(sample)
-        return {
+        averages = {
             pid: (
                 sum(s.sm for s in group) / len(group) / 100,
                 sum(s.memory for s in group) / len(group) / 100,
@@ -214,6 +216,8 @@ class ProcessesCollector(Collector):
             )
             for pid, group in by_pid.items()
         }
+        self._last_utilization[device.uuid] = averages
+        return averages
 
     def collect(self, device: Device, out: Emitter) -> None:
         processes = sorted(
