@@ -25,7 +25,7 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("logfmt", "json")
 BACKENDS = ("nvml", "simulated")
 NAMINGS = ("nvml", "dcgm")
-FAULT_KINDS = ("lost", "unsupported", "slow", "init_failure")
+FAULT_KINDS = ("lost", "unsupported", "slow", "init_failure", "xid")
 
 
 class ConfigError(Exception):
@@ -70,6 +70,7 @@ class FaultConfig:
     start: float = 0.0  # seconds after the simulation starts
     duration: float | None = None  # None: until the process ends
     delay: float = 0.0  # for `slow`
+    xid: int | None = None  # for `xid`: the XID reported once at `start`
 
 
 @dataclass(frozen=True)
@@ -389,8 +390,12 @@ def _parse_fault(raw: object, path: str) -> FaultConfig:
                 lambda v, p: _positive_duration(v, p, minimum=0.001, maximum=10**7)
             ),
             "delay": lambda v, p: _positive_duration(v, p, minimum=0.001, maximum=3600),
+            "xid": lambda v, p: _int(v, p, minimum=1, maximum=1000),
         },
     )
+    if fault.kind == "xid" and (fault.xid is None or fault.device is None):
+        missing = "xid" if fault.xid is None else "device"
+        raise _Invalid(_join(path, missing), "is required for an `xid` fault")
     if fault.kind == "slow" and fault.delay <= 0:
         raise _Invalid(_join(path, "delay"), "is required for a `slow` fault")
     return fault

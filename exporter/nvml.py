@@ -17,6 +17,7 @@ import inspect
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -201,6 +202,17 @@ class MigInstance:
     profile: str  # e.g. "1g.18gb"
 
 
+@dataclass(frozen=True)
+class NvmlEvent:
+    uuid: str  # the GPU it happened on
+    type: int  # an nvmlEventType* bit
+    data: int  # the XID, for XID events
+
+
+EVENT_SINGLE_BIT_ECC, EVENT_DOUBLE_BIT_ECC, EVENT_PSTATE = 0x1, 0x2, 0x4
+EVENT_XID, EVENT_CLOCK = 0x8, 0x10
+
+
 # One entry of nvmlDeviceGetFieldValues: its own return code, and the value when it is SUCCESS.
 FieldResult = tuple[int, float | None]
 FieldRequest = tuple[int, int]  # (field id, scope id: an NVLink index, or 0)
@@ -262,6 +274,11 @@ class Driver(Protocol):
     def process_utilization(self, handle: Handle, since_us: int) -> list[ProcessSample]: ...
     def process_name(self, pid: int) -> str: ...
     def mig_instances(self, handle: Handle) -> list[MigInstance]: ...
+    def supported_events(self, handle: Handle) -> int: ...
+    def create_event_set(self) -> Handle: ...
+    def register_events(self, handle: Handle, event_set: Handle, types: int) -> None: ...
+    def wait_event(self, event_set: Handle, timeout_ms: int) -> NvmlEvent | None: ...
+    def free_event_set(self, event_set: Handle) -> None: ...
 
 
 # Per-device calls by name: what a simulated `unsupported` or `slow` fault may target.
@@ -526,6 +543,29 @@ class PynvmlDriver:
             )
         return instances
 
+    def supported_events(self, handle: Handle) -> int:
+        return int(pynvml.nvmlDeviceGetSupportedEventTypes(handle))
+
+    def create_event_set(self) -> Handle:
+        return pynvml.nvmlEventSetCreate()
+
+    def register_events(self, handle: Handle, event_set: Handle, types: int) -> None:
+        pynvml.nvmlDeviceRegisterEvents(handle, types, event_set)
+
+    def wait_event(self, event_set: Handle, timeout_ms: int) -> NvmlEvent | None:
+        try:
+            data = pynvml.nvmlEventSetWait_v2(event_set, timeout_ms)
+        except pynvml.NVMLError as err:
+            if err.value == TIMEOUT:  # nothing happened: the normal case
+                return None
+            raise
+        # The event names its GPU by handle; the UUID is what the rest of the exporter knows.
+        uuid = str(pynvml.nvmlDeviceGetUUID(data.device))
+        return NvmlEvent(uuid=uuid, type=int(data.eventType), data=int(data.eventData))
+
+    def free_event_set(self, event_set: Handle) -> None:
+        pynvml.nvmlEventSetFree(event_set)
+
 
 def mig_profile(name: str) -> str:
     """ "NVIDIA H200 MIG 1g.18gb" -> "1g.18gb"."""
@@ -610,9 +650,10 @@ class Device:
         self._cached: dict[tuple[str, tuple[object, ...]], object] = {}
         self._recent: dict[tuple[str, tuple[object, ...]], tuple[float, object]] = {}
         self._fields: dict[FieldRequest, FieldResult] = {}
-        self._logged: set[tuple[str, int]] = set()
-        # Read by the sampler around each collector to attribute errors to it.
-        self.errors = 0
+        # Failing calls already logged; a call is logged again only after it worked again.
+        self._failing: set[tuple[str, int]] = set()
+        # Errors by name, read by the sampler around each collector to attribute them to it.
+        self.errors: Counter[str] = Counter()
         # Reads shared by collectors within one sample; the sampler clears it each sample.
         self.memo: dict[str, object] = {}
         # Set when the device could not be opened at all; the sampler reports it down.
@@ -647,13 +688,22 @@ class Device:
         if key in self._absent:
             return None
         try:
-            return call()
+            result = call()
         except Exception as exc:
             code = error_code(exc)
             if code is None:
                 raise
             self._apply_policy(key, code, exc)
             return None
+        if self._failing:
+            self._recovered(key[0])
+        return result
+
+    def _recovered(self, name: str) -> None:
+        healed = {entry for entry in self._failing if entry[0] == name}
+        if healed:
+            self._failing -= healed
+            log.info("NVML call works again", extra={"gpu": self.index, "call": name})
 
     def _apply_policy(
         self, key: tuple[str, tuple[object, ...]], code: int, cause: BaseException | None
@@ -673,11 +723,11 @@ class Device:
                 extra={"gpu": self.index, "call": name, "args": key[1], "reason": error_name(code)},
             )
             return
-        self.errors += 1
-        if (name, code) not in self._logged:
-            self._logged.add((name, code))
+        self.errors[error_name(code)] += 1
+        if (name, code) not in self._failing:
+            self._failing.add((name, code))
             log.warning(
-                "NVML call failed; further failures of this kind are counted, not logged",
+                "NVML call failed; counted from now on, logged again once it has recovered",
                 extra={"gpu": self.index, "call": name, "reason": error_name(code)},
             )
 
@@ -772,6 +822,8 @@ class Session:
     INITIAL_BACKOFF = 0.5
     MAX_BACKOFF = 30.0
     REOPEN_INTERVAL = 5.0
+    # How often to ask whether GPUs appeared or disappeared (hot-plug, a GPU back after reset).
+    TOPOLOGY_INTERVAL = 30.0
 
     def __init__(
         self,
@@ -791,6 +843,7 @@ class Session:
         self._backoff = self.INITIAL_BACKOFF
         self._next_attempt = 0.0
         self._next_reopen = 0.0
+        self._next_topology_check = 0.0
 
     def start(self) -> bool:
         """Tries to initialise NVML unless backing off; True when NVML is up."""
@@ -821,6 +874,7 @@ class Session:
         self.up = True
         self._backoff = self.INITIAL_BACKOFF
         self.last_error = ""
+        self._next_topology_check = self._clock() + self.TOPOLOGY_INTERVAL
         log.info(
             "NVML initialised",
             extra={
@@ -855,6 +909,20 @@ class Session:
             self._open_or_placeholder(d.index) if d.handle is None else d for d in self.devices
         ]
         self.devices = [d for d in reopened if d is not None]
+
+    def check_topology(self) -> None:
+        """Enumerates again when the number of GPUs changed since the last enumeration."""
+        now = self._clock()
+        if now < self._next_topology_check:
+            return
+        self._next_topology_check = now + self.TOPOLOGY_INTERVAL
+        count = self.driver.device_count()
+        if count != self.total_devices:
+            log.warning(
+                "the number of GPUs changed; enumerating again",
+                extra={"before": self.total_devices, "now": count},
+            )
+            self._enumerate()
 
     def _failed(self, reason: str, now: float) -> None:
         first = self.last_error != reason

@@ -15,6 +15,7 @@ import platform
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -56,6 +57,21 @@ GPU_UP = MetricSpec(
     "1 if the GPU answered this sample; 0 if it is lost, needs a reset or timed out.",
     source="exporter (GPU_IS_LOST, RESET_REQUIRED, sample deadline)",
 )
+GPU_DOWN = MetricSpec(
+    "nvml_gpu_down_info",
+    "info",
+    "Why a GPU is down: gpu_is_lost, reset_required, gpu_not_found, timeout (a read missed the "
+    "sample deadline), or the error that kept it from opening; only while down. Always 1.",
+    labels=("reason",),
+    source="exporter",
+)
+GPU_LAST_SAMPLE = MetricSpec(
+    "nvml_gpu_last_sample_timestamp_seconds",
+    "gauge",
+    "Unix time this GPU was last read successfully; time() minus this is its data's age.",
+    unit="seconds",
+    source="exporter",
+)
 GPU_DEVICES = _spec(
     "nvml_gpu_devices", "gauge", "GPUs NVML reports on this host, before device selection."
 )
@@ -75,8 +91,9 @@ COLLECTOR_DURATION = _spec(
 COLLECTOR_ERRORS = _spec(
     "nvml_collector_errors_total",
     "counter",
-    "NVML errors (other than unsupported) and exceptions, by collector.",
-    ("collector",),
+    "Failed reads by collector and kind: an NVML error name (unsupported values are not "
+    "errors) or `exception` for a bug.",
+    ("collector", "error"),
 )
 LAST_SAMPLE = _spec(
     "nvml_last_sample_timestamp_seconds",
@@ -137,6 +154,8 @@ SAMPLE_FAILURES = _spec(
 SELF_METRICS = (
     NVML_UP,
     GPU_UP,
+    GPU_DOWN,
+    GPU_LAST_SAMPLE,
     GPU_DEVICES,
     COLLECTOR_SUCCESS,
     COLLECTOR_DURATION,
@@ -154,8 +173,8 @@ SELF_METRICS = (
 @dataclass
 class DeviceResult:
     samples: list[Sample] = field(default_factory=list)
-    # collector name -> (succeeded, seconds, errors)
-    status: dict[str, tuple[bool, float, int]] = field(default_factory=dict)
+    # collector name -> (succeeded, seconds, errors by kind)
+    status: dict[str, tuple[bool, float, Counter[str]]] = field(default_factory=dict)
     down_reason: str | None = None
     session_lost: str | None = None
 
@@ -266,8 +285,9 @@ class Sampler:
         self._collectors = self._select(config)
         self._workers: dict[int, _DeviceWorker] = {}
         self._pending: dict[int, Future[DeviceResult]] = {}
-        self._error_totals = dict.fromkeys(registry, 0)
+        self._error_totals: Counter[tuple[str, str]] = Counter()
         self._down: dict[int, str] = {}
+        self._last_read: dict[tuple[str, str], float] = {}
         self._logged_failures: set[tuple[str, str]] = set()
         self._process = ProcessCollector(registry=None)
         self._stop = threading.Event()
@@ -338,19 +358,22 @@ class Sampler:
             return DeviceResult(down_reason=lost.reason, session_lost=lost.reason)
         for collector in collectors:
             started = time.perf_counter()
-            errors_before = device.errors
+            before = Counter(device.errors)
+            errors: Counter[str] = Counter()
             try:
                 collector.collect(device, out)
-                errors = device.errors - errors_before
             except DeviceLost as lost:
                 return DeviceResult(down_reason=lost.reason)
             except SessionLost as lost:
                 return DeviceResult(down_reason=lost.reason, session_lost=lost.reason)
             except Exception as exc:
-                errors = device.errors - errors_before + 1
+                errors["exception"] += 1
                 self._log_collector_failure(collector, device, exc)
-            errors += collector.name in failed
-            result.status[collector.name] = (errors == 0, time.perf_counter() - started, errors)
+            errors += device.errors - before
+            if collector.name in failed:
+                errors["exception"] += 1
+            ok = not errors
+            result.status[collector.name] = (ok, time.perf_counter() - started, errors)
         result.samples = out.samples
         return result
 
@@ -419,6 +442,7 @@ class Sampler:
             if session.selection != self.config.devices:
                 session.reselect(self.config.devices)
             session.reopen_failed()
+            session.check_topology()
         except SessionLost as lost:
             session.lost(lost.reason)
             return False
@@ -437,14 +461,21 @@ class Sampler:
             up, devices, results = False, [], {}
         builder.add(NVML_UP, (), 1 if up else 0)
         self._note_transitions(devices, results)
+        wall = self._wall()
         if up:
             builder.add(GPU_DEVICES, (), self.session.total_devices)
         offline = [c for c in self._collectors if not c.reads_nvml]
-        status: dict[str, list[tuple[bool, float, int]]] = {}
+        status: dict[str, list[tuple[bool, float, Counter[str]]]] = {}
         for device in devices:
             result = results[device.index]
             identity = (str(device.index), device.uuid)
             builder.add(GPU_UP, identity, 0 if result.down_reason else 1)
+            if result.down_reason is None:
+                self._last_read[identity] = wall
+            else:
+                builder.add(GPU_DOWN, (*identity, result.down_reason), 1)
+            if identity in self._last_read:
+                builder.add(GPU_LAST_SAMPLE, identity, self._last_read[identity])
             if result.down_reason is not None:
                 # Static identity stays visible for a down GPU, so alerts can name its serial.
                 out = Emitter()
@@ -460,16 +491,23 @@ class Sampler:
             try:
                 collector.collect_global(out)
             except Exception as exc:
-                status.setdefault(collector.name, []).append((False, 0.0, 1))
+                status.setdefault(collector.name, []).append((False, 0.0, Counter(exception=1)))
                 self._log_collector_failure(collector, None, exc)
             for spec, labels, value in out.samples:
                 builder.add(spec, labels, value)
         for name, outcomes in status.items():
-            self._error_totals[name] += sum(errors for _, _, errors in outcomes)
+            for _, _, errors in outcomes:
+                for kind, count in errors.items():
+                    self._error_totals[(name, kind)] += count
             builder.add(COLLECTOR_SUCCESS, (name,), 1 if all(ok for ok, _, _ in outcomes) else 0)
             builder.add(COLLECTOR_DURATION, (name,), sum(seconds for _, seconds, _ in outcomes))
         for collector in self._collectors:
-            builder.add(COLLECTOR_ERRORS, (collector.name,), self._error_totals[collector.name])
+            # "exception" is always there, so rate() sees the first one.
+            self._error_totals.setdefault((collector.name, "exception"), 0)
+        enabled = {c.name for c in self._collectors}
+        for (name, kind), total in sorted(self._error_totals.items()):
+            if name in enabled:
+                builder.add(COLLECTOR_ERRORS, (name, kind), total)
         finished = self._clock()
         builder.add(SAMPLE_DURATION, (), finished - started)
         builder.add(LAST_SAMPLE, (), self._wall())
@@ -481,7 +519,7 @@ class Sampler:
         self.snapshot = snapshot
         # Only a published snapshot proves the loop works; /healthz goes by this.
         self.heartbeat = self._clock()
-        if up:
+        if any(r.down_reason is None for r in results.values()):
             self.ready = True
         return snapshot
 
@@ -513,13 +551,32 @@ class Sampler:
     def has_sampled(self) -> bool:
         return self._first_sample.is_set()
 
-    def alive(self, now: float | None = None) -> bool:
-        """True while the loop keeps turning; a stuck loop fails liveness."""
+    # Liveness fails after this many intervals without a published sample.
+    STALE_INTERVALS = 10
+
+    def health_problem(self, now: float | None = None) -> str | None:
+        """Why the exporter should be restarted, or None: a dead or stuck sampler loop."""
         if self._thread is None or not self._thread.is_alive():
-            return False
+            return "the sampler thread is not running"
         sampling = self.config.sampling
-        allowance = sampling.interval + sampling.deadline + 10 * sampling.interval + 5
-        return (self._clock() if now is None else now) - self.heartbeat < allowance
+        allowance = sampling.deadline + self.STALE_INTERVALS * sampling.interval + 5
+        silent = (self._clock() if now is None else now) - self.heartbeat
+        if silent > allowance:
+            return f"no sample published for {silent:.0f}s"
+        return None
+
+    def alive(self, now: float | None = None) -> bool:
+        return self.health_problem(now) is None
+
+    def readiness_problem(self) -> str | None:
+        """Why Prometheus should not scrape yet, or None. Latched once ready, so that a later
+        outage shows as nvml_up 0 in the data instead of the target vanishing."""
+        if self.ready:
+            return None
+        if not self.session.up:
+            reason = self.session.last_error or "not initialised yet"
+            return f"NVML is not available ({reason})"
+        return "no GPU has been read yet"
 
     def stop(self, timeout: float) -> bool:
         """Stops the loop and shuts NVML down; False if a device read was still stuck."""

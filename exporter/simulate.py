@@ -28,6 +28,9 @@ from exporter.nvml import (
     DEC_UTILIZATION_SAMPLES,
     DRIVER_NOT_LOADED,
     ENC_UTILIZATION_SAMPLES,
+    EVENT_DOUBLE_BIT_ECC,
+    EVENT_SINGLE_BIT_ECC,
+    EVENT_XID,
     FI_ECC_DBE_AGG_TOTAL,
     FI_ECC_DBE_VOL_TOTAL,
     FI_ECC_SBE_AGG_TOTAL,
@@ -74,6 +77,7 @@ from exporter.nvml import (
     MemoryInfo,
     MigInstance,
     NvmlError,
+    NvmlEvent,
     ProcessInfo,
     ProcessSample,
     Utilization,
@@ -260,6 +264,8 @@ class SimulatedDriver:
         self._model = MODELS[config.model]
         self._faults = config.faults
         self._states = [self._new_state(i) for i in range(config.devices)]
+        self._events_lock = threading.Lock()
+        self._delivered: set[int] = set()  # xid faults already reported
         self.power_limit_w = [self._model.tdp_watts for _ in self._states]
 
     # --- the fleet model -------------------------------------------------------------------
@@ -701,6 +707,36 @@ class SimulatedDriver:
             min(self._process_bytes(s, p), total) for p in s.processes if p.mig_slot == handle.slot
         )
         return MemoryInfo(total=total, used=used, free=total - used, reserved=0)
+
+    # --- events ------------------------------------------------------------------------------
+
+    def supported_events(self, handle: Handle) -> int:
+        self._device(handle, "supported_events")
+        return EVENT_XID | EVENT_SINGLE_BIT_ECC | EVENT_DOUBLE_BIT_ECC
+
+    def create_event_set(self) -> Handle:
+        return object()
+
+    def register_events(self, handle: Handle, event_set: Handle, types: int) -> None:
+        self._device(handle, "register_events")
+
+    def wait_event(self, event_set: Handle, timeout_ms: int) -> NvmlEvent | None:
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            with self._events_lock:
+                for number, fault in enumerate(self._faults):
+                    due = fault.kind == "xid" and self.elapsed() >= fault.start
+                    if due and number not in self._delivered and fault.device is not None:
+                        self._delivered.add(number)
+                        uuid = self.uuid(fault.device)
+                        return NvmlEvent(uuid=uuid, type=EVENT_XID, data=fault.xid or 0)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            time.sleep(min(remaining, 0.05))
+
+    def free_event_set(self, event_set: Handle) -> None:
+        pass
 
 
 def fleet_description(config: SimulationConfig) -> str:

@@ -61,9 +61,8 @@ class MetricsSource(Protocol):
 
     @property
     def snapshot(self) -> Snapshot: ...
-    @property
-    def ready(self) -> bool: ...
-    def alive(self) -> bool: ...
+    def health_problem(self) -> str | None: ...  # None when live
+    def readiness_problem(self) -> str | None: ...  # None when ready
 
 
 class HttpError(Exception):
@@ -368,14 +367,16 @@ class WebServer:
         return 200, {**_PAGE_HEADERS, "Content-Type": "text/html; charset=utf-8"}, self._landing
 
     def _healthz(self, request: Request) -> tuple[int, dict[str, str], bytes]:
-        if self._source.alive():
+        problem = self._source.health_problem()
+        if problem is None:
             return 200, _text_headers(), b"ok\n"
-        return 503, _text_headers(), b"sampler is not running\n"
+        return 503, _text_headers(), f"unhealthy: {problem}\n".encode()
 
     def _readyz(self, request: Request) -> tuple[int, dict[str, str], bytes]:
-        if self._source.ready:
+        problem = self._source.readiness_problem()
+        if problem is None:
             return 200, _text_headers(), b"ready\n"
-        return 503, _text_headers(), b"not ready: no successful sample from NVML yet\n"
+        return 503, _text_headers(), f"not ready: {problem}\n".encode()
 
     def _landing_page(self) -> bytes:
         version = html.escape(__version__)

@@ -112,7 +112,7 @@ def test_absent_value_is_remembered_and_not_asked_again(error: Exception) -> Non
     for _ in range(5):
         assert dev.read(drv.power_usage) is None
     assert drv.calls["power_usage"] == 1
-    assert dev.errors == 0
+    assert not dev.errors
     assert dev.is_absent(drv.power_usage)
 
 
@@ -142,7 +142,7 @@ def test_other_errors_are_counted_logged_once_and_retried(
         for _ in range(4):
             assert dev.read(drv.power_usage) is None
     assert drv.calls["power_usage"] == 4  # transient: asked again next time
-    assert dev.errors == 4
+    assert dev.errors == {"unknown": 4}
     assert len([r for r in caplog.records if "NVML call failed" in r.message]) == 1
     del drv.script["power_usage"]
     assert dev.read(drv.power_usage) == 123_000
@@ -274,7 +274,7 @@ def test_nothing_to_report_is_neither_an_error_nor_remembered(code: int) -> None
     dev = device(drv)
     assert dev.read(drv.power_usage) is None
     assert dev.read(drv.power_usage) is None
-    assert drv.calls["power_usage"] == 2 and dev.errors == 0
+    assert drv.calls["power_usage"] == 2 and not dev.errors
 
 
 @pytest.mark.parametrize("code", [nvml.UNINITIALIZED, nvml.DRIVER_NOT_LOADED, 18])

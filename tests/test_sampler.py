@@ -128,7 +128,27 @@ def test_a_lost_gpu_is_down_without_stale_series_and_others_are_unaffected() -> 
     during = samples(sampler.sample_once())
     assert by_gpu(during, "nvml_gpu_up") == {"0": 1, "1": 1, "2": 0, "3": 1}
     series = gpus_with_any_series(during)
-    assert series["2"] == {"nvml_gpu_up", "nvml_gpu_info"}
+    assert series["2"] == {
+        "nvml_gpu_up",
+        "nvml_gpu_info",
+        "nvml_gpu_down_info",
+        "nvml_gpu_last_sample_timestamp_seconds",
+    }
+    assert (
+        during[
+            (
+                "nvml_gpu_down_info",
+                frozenset(
+                    {
+                        ("gpu", "2"),
+                        ("uuid", sampler.session.devices[2].uuid),
+                        ("reason", "gpu_is_lost"),
+                    }
+                ),
+            )
+        ]
+        == 1
+    )
     assert "nvml_power_watts" in series["0"] and "nvml_power_watts" in series["3"]
     clock.advance(10)
     after = samples(sampler.sample_once())
@@ -245,7 +265,12 @@ def test_collector_failures_are_logged_once_and_counted(caplog: pytest.LogCaptur
         for _ in range(3):
             found = samples(sampler.sample_once())
     assert len([r for r in caplog.records if "collector failed" in r.message]) == 1
-    errors = found[("nvml_collector_errors_total", frozenset({("collector", "broken")}))]
+    errors = found[
+        (
+            "nvml_collector_errors_total",
+            frozenset({("collector", "broken"), ("error", "exception")}),
+        )
+    ]
     assert errors == 6
 
 

@@ -189,9 +189,9 @@ def test_every_gpu_metric_equals_the_stand_in_value_after_conversion(
     scrape = proc.get()
     assert scrape.values("nvml_up") == {frozenset(): 1.0}
     assert scrape.values("nvml_gpu_devices") == {frozenset(): 8.0}
-    # MIG, per-process and pod series have their own stand-in tests (test_stub_processes.py,
-    # test_kubernetes.py); everything else a GPU has is checked here.
-    elsewhere = {"mig", "processes", "kubernetes"}
+    # MIG, per-process, pod and event series have their own stand-in tests
+    # (test_stub_processes.py, test_kubernetes.py, test_events.py); the rest is checked here.
+    elsewhere = {"mig", "processes", "kubernetes", "events"}
     per_device = {
         spec.name
         for name, cls in COLLECTORS.items()

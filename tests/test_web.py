@@ -71,8 +71,11 @@ class FakeSource:
         self.ready = True
         self.is_alive = True
 
-    def alive(self) -> bool:
-        return self.is_alive
+    def health_problem(self) -> str | None:
+        return None if self.is_alive else "the sampler thread is not running"
+
+    def readiness_problem(self) -> str | None:
+        return None if self.ready else "NVML is not available (driver_not_loaded)"
 
 
 class StallingSnapshot(Snapshot):
@@ -593,7 +596,7 @@ def test_healthz_follows_source_alive(start: ServerFactory) -> None:
     unhealthy = running.request(path="/healthz")
     assert (healthy.status, healthy.body) == (200, b"ok\n")
     assert unhealthy.status == 503
-    assert unhealthy.body == b"sampler is not running\n"
+    assert unhealthy.body == b"unhealthy: the sampler thread is not running\n"
     assert unhealthy.headers["Content-Type"] == "text/plain; charset=utf-8"
 
 

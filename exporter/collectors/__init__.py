@@ -9,6 +9,7 @@ from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec, Servi
 from exporter.collectors.clock_events import ClockEventsCollector
 from exporter.collectors.clocks import ClocksCollector
 from exporter.collectors.ecc import EccCollector
+from exporter.collectors.events import EventsCollector
 from exporter.collectors.info import InfoCollector
 from exporter.collectors.kubernetes import KubernetesCollector
 from exporter.collectors.memory import MemoryCollector
@@ -42,6 +43,7 @@ COLLECTORS: Mapping[str, type[Collector]] = MappingProxyType(
             ProcessesCollector,
             MigCollector,
             KubernetesCollector,
+            EventsCollector,
         )
     }
 )
