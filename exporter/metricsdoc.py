@@ -43,7 +43,6 @@ COLUMNS = (
 
 # dcgm-exporter's default counters that `naming: dcgm` cannot produce, and why.
 DCGM_WITHOUT_EQUIVALENT = (
-    ("DCGM_FI_DEV_XID_ERRORS", "XID events are not sampled by this exporter yet"),
     (
         "DCGM_FI_DEV_VGPU_LICENSE_STATUS",
         "vGPU licensing is a vGPU-host concern outside NVML's device queries; not collected",
