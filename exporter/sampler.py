@@ -372,10 +372,19 @@ class Sampler:
             errors += device.errors - before
             if collector.name in failed:
                 errors["exception"] += 1
+            elif self._logged_failures and not errors:
+                self._collector_recovered(collector)
             ok = not errors
             result.status[collector.name] = (ok, time.perf_counter() - started, errors)
         result.samples = out.samples
         return result
+
+    def _collector_recovered(self, collector: Collector) -> None:
+        """A collector that works again gets its next failure logged again."""
+        healed = {key for key in self._logged_failures if key[0] == collector.name}
+        if healed:
+            self._logged_failures -= healed
+            log.info("collector works again", extra={"collector": collector.name})
 
     def _log_collector_failure(
         self, collector: Collector, device: Device | None, exc: Exception
