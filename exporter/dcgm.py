@@ -60,7 +60,7 @@ def translate(
             if field.total:
                 totals[field] = totals.get(field, 0.0) + scaled
                 continue
-            matched = {key for key, _ in field.match}
-            yield field, tuple((k, v) for k, v in named.items() if k not in matched), scaled
+            kept = tuple((theirs, named[ours]) for ours, theirs in field.labels if named.get(ours))
+            yield field, kept, scaled
     for field, total in totals.items():
         yield field, (), total

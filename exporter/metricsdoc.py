@@ -48,13 +48,9 @@ DCGM_WITHOUT_EQUIVALENT = (
         "vGPU licensing is a vGPU-host concern outside NVML's device queries; not collected",
     ),
     (
-        "DCGM_FI_PROF_GR_ENGINE_ACTIVE, DCGM_FI_PROF_PIPE_TENSOR_ACTIVE, DCGM_FI_PROF_DRAM_ACTIVE",
-        "DCGM profiling metrics; NVML's GPM API (Hopper and newer) is not collected yet",
-    ),
-    (
-        "DCGM_FI_PROF_PCIE_TX_BYTES, DCGM_FI_PROF_PCIE_RX_BYTES",
-        "emitted only on GPUs without "
-        "NVML's PCIe byte counters; elsewhere use rate(nvml_pcie_tx_bytes_total[1m])",
+        "DCGM_FI_PROF_* on GPUs before Hopper",
+        "NVML's GPM API, which these come from here, "
+        "exists on Hopper and newer only; DCGM derives them from its own profiling there",
     ),
 )
 

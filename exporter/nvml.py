@@ -279,6 +279,14 @@ class Driver(Protocol):
     def register_events(self, handle: Handle, event_set: Handle, types: int) -> None: ...
     def wait_event(self, event_set: Handle, timeout_ms: int) -> NvmlEvent | None: ...
     def free_event_set(self, event_set: Handle) -> None: ...
+    def gpm_supported(self, handle: Handle) -> bool: ...
+    def gpm_sample_alloc(self) -> Handle: ...
+    def gpm_sample_free(self, sample: Handle) -> None: ...
+    def gpm_sample_get(self, handle: Handle, sample: Handle) -> bool: ...
+    def gpm_mig_sample_get(self, handle: Handle, gpu_instance: int, sample: Handle) -> bool: ...
+    def gpm_metrics(
+        self, first: Handle, second: Handle, metric_ids: Sequence[int]
+    ) -> list[tuple[int, float | None]]: ...
 
 
 # Per-device calls by name: what a simulated `unsupported` or `slow` fault may target.
@@ -566,6 +574,42 @@ class PynvmlDriver:
     def free_event_set(self, event_set: Handle) -> None:
         pynvml.nvmlEventSetFree(event_set)
 
+    def gpm_supported(self, handle: Handle) -> bool:
+        return bool(pynvml.nvmlGpmQueryDeviceSupport(handle).isSupportedDevice)
+
+    def gpm_sample_alloc(self) -> Handle:
+        return pynvml.nvmlGpmSampleAlloc()
+
+    def gpm_sample_free(self, sample: Handle) -> None:
+        pynvml.nvmlGpmSampleFree(sample)
+
+    def gpm_sample_get(self, handle: Handle, sample: Handle) -> bool:
+        pynvml.nvmlGpmSampleGet(handle, sample)
+        return True
+
+    def gpm_mig_sample_get(self, handle: Handle, gpu_instance: int, sample: Handle) -> bool:
+        pynvml.nvmlGpmMigSampleGet(handle, gpu_instance, sample)
+        return True
+
+    def gpm_metrics(
+        self, first: Handle, second: Handle, metric_ids: Sequence[int]
+    ) -> list[tuple[int, float | None]]:
+        request = pynvml.c_nvmlGpmMetricsGet_t()
+        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(metric_ids)
+        request.sample1 = first
+        request.sample2 = second
+        for slot, metric_id in enumerate(metric_ids):
+            request.metrics[slot].metricId = metric_id
+        pynvml.nvmlGpmMetricsGet(request)
+        results: list[tuple[int, float | None]] = []
+        for slot in range(len(metric_ids)):
+            # Like field values, each metric carries its own return code.
+            entry = request.metrics[slot]
+            code = int(entry.nvmlReturn)
+            results.append((code, float(entry.value) if code == SUCCESS else None))
+        return results
+
 
 def mig_profile(name: str) -> str:
     """ "NVIDIA H200 MIG 1g.18gb" -> "1g.18gb"."""
@@ -747,8 +791,9 @@ class Device:
         return value  # type: ignore[return-value]
 
     def read_system(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
-        """Like `read`, for system-level calls that take no device handle."""
-        return self._guarded(("system:" + fn.__name__, args), lambda: fn(*args, **kwargs))
+        """Like `read`, for system-level calls that take no device handle. Absence is
+        remembered per function: a system call is supported or not whatever its arguments."""
+        return self._guarded(("system:" + fn.__name__, ()), lambda: fn(*args, **kwargs))
 
     def read_on(
         self,

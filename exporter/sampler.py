@@ -599,5 +599,10 @@ class Sampler:
         if stuck or (self._thread is not None and self._thread.is_alive()):
             # nvmlShutdown while another thread is inside NVML is undefined; leave it to exit.
             return False
+        for collector in self._instances.values():
+            try:
+                collector.close()
+            except Exception:
+                log.exception("closing a collector failed", extra={"collector": collector.name})
         self.session.shutdown()
         return True

@@ -217,6 +217,40 @@ MIG_SLOTS = 7
 MIG_GPU_INSTANCE_IDS = (7, 8, 9, 11, 12, 13, 14)
 
 
+HOPPER = 9
+
+
+class _GpmSample:
+    """A simulated GPM sample: a copy of the activity integrals when it was taken."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] | None = None
+
+
+# GPM metric id -> (activity integral, scale to NVML's unit: percent or MiB/s). The H200
+# has seven NVDEC and seven NVJPG engines and one NVOFA; they idle under LLM inference.
+GPM_SOURCES = {
+    1: ("graphics", 100.0),
+    2: ("sm", 100.0),
+    3: ("occupancy", 100.0),
+    4: ("integer", 100.0),
+    5: ("tensor", 100.0),
+    7: ("hmma", 100.0),
+    9: ("imma", 100.0),
+    10: ("dram", 100.0),
+    11: ("fp64", 100.0),
+    12: ("fp32", 100.0),
+    13: ("fp16", 100.0),
+    20: ("pcie_tx", 1 / MIB),
+    21: ("pcie_rx", 1 / MIB),
+    60: ("nvlink_rx", 1 / MIB),
+    61: ("nvlink_tx", 1 / MIB),
+    **{30 + n: ("idle", 1.0) for n in range(7)},
+    **{40 + n: ("idle", 1.0) for n in range(7)},
+    50: ("idle", 1.0),
+}
+
+
 @dataclass(frozen=True)
 class _MigHandle:
     device: int
@@ -249,6 +283,9 @@ class _DeviceState:
     history: deque[tuple[int, int, int]] = field(
         default_factory=lambda: deque(maxlen=SAMPLE_HISTORY)
     )
+    # Time integrals of each GPM activity (activity x seconds): a GPM sample is a copy, and a
+    # metric is the difference of two copies over the time between them.
+    activity: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -343,6 +380,7 @@ class SimulatedDriver:
         link_kib = s.util * 40e6 * dt * rng.uniform(0.8, 1.2)
         for link in range(len(s.nvlink_kib)):
             s.nvlink_kib[link] += link_kib
+        self._integrate_activity(s, dt)
         s.pcie_tx_bytes += (0.2e9 * s.util + 1e6) * dt
         s.pcie_rx_bytes += (0.5e9 * s.util + 2e6) * dt
         dt_ns = dt * 1e9
@@ -357,6 +395,27 @@ class SimulatedDriver:
         s.history.append(
             (timestamp_us, round(100 * s.util), round(100 * s.util * s.memory_intensity))
         )
+
+    @staticmethod
+    def _integrate_activity(s: _DeviceState, dt: float) -> None:
+        sm = s.util * 0.92
+        # Prefill is compute-bound and tensor-heavy; decode is memory-bound.
+        tensor = sm * (0.75 - 0.5 * s.memory_intensity)
+        rates = {
+            "graphics": s.util,
+            "sm": sm,
+            "occupancy": sm * (0.3 + 0.3 * s.memory_intensity),
+            "tensor": tensor,
+            "hmma": tensor * 0.95,
+            "imma": tensor * 0.05,
+            "fp32": sm * 0.15,
+            "fp16": sm * 0.05,
+            "integer": sm * 0.2,
+            "dram": min(1.0, s.util * s.memory_intensity * 1.1),
+            "time": 1.0,
+        }
+        for key, rate in rates.items():
+            s.activity[key] = s.activity.get(key, 0.0) + rate * dt
 
     def _process_bytes(self, s: _DeviceState, process: _Process) -> int:
         kv = int(s.kv_fraction * 0.3 * s.model.memory_bytes / max(1, len(s.processes)))
@@ -737,6 +796,64 @@ class SimulatedDriver:
 
     def free_event_set(self, event_set: Handle) -> None:
         pass
+
+    # --- GPM ---------------------------------------------------------------------------------
+
+    def gpm_supported(self, handle: Handle) -> bool:
+        return self._device(handle, "gpm_supported").model.architecture >= HOPPER
+
+    def gpm_sample_alloc(self) -> Handle:
+        return _GpmSample()
+
+    def gpm_sample_free(self, sample: Handle) -> None:
+        sample.values = None
+
+    def gpm_sample_get(self, handle: Handle, sample: Handle) -> bool:
+        s = self._device(handle, "gpm_sample_get")
+        if s.model.architecture < HOPPER:
+            raise NvmlError(NOT_SUPPORTED, "gpm_sample_get")
+        sample.values = self._gpm_snapshot(s, 1.0)
+        return True
+
+    def gpm_mig_sample_get(self, handle: Handle, gpu_instance: int, sample: Handle) -> bool:
+        s = self._device(handle, "gpm_mig_sample_get")
+        slot = (
+            MIG_GPU_INSTANCE_IDS.index(gpu_instance) if gpu_instance in MIG_GPU_INSTANCE_IDS else -1
+        )
+        if not self._is_mig(handle) or slot < 0:
+            raise NvmlError(INVALID_ARGUMENT, "gpm_mig_sample_get")
+        # Each instance gets a steady share of the GPU's activity, by its process's size.
+        weights = [p.base_bytes for p in s.processes]
+        share = weights[slot] / max(weights) if weights else 0.0
+        sample.values = self._gpm_snapshot(s, share)
+        return True
+
+    @staticmethod
+    def _gpm_snapshot(s: _DeviceState, share: float) -> dict[str, float]:
+        values = {k: v * share for k, v in s.activity.items() if k != "time"}
+        values["time"] = s.activity.get("time", 0.0)
+        values["pcie_tx"] = s.pcie_tx_bytes * share
+        values["pcie_rx"] = s.pcie_rx_bytes * share
+        values["nvlink_tx"] = sum(s.nvlink_kib) * 1024 * share
+        values["nvlink_rx"] = sum(s.nvlink_kib) * 1024 * 0.98 * share
+        return values
+
+    def gpm_metrics(
+        self, first: Handle, second: Handle, metric_ids: Sequence[int]
+    ) -> list[tuple[int, float | None]]:
+        before, after = first.values, second.values
+        if before is None or after is None:
+            raise NvmlError(INVALID_ARGUMENT, "gpm_metrics")
+        elapsed = after["time"] - before["time"]
+        results: list[tuple[int, float | None]] = []
+        for metric_id in metric_ids:
+            key, scale = GPM_SOURCES.get(metric_id, ("", 0.0))
+            if not key:
+                results.append((NOT_SUPPORTED, None))
+                continue
+            delta = after.get(key, 0.0) - before.get(key, 0.0)
+            results.append((SUCCESS, delta / elapsed * scale if elapsed > 0 else 0.0))
+        return results
 
 
 def fleet_description(config: SimulationConfig) -> str:

@@ -115,8 +115,8 @@ def test_dcgm_mode_serves_text_even_when_openmetrics_is_asked_for(
 
 
 # The panels of dcgm-exporter's well-known Grafana dashboard (grafana.com id 12239), in its
-# style: templated by Hostname and gpu. Its utilization panel uses a DCGM profiling field
-# (see docs/metrics.md); DCGM_FI_DEV_GPU_UTIL stands in, as in the dashboard's older revisions.
+# style: templated by Hostname and gpu. Its utilization panels use DCGM profiling fields, which
+# come from GPM here; older revisions used DCGM_FI_DEV_GPU_UTIL, checked too.
 DASHBOARD_QUERIES = {
     "temperature": 'max(DCGM_FI_DEV_GPU_TEMP{Hostname=~"$Hostname", gpu=~"$gpu"}) '
     "by (Hostname, gpu, UUID)",
@@ -126,7 +126,11 @@ DASHBOARD_QUERIES = {
     "total power": 'sum(max(DCGM_FI_DEV_POWER_USAGE{Hostname=~"$Hostname", gpu=~"$gpu"}) by (gpu))',
     "SM clock": 'max(DCGM_FI_DEV_SM_CLOCK{Hostname=~"$Hostname", gpu=~"$gpu"} * 1000000) '
     "by (Hostname, UUID, gpu)",
-    "GPU utilization": 'max(DCGM_FI_DEV_GPU_UTIL{Hostname=~"$Hostname", gpu=~"$gpu"}) '
+    "GPU utilization": 'max(DCGM_FI_PROF_GR_ENGINE_ACTIVE{Hostname=~"$Hostname", gpu=~"$gpu"}) '
+    "by (Hostname, gpu, GPU_I_ID, GPU_I_PROFILE)",
+    "tensor core utilization": 'max(DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{Hostname=~"$Hostname", '
+    'gpu=~"$gpu"}) by (Hostname, gpu, GPU_I_ID, GPU_I_PROFILE)',
+    "GPU utilization (older)": 'max(DCGM_FI_DEV_GPU_UTIL{Hostname=~"$Hostname", gpu=~"$gpu"}) '
     "by (Hostname, gpu)",
     "framebuffer used": 'max(DCGM_FI_DEV_FB_USED{Hostname=~"$Hostname", gpu=~"$gpu"}) '
     "by (Hostname, gpu)",

@@ -42,7 +42,7 @@ class OnePod:
 
 
 # Event-driven series the simulated fleet never produces; the stand-in tests cover them
-# (test_events.py).
+# (test_faults.py).
 ONLY_FROM_THE_STAND_IN = {"nvml_events_total"}
 
 

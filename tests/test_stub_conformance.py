@@ -190,8 +190,8 @@ def test_every_gpu_metric_equals_the_stand_in_value_after_conversion(
     assert scrape.values("nvml_up") == {frozenset(): 1.0}
     assert scrape.values("nvml_gpu_devices") == {frozenset(): 8.0}
     # MIG, per-process, pod and event series have their own stand-in tests
-    # (test_stub_processes.py, test_kubernetes.py, test_events.py); the rest is checked here.
-    elsewhere = {"mig", "processes", "kubernetes", "events"}
+    # (test_stub_processes.py, test_kubernetes.py, test_faults.py, test_gpm.py); the rest here.
+    elsewhere = {"mig", "processes", "kubernetes", "events", "gpm"}
     per_device = {
         spec.name
         for name, cls in COLLECTORS.items()

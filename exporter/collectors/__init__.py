@@ -10,6 +10,7 @@ from exporter.collectors.clock_events import ClockEventsCollector
 from exporter.collectors.clocks import ClocksCollector
 from exporter.collectors.ecc import EccCollector
 from exporter.collectors.events import EventsCollector
+from exporter.collectors.gpm import GpmCollector
 from exporter.collectors.info import InfoCollector
 from exporter.collectors.kubernetes import KubernetesCollector
 from exporter.collectors.memory import MemoryCollector
@@ -33,6 +34,7 @@ COLLECTORS: Mapping[str, type[Collector]] = MappingProxyType(
             PowerCollector,
             ThermalCollector,
             ClocksCollector,
+            GpmCollector,
             ClockEventsCollector,
             PcieCollector,
             NvlinkCollector,

@@ -29,6 +29,8 @@ class Dcgm:
     type: str = "gauge"
     match: tuple[tuple[str, str], ...] = ()  # only samples with these label values
     total: bool = False  # sum the matching samples of a device into one
+    # Labels kept, renamed to dcgm-exporter's names; every other label is dropped.
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,9 @@ class Collector:
 
     def collect_global(self, out: Emitter) -> None:
         """Once per sample, after all devices: for series not tied to a GPU."""
+
+    def close(self) -> None:
+        """Releases NVML resources; called once, before NVML shuts down."""
 
     def fields(self, device: Device) -> tuple[FieldRequest, ...]:
         """Field values this collector reads; the sampler fetches all collectors' fields of a

@@ -1,0 +1,274 @@
+"""Profiling metrics without DCGM: NVML GPU Performance Monitoring (Hopper and newer).
+
+What dcgm-exporter calls profiling metrics (SM activity and occupancy, tensor core activity,
+DRAM bandwidth), unprivileged: keep one GPM sample per GPU (and per MIG GPU instance) from the
+previous interval, take a new one each interval, and compute every metric over the pair in one
+nvmlGpmMetricsGet call. Two samples per GPU are allocated once and reused in turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.collectors.shared import mig_instances
+from exporter.nvml import ABSENT_CODES, SUCCESS, Device, Driver, Handle, error_code
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+# A GPU or GPU instance not read for this many samples is gone; its samples are freed.
+FORGET_AFTER = 3
+
+INSTANCE_LABELS = ("gpu_instance", "mig_profile", "mig_uuid")
+# dcgm-exporter's names for the MIG labels it has.
+_DCGM_MIG = (("gpu_instance", "GPU_I_ID"), ("mig_profile", "GPU_I_PROFILE"))
+
+
+def _spec(
+    name: str, help_: str, *dcgm: Dcgm, labels: tuple[str, ...] = (), unit: str = "ratio"
+) -> MetricSpec:
+    return MetricSpec(
+        name,
+        "gauge",
+        help_ + " Whole GPU where gpu_instance is empty, else one MIG GPU instance.",
+        labels=INSTANCE_LABELS + labels,
+        unit=unit,
+        source="nvmlGpmSampleGet / nvmlGpmMigSampleGet, nvmlGpmMetricsGet",
+        dcgm=dcgm,
+    )
+
+
+def _dcgm(name: str, help_: str, unit: str = "ratio", scale: float = 1.0, **match: str) -> Dcgm:
+    return Dcgm(name, help_, unit, scale, match=tuple(match.items()), labels=_DCGM_MIG)
+
+
+GRAPHICS = _spec(
+    "nvml_gpm_graphics_activity_ratio",
+    "Fraction of time any graphics or compute engine was active.",
+    _dcgm("DCGM_FI_PROF_GR_ENGINE_ACTIVE", "Ratio of time the graphics engine is active."),
+)
+SM = _spec(
+    "nvml_gpm_sm_activity_ratio",
+    "Fraction of SMs busy, averaged over the interval.",
+    _dcgm("DCGM_FI_PROF_SM_ACTIVE", "The ratio of cycles an SM has at least 1 warp assigned."),
+)
+OCCUPANCY = _spec(
+    "nvml_gpm_sm_occupancy_ratio",
+    "Resident warps as a fraction of the theoretical maximum.",
+    _dcgm("DCGM_FI_PROF_SM_OCCUPANCY", "The ratio of number of warps resident on an SM."),
+)
+TENSOR = _spec(
+    "nvml_gpm_tensor_activity_ratio",
+    "Fraction of time the tensor cores were busy: any, or by kind (hmma half/bf16/fp8, imma "
+    "integer, dfma and dmma double precision), where the chip reports it.",
+    _dcgm(
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+        "Ratio of cycles the tensor (HMMA) pipe is active.",
+        pipe="any",
+    ),
+    labels=("pipe",),
+)
+PIPE = _spec(
+    "nvml_gpm_pipe_activity_ratio",
+    "Fraction of time the SMs did non-tensor math of this kind: fp64, fp32, fp16, integer.",
+    _dcgm(
+        "DCGM_FI_PROF_PIPE_FP64_ACTIVE", "Ratio of cycles the fp64 pipes are active.", pipe="fp64"
+    ),
+    _dcgm(
+        "DCGM_FI_PROF_PIPE_FP32_ACTIVE", "Ratio of cycles the fp32 pipes are active.", pipe="fp32"
+    ),
+    _dcgm(
+        "DCGM_FI_PROF_PIPE_FP16_ACTIVE", "Ratio of cycles the fp16 pipes are active.", pipe="fp16"
+    ),
+    labels=("pipe",),
+)
+DRAM = _spec(
+    "nvml_gpm_dram_bandwidth_ratio",
+    "Device memory bandwidth used, as a fraction of the maximum.",
+    _dcgm("DCGM_FI_PROF_DRAM_ACTIVE", "Ratio of cycles the device memory interface is active."),
+)
+PCIE = _spec(
+    "nvml_gpm_pcie_bytes_per_second",
+    "PCIe traffic over the interval, tx (from the GPU) or rx (to it).",
+    _dcgm(
+        "DCGM_FI_PROF_PCIE_TX_BYTES",
+        "The rate of data transmitted over the PCIe bus.",
+        "B/s",
+        direction="tx",
+    ),
+    _dcgm(
+        "DCGM_FI_PROF_PCIE_RX_BYTES",
+        "The rate of data received over the PCIe bus.",
+        "B/s",
+        direction="rx",
+    ),
+    labels=("direction",),
+    unit="",
+)
+NVLINK = _spec(
+    "nvml_gpm_nvlink_bytes_per_second",
+    "NVLink traffic over the interval, all links, tx or rx.",
+    _dcgm(
+        "DCGM_FI_PROF_NVLINK_TX_BYTES",
+        "The rate of data transmitted over NVLink.",
+        "B/s",
+        direction="tx",
+    ),
+    _dcgm(
+        "DCGM_FI_PROF_NVLINK_RX_BYTES",
+        "The rate of data received over NVLink.",
+        "B/s",
+        direction="rx",
+    ),
+    labels=("direction",),
+    unit="",
+)
+ENGINE = _spec(
+    "nvml_gpm_engine_utilization_ratio",
+    "Utilization of each video decoder (nvdec), JPEG decoder (nvjpg) and optical-flow engine "
+    "(nvofa) instance, where the chip has them.",
+    labels=("engine", "instance"),
+)
+
+_PERCENT = 0.01
+# (metric id, spec, extra label values, scale from NVML's unit to ours)
+_METRICS: tuple[tuple[int, MetricSpec, tuple[str, ...], float], ...] = (
+    (1, GRAPHICS, (), _PERCENT),
+    (2, SM, (), _PERCENT),
+    (3, OCCUPANCY, (), _PERCENT),
+    (5, TENSOR, ("any",), _PERCENT),
+    (6, TENSOR, ("dfma",), _PERCENT),
+    (7, TENSOR, ("hmma",), _PERCENT),
+    (8, TENSOR, ("dmma",), _PERCENT),
+    (9, TENSOR, ("imma",), _PERCENT),
+    (4, PIPE, ("integer",), _PERCENT),
+    (11, PIPE, ("fp64",), _PERCENT),
+    (12, PIPE, ("fp32",), _PERCENT),
+    (13, PIPE, ("fp16",), _PERCENT),
+    (10, DRAM, (), _PERCENT),
+    (20, PCIE, ("tx",), MIB),
+    (21, PCIE, ("rx",), MIB),
+    (60, NVLINK, ("rx",), MIB),
+    (61, NVLINK, ("tx",), MIB),
+    *((30 + n, ENGINE, ("nvdec", str(n)), _PERCENT) for n in range(8)),
+    *((40 + n, ENGINE, ("nvjpg", str(n)), _PERCENT) for n in range(8)),
+    *((50 + n, ENGINE, ("nvofa", str(n)), _PERCENT) for n in range(2)),
+)
+
+
+@dataclass
+class _Pair:
+    """Two GPM samples used in turn: `previous` holds last interval's, `current` is refilled."""
+
+    previous: Handle
+    current: Handle
+    primed: bool = False
+    unseen: int = 0
+
+
+class GpmCollector(Collector):
+    name = "gpm"
+    metrics = (GRAPHICS, SM, OCCUPANCY, TENSOR, PIPE, DRAM, PCIE, NVLINK, ENGINE)
+
+    def __init__(self) -> None:
+        # (GPU uuid, GPU instance or None) -> its samples; touched by that GPU's worker only,
+        # except for freeing, which happens under the lock.
+        self._pairs: dict[tuple[str, int | None], _Pair] = {}
+        self._drivers: dict[tuple[str, int | None], Driver] = {}
+        self._lock = threading.Lock()
+        # Metrics a GPU answered NOT_SUPPORTED for: not asked for again.
+        self._absent: dict[str, set[int]] = {}
+
+    def collect(self, device: Device, out: Emitter) -> None:
+        drv = device.driver
+        if not device.cached(drv.gpm_supported):
+            return
+        instances = mig_instances(device)
+        targets: list[tuple[int | None, tuple[str, str, str]]] = [(None, ("", "", ""))]
+        targets += [
+            (m.gpu_instance, (str(m.gpu_instance), m.profile, m.uuid))
+            for m in instances
+            if m.compute_instance == 0  # GPM samples a GPU instance, not a compute instance
+        ]
+        for gpu_instance, labels in targets:
+            self._collect_one(device, gpu_instance, labels, out)
+
+    def _collect_one(
+        self,
+        device: Device,
+        gpu_instance: int | None,
+        labels: tuple[str, str, str],
+        out: Emitter,
+    ) -> None:
+        drv = device.driver
+        key = (device.uuid, gpu_instance)
+        pair = self._pairs.get(key)
+        if pair is None:
+            first = device.read_system(drv.gpm_sample_alloc)
+            second = device.read_system(drv.gpm_sample_alloc) if first is not None else None
+            if first is None or second is None:
+                return
+            pair = _Pair(first, second)
+            with self._lock:
+                self._pairs[key] = pair
+                self._drivers[key] = drv
+        pair.unseen = 0
+        if gpu_instance is None:
+            taken = device.read_as((), drv.gpm_sample_get, pair.current)
+        else:
+            taken = device.read_as(("mig",), drv.gpm_mig_sample_get, gpu_instance, pair.current)
+        if not taken:
+            pair.primed = False  # a pair needs two good samples in a row
+            return
+        if pair.primed:
+            self._emit(device, pair, labels, out)
+        pair.previous, pair.current = pair.current, pair.previous
+        pair.primed = True
+
+    def _emit(
+        self, device: Device, pair: _Pair, labels: tuple[str, str, str], out: Emitter
+    ) -> None:
+        absent = self._absent.setdefault(device.uuid, set())
+        wanted = [entry for entry in _METRICS if entry[0] not in absent]
+        ids = [metric_id for metric_id, _, _, _ in wanted]
+        results = device.read_system(device.driver.gpm_metrics, pair.previous, pair.current, ids)
+        if results is None:
+            return
+        for (metric_id, spec, extra, scale), (code, value) in zip(wanted, results, strict=True):
+            if code == SUCCESS and value is not None:
+                out.add(spec, value * scale, *labels, *extra)
+            elif code in ABSENT_CODES and labels[0] == "":
+                # The chip lacks it; MIG instances may lack what the GPU has, so only the
+                # whole GPU's answer decides.
+                absent.add(metric_id)
+
+    def collect_global(self, out: Emitter) -> None:
+        """Frees the samples of GPUs and instances that went away."""
+        with self._lock:
+            gone = []
+            for key, pair in self._pairs.items():
+                pair.unseen += 1
+                if pair.unseen > FORGET_AFTER:
+                    gone.append(key)
+            for key in gone:
+                self._free(key)
+
+    def close(self) -> None:
+        with self._lock:
+            for key in list(self._pairs):
+                self._free(key)
+
+    def _free(self, key: tuple[str, int | None]) -> None:
+        pair = self._pairs.pop(key)
+        drv = self._drivers.pop(key)
+        for sample in (pair.previous, pair.current):
+            try:
+                drv.gpm_sample_free(sample)
+            except Exception as exc:
+                # After the driver went away, there is nothing left to free.
+                if error_code(exc) is None:
+                    raise
+                log.debug("freeing a GPM sample failed", extra={"reason": str(exc)})

@@ -1,0 +1,123 @@
+"""GPM profiling metrics: through the stand-in's GPM functions, and on the simulated fleet."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import nvml_stub
+import pytest
+from conftest import Scrape, start_exporter
+from fakes import FakeClock
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.collectors.gpm import _METRICS
+from exporter.config import Config, SimulationConfig
+from exporter.sampler import Sampler
+from exporter.simulate import SimulatedDriver
+from exporter.snapshot import Format
+
+# metric id -> (exported name, extra labels, scale)
+BY_ID = {mid: (spec.name, extra, scale) for mid, spec, extra, scale in _METRICS}
+EXTRA_LABELS = {spec.name: spec.labels[3:] for _, spec, _, _ in _METRICS}
+
+
+def gpm_series(scrape: Scrape) -> dict[tuple[str, str, str, tuple[str, ...]], float]:
+    """(gpu, gpu_instance, metric name, extra label values) -> value."""
+    out = {}
+    for name in {n for n, _, _ in BY_ID.values()}:
+        for labels_set, value in scrape.values(name).items():
+            labels = dict(labels_set)
+            extra = tuple(labels[k] for k in EXTRA_LABELS[name])
+            out[(labels["gpu"], labels["gpu_instance"], name, extra)] = value
+    return out
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[nvml_stub.Fleet]:
+    with nvml_stub.Fleet(tmp_path, num_devices=3) as stub:
+        yield stub
+
+
+@pytest.mark.slow
+def test_exported_gpm_values_equal_the_stand_in_per_gpu_and_per_mig_instance(
+    fleet: nvml_stub.Fleet,
+) -> None:
+    fleet.devices[2].enable_mig(2)
+    fleet.apply()
+    proc = start_exporter(["--sampling.interval", "200ms"], env=fleet.env())
+    try:
+        proc.wait_for(lambda: any(k[1] for k in gpm_series(proc.get())))
+        found = gpm_series(proc.get())
+        expected = {}
+        for dev in fleet.devices:
+            for metric_id, value in dev.gpm_metrics.items():
+                name, extra, scale = BY_ID[metric_id]
+                expected[(str(dev.index), "", name, extra)] = value * scale
+            for mig in dev.mig_devices:
+                for metric_id, value in mig.gpm_metrics.items():
+                    name, extra, scale = BY_ID[metric_id]
+                    key = (str(dev.index), str(mig.gpu_instance_id), name, extra)
+                    expected[key] = value * scale
+        assert set(found) == set(expected)  # a metric the chip lacks is absent, not zero
+        for key, value in expected.items():
+            assert found[key] == pytest.approx(value), key
+        mig_uuids = {
+            dict(k)["mig_uuid"]
+            for k in proc.get().values("nvml_gpm_sm_activity_ratio")
+            if dict(k)["gpu_instance"]
+        }
+        assert mig_uuids == {m.uuid for m in fleet.devices[2].mig_devices}
+    finally:
+        assert proc.stop() == 0
+    # Every sample allocated was freed on the way out.
+    assert fleet.gpm_samples_outstanding() == 0
+
+
+@pytest.mark.slow
+def test_a_gpu_without_gpm_exports_none_and_stays_quiet(tmp_path: Path) -> None:
+    ampere = nvml_stub.ARCH_HOPPER - 2
+    with nvml_stub.Fleet(tmp_path, num_devices=2, architecture=ampere) as fleet:
+        proc = start_exporter(["--sampling.interval", "200ms"], env=fleet.env())
+        try:
+            proc.wait_for(lambda: len(proc.get().values("nvml_power_watts")) == 2)
+            scrape = proc.get()
+            assert gpm_series(scrape) == {}
+            assert scrape.values("nvml_collector_success")[frozenset({("collector", "gpm")})] == 1
+            calls = fleet.calls()
+            assert calls["nvmlGpmQueryDeviceSupport"] == 2  # asked once per GPU, then remembered
+            assert calls.get("nvmlGpmSampleAlloc", 0) == 0
+            # (The stand-in's PIDs are not on this host; that warning is about processes.)
+            noisy = [line for line in proc.log_lines if "level=warn" in line or "Gpm" in line]
+            assert [line for line in noisy if "process IDs" not in line] == []
+        finally:
+            proc.stop()
+
+
+def test_simulated_gpm_is_consistent_with_utilization() -> None:
+    config = dataclasses.replace(
+        Config(backend="simulated"), simulation=SimulationConfig(devices=4, mig_devices=1)
+    )
+    clock = FakeClock()
+    sampler = Sampler(config, SimulatedDriver(config.simulation, clock=clock), clock=clock)
+    sampler.sample_once()
+    for _ in range(20):
+        clock.advance(15)
+        text = sampler.sample_once().body(Format.TEXT, False).decode()
+        values: dict[tuple[str, str], dict[str, float]] = {}
+        for family in text_string_to_metric_families(text):
+            if not family.name.startswith("nvml_gpm_"):
+                continue
+            for s in family.samples:
+                key = (s.labels["gpu"], s.labels["gpu_instance"])
+                metric = s.name + s.labels.get("pipe", "")
+                values.setdefault(key, {})[metric] = s.value
+        assert len(values) == 4 + 7
+        for key, v in values.items():
+            sm = v["nvml_gpm_sm_activity_ratio"]
+            assert 0 <= v["nvml_gpm_tensor_activity_ratioany"] <= sm <= 1, key
+            assert v["nvml_gpm_tensor_activity_ratiohmma"] <= v["nvml_gpm_tensor_activity_ratioany"]
+            assert 0 <= v["nvml_gpm_dram_bandwidth_ratio"] <= 1, key
+            assert 0 <= v["nvml_gpm_sm_occupancy_ratio"] <= sm, key
+            assert sm <= v["nvml_gpm_graphics_activity_ratio"] <= 1, key
