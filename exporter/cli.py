@@ -33,6 +33,7 @@ from exporter.podresources import PodResourcesWatcher
 from exporter.sampler import Sampler
 from exporter.simulate import SimulatedAttribution, SimulatedDriver, fleet_description
 from exporter.web import WebServer
+from exporter.webconfig import WebSecurity
 
 log = logging.getLogger("exporter")
 
@@ -64,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         dest="listen_address",
         metavar="HOST:PORT",
         help=f"address to serve on (default {DEFAULT_LISTEN_ADDRESS})",
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="PATH",
+        help="exporter-toolkit web configuration: TLS, client certificates, basic auth",
+    )
+    parser.add_argument(
+        "--web.max-requests",
+        dest="max_requests",
+        metavar="N",
+        type=int,
+        help="requests in flight beyond this get 503 (default 40)",
     )
     parser.add_argument(
         "--sampling.interval",
@@ -130,6 +144,8 @@ def overrides_from(args: argparse.Namespace) -> Overrides:
     }
     return Overrides(
         listen_address=args.listen_address,
+        web_config_file=args.web_config_file,
+        max_requests=args.max_requests,
         log_level=args.log_level,
         log_format=args.log_format,
         interval=args.interval,
@@ -159,10 +175,17 @@ def make_backend(config: Config) -> tuple[Driver, Services]:
 
 
 class App:
-    def __init__(self, args: argparse.Namespace, config: Config, sampler: Sampler) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        config: Config,
+        sampler: Sampler,
+        security: WebSecurity | None,
+    ) -> None:
         self.args = args
         self.config = config
         self.sampler = sampler
+        self.security = security
         self.stopping = asyncio.Event()
 
     def reload(self) -> None:
@@ -214,7 +237,7 @@ class App:
         give_up = loop.time() + self.config.sampling.deadline + 1
         while not (self.sampler.has_sampled() or self.stopping.is_set()) and loop.time() < give_up:
             await asyncio.sleep(0.01)
-        server = WebServer(self.sampler, self.config.web, self.config.backend)
+        server = WebServer(self.sampler, self.config.web, self.config.backend, self.security)
         if not self.stopping.is_set():
             try:
                 await server.start()
@@ -243,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(_normalise_no_flags(sys.argv[1:] if argv is None else argv))
     try:
         config = load(args)
+        # Certificates and users are checked before a port is bound, like the rest.
+        security = WebSecurity(config.web.config_file) if config.web.config_file else None
     except ConfigError as err:
         print(f"nvml-exporter: invalid configuration: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -266,4 +291,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     driver, services = make_backend(config)
     sampler = Sampler(config, driver, services=services)
-    return asyncio.run(App(args, config, sampler).serve())
+    return asyncio.run(App(args, config, sampler, security).serve())

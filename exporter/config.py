@@ -41,6 +41,12 @@ class WebConfig:
     read_timeout: float = 10.0
     # Idle keep-alive connections are closed after this long.
     idle_timeout: float = 60.0
+    # Open connections beyond this are closed at once; bounds memory and file descriptors.
+    max_connections: int = 512
+    # exporter-toolkit web configuration: TLS, client certificates, basic auth, headers.
+    config_file: str | None = None
+    # Serve /healthz and /readyz without authentication, for kubelet probes.
+    health_without_auth: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,8 @@ class Overrides:
     """Command-line flags; each one that is set wins over the file."""
 
     listen_address: str | None = None
+    web_config_file: str | None = None
+    max_requests: int | None = None
     log_level: str | None = None
     log_format: str | None = None
     interval: str | None = None
@@ -301,6 +309,9 @@ def _parse_web(raw: object, path: str) -> WebConfig:
             "max_requests": lambda v, p: _int(v, p, minimum=1, maximum=10_000),
             "read_timeout": lambda v, p: _positive_duration(v, p, minimum=0.1, maximum=600),
             "idle_timeout": lambda v, p: _positive_duration(v, p, minimum=0.1, maximum=3600),
+            "max_connections": lambda v, p: _int(v, p, minimum=1, maximum=100_000),
+            "config_file": _optional(_str),
+            "health_without_auth": _bool,
         },
     )
 
@@ -539,6 +550,17 @@ def apply_overrides(config: Config, overrides: Overrides) -> Config:
                 web,
                 listen_address=parse_listen_address(
                     overrides.listen_address, "--web.listen-address"
+                ),
+            )
+        if overrides.web_config_file is not None:
+            web = dataclasses.replace(
+                web, config_file=_str(overrides.web_config_file, "--web.config.file")
+            )
+        if overrides.max_requests is not None:
+            web = dataclasses.replace(
+                web,
+                max_requests=_int(
+                    overrides.max_requests, "--web.max-requests", minimum=1, maximum=10_000
                 ),
             )
         if overrides.interval is not None:

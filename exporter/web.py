@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Protocol
@@ -32,12 +33,14 @@ STREAM_LIMIT = MAX_HEADER_BYTES + 2
 
 _REASONS = {
     200: "OK",
+    401: "Unauthorized",
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
     413: "Content Too Large",
     414: "URI Too Long",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
@@ -54,6 +57,20 @@ _PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+
+
+class Security(Protocol):
+    """TLS and basic auth from an exporter-toolkit web config (exporter.webconfig)."""
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def auth_required(self) -> bool: ...
+    def maybe_reload(self) -> None: ...
+    def allow_request(self) -> bool: ...  # the web config's rate_limit
+    async def authenticate(self, authorization: str | None) -> bool: ...
 
 
 class MetricsSource(Protocol):
@@ -128,9 +145,16 @@ def accepts_gzip(accept_encoding: str) -> bool:
 
 
 class WebServer:
-    def __init__(self, source: MetricsSource, config: WebConfig, backend: str) -> None:
+    def __init__(
+        self,
+        source: MetricsSource,
+        config: WebConfig,
+        backend: str,
+        security: Security | None = None,
+    ) -> None:
         self._source = source
         self._config = config
+        self._security = security
         self._backend = backend
         self._servers: list[asyncio.AbstractServer] = []
         # Open connections: task -> its writer; `_busy` holds those in the middle of a request.
@@ -143,8 +167,16 @@ class WebServer:
 
     async def start(self) -> None:
         host, port = split_listen_address(self._config.listen_address)
+        context = self._security.ssl_context if self._security else None
         server = await asyncio.start_server(
-            self._on_connection, host=host, port=port, limit=STREAM_LIMIT, reuse_address=True
+            self._on_connection,
+            host=host,
+            port=port,
+            limit=STREAM_LIMIT,
+            reuse_address=True,
+            ssl=context,
+            # A client that opens TCP and never finishes TLS must not hold a slot forever.
+            ssl_handshake_timeout=self._config.read_timeout if context else None,
         )
         self._servers.append(server)
         for sock in server.sockets:
@@ -180,6 +212,11 @@ class WebServer:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self._config.max_connections:
+            writer.transport.abort()
+            return
+        if self._security is not None:
+            self._security.maybe_reload()
         self._connections[task] = writer
         try:
             await self._serve_connection(task, reader, writer)
@@ -330,6 +367,16 @@ class WebServer:
             headers = {**_text_headers(), "Allow": "GET, HEAD"}
             await self._send(writer, 405, headers, b"Method Not Allowed\n", keep_alive)
             return
+        if self._security is not None and not self._security.allow_request():
+            await self._send_error(writer, 429, {"Retry-After": "1"}, head=head)
+            raise ConnectionAbortedError
+        if not await self._authorized(request):
+            headers = {
+                **_text_headers(),
+                "WWW-Authenticate": 'Basic realm="nvml-exporter", charset="UTF-8"',
+            }
+            await self._send(writer, 401, headers, b"Unauthorized\n", keep_alive, head)
+            return
         route: Callable[[Request], tuple[int, dict[str, str], bytes]] | None = {
             "/metrics": self._metrics,
             "/": self._landing_route,
@@ -346,6 +393,14 @@ class WebServer:
             await self._send_error(writer, 500, head=head)
             raise ConnectionAbortedError from None
         await self._send(writer, status, headers, body, keep_alive, head)
+
+    async def _authorized(self, request: Request) -> bool:
+        security = self._security
+        if security is None or not security.auth_required:
+            return True
+        if self._config.health_without_auth and request.path in ("/healthz", "/readyz"):
+            return True
+        return await security.authenticate(request.headers.get("authorization"))
 
     def _metrics(self, request: Request) -> tuple[int, dict[str, str], bytes]:
         snapshot = self._source.snapshot
@@ -414,6 +469,9 @@ class WebServer:
     ) -> None:
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
         lines.append(f"Date: {formatdate(usegmt=True)}")
+        if self._security is not None and self._security.headers:
+            # The operator's headers (HSTS, say); ours win where both set one.
+            headers = {**self._security.headers, **headers}
         lines.extend(f"{name}: {value}" for name, value in headers.items())
         lines.append(f"Content-Length: {len(body)}")
         if not keep_alive or self._closing:
