@@ -1,0 +1,154 @@
+"""Where one sample's and one render's CPU goes, measured inside one process.
+
+    python -m benchmarks.hotspots [--fleet 8x0] [--samples 30] [--cprofile 25]
+
+Runs the exporter's Sampler (NVML backend, default collectors; the `processes` collector too
+when the fleet has processes) against the stand-in in a child process, with every device read
+done inline on the calling thread, so that thread CPU time (time.thread_time) can be split by
+phase: the NVML reads and collectors, the one nvmlDeviceGetFieldValues call, merging samples
+into metric families, and each collector. Then it times rendering each body format. This is a
+diagnostic for the exporter's hot paths; unlike `python -m benchmarks` it leaves out the cost of
+the per-GPU worker threads (GIL hand-offs), which the full benchmark includes.
+
+It patches the exporter's internals (Sampler._worker and a few methods) at run time, so when
+those change this tool may need to follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _Inline:
+    """Stands in for a per-GPU worker thread: runs the read on the caller's thread."""
+
+    def submit(self, call: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(call())
+        return future
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _timed(owner: object, name: str, label: str, spent: dict[str, float]) -> None:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.thread_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[label] = spent.get(label, 0.0) + time.thread_time() - started
+
+    setattr(owner, name, wrapper)
+
+
+def child(samples: int, processes: bool, top: int) -> None:
+    sys.path.insert(0, str(REPO))
+    from prometheus_client import ProcessCollector
+
+    from exporter import sampler as sampler_module
+    from exporter.attribution import ProcAttribution
+    from exporter.collectors import Services
+    from exporter.config import parse_config
+    from exporter.nvml import Device, PynvmlDriver
+    from exporter.snapshot import Format, Snapshot
+
+    spent: dict[str, float] = {}
+    _timed(sampler_module.Sampler, "sample_once", "sample, total", spent)
+    _timed(sampler_module.Sampler, "_read_device", "  device reads (NVML + collectors)", spent)
+    _timed(Device, "fetch_fields", "    nvmlDeviceGetFieldValues and decoding", spent)
+    _timed(sampler_module._FamilyBuilder, "add_device", "  merging into metric families", spent)
+    _timed(ProcessCollector, "collect", "  process_* self-metrics", spent)
+    config = parse_config({"collectors": {"processes": True}} if processes else {})
+    sampler = sampler_module.Sampler(
+        config, PynvmlDriver(), services=Services(ProcAttribution("/proc"), None)
+    )
+    inline = _Inline()
+    sampler._worker = lambda index: inline  # type: ignore[assignment,method-assign,return-value]
+    for collector in sampler._collectors:
+        _timed(collector, "collect", f"    collector {collector.name}", spent)
+    for _ in range(3):
+        sampler.sample_once()
+    spent.clear()
+    for _ in range(samples):
+        sampler.sample_once()
+    devices = len(sampler.session.devices)
+    print(f"CPU per sample, {devices} GPUs, device reads inline (ms, mean of {samples}):")
+    for label, seconds in sorted(spent.items(), key=lambda item: -item[1]):
+        if seconds / samples >= 0.00001:
+            print(f"  {seconds / samples * 1000:8.3f}  {label}")
+
+    print("CPU per render of a fresh snapshot (ms, best of 5):")
+    for fmt in (Format.TEXT, Format.OPENMETRICS):
+        for compressed in (False, True):
+            best, size = float("inf"), 0
+            for _ in range(5):
+                snapshot: Snapshot = sampler.sample_once()
+                started = time.thread_time()
+                size = len(snapshot.body(fmt, compressed))
+                best = min(best, time.thread_time() - started)
+            kind = f"{fmt.name.lower()}{' gzip' if compressed else ''}"
+            print(f"  {best * 1000:8.3f}  {kind:<16} {size / 1024:7.1f} KiB")
+
+    if top:
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(samples):
+            sampler.sample_once().body(Format.TEXT, False)
+        profile.disable()
+        print(f"cProfile of {samples} samples plus a text render each, by own time:")
+        pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(top)
+    sampler.stop(1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fleet", default="8x0", help="GPUSxPROCS[mMIG], as in benchmarks")
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="top N functions")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--processes", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.samples, args.processes, args.cprofile)
+        return
+
+    from benchmarks.fleets import FleetSpec, build_fleet, host_processes
+
+    spec = FleetSpec.parse(args.fleet)
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-hotspots-") as tmp,
+        host_processes(spec.processes) as pids,
+    ):
+        fleet = build_fleet(Path(tmp), spec, pids)
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.hotspots",
+            "--child",
+            f"--samples={args.samples}",
+            f"--cprofile={args.cprofile}",
+        ]
+        if spec.wants_process_series:
+            command.append("--processes")
+        subprocess.run(command, cwd=REPO, env=fleet.env(), check=True)
+
+
+if __name__ == "__main__":
+    main()
