@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -289,6 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "collectors": ",".join(config.enabled_collectors()),
         },
     )
+    # The event loop serving scrapes waits less for the GIL behind the sampler's threads.
+    sys.setswitchinterval(0.001)
     driver, services = make_backend(config)
     sampler = Sampler(config, driver, services=services)
+    # Everything loaded so far lives as long as the process: keep it out of the collector's
+    # full passes, which otherwise show up as 10-20 ms stalls.
+    gc.freeze()
     return asyncio.run(App(args, config, sampler, security).serve())

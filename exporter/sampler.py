@@ -37,7 +37,7 @@ from exporter.nvml import (
     SessionLost,
     binding_version,
 )
-from exporter.snapshot import Snapshot
+from exporter.snapshot import Format, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,7 @@ class Sampler:
         self._error_totals: Counter[tuple[str, str]] = Counter()
         self._down: dict[int, str] = {}
         self._last_read: dict[tuple[str, str], float] = {}
+        self._demand: set[tuple[Format, bool]] = set()
         self._logged_failures: set[tuple[str, str]] = set()
         self._process = ProcessCollector(registry=None)
         self._stop = threading.Event()
@@ -524,7 +525,15 @@ class Sampler:
         builder.add(RELOAD_TIMESTAMP, (), self.reload_timestamp)
         builder.add(SAMPLE_FAILURES, (), self.sample_failures)
         families = builder.families() + self._static + list(self._process.collect())
-        snapshot = Snapshot(families, self._wall(), openmetrics=self.config.naming != "dcgm")
+        snapshot = Snapshot(
+            families, self._wall(), openmetrics=self.config.naming != "dcgm", demand=self._demand
+        )
+        # Bodies scraped since the last sample are rendered here, before publishing, so busy
+        # scrapers never wait for a render; with nobody scraping, nothing is rendered.
+        wanted = list(self._demand)
+        self._demand.clear()
+        for fmt, compressed in wanted:
+            snapshot.render(fmt, compressed)
         self.snapshot = snapshot
         # Only a published snapshot proves the loop works; /healthz goes by this.
         self.heartbeat = self._clock()

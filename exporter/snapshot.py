@@ -68,13 +68,20 @@ def render_text(families: _Families) -> bytes:
 
 
 class Snapshot:
-    __slots__ = ("_bodies", "_lock", "families", "openmetrics", "timestamp")
+    __slots__ = ("_bodies", "_demand", "_lock", "families", "openmetrics", "timestamp")
 
     def __init__(
-        self, families: Sequence[Metric], timestamp: float, openmetrics: bool = True
+        self,
+        families: Sequence[Metric],
+        timestamp: float,
+        openmetrics: bool = True,
+        demand: set[tuple[Format, bool]] | None = None,
     ) -> None:
         self.families = tuple(families)
         self.timestamp = timestamp
+        # Shared with the sampler: which bodies scrapes asked for, so the next snapshot can
+        # have them ready before it is published.
+        self._demand = demand
         # dcgm-exporter's names break OpenMetrics' counter rules, so that mode is text only.
         self.openmetrics = openmetrics
         self._bodies: dict[tuple[Format, bool], bytes] = {}
@@ -83,6 +90,12 @@ class Snapshot:
     def body(self, fmt: Format, compressed: bool) -> bytes:
         if not self.openmetrics:
             fmt = Format.TEXT
+        if self._demand is not None:
+            self._demand.add((fmt, compressed))
+        return self.render(fmt, compressed)
+
+    def render(self, fmt: Format, compressed: bool) -> bytes:
+        """The body, rendered once and cached; does not count as demand."""
         cached = self._bodies.get((fmt, compressed))
         if cached is not None:
             return cached

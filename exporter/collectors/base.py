@@ -33,7 +33,8 @@ class Dcgm:
     labels: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
+# eq=False: specs are hashed by identity, which the sampler does ~2,000 times per sample.
+@dataclass(frozen=True, eq=False)
 class MetricSpec:
     """One metric family: how it is exposed and, for docs/metrics.md, where it comes from."""
 
