@@ -186,8 +186,10 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class _Invalid(Exception):
+    """A value that fails validation; also raised by exporter.webconfig."""
+
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{path}: {reason}" if path else reason)
         self.path = path
 
 

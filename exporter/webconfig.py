@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 import bcrypt
 import yaml
 
-from exporter.config import ConfigError
+from exporter.config import ConfigError, _bool, _choice, _Invalid, _join, _mapping
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +199,6 @@ class WebSettings:
     rate_limit: RateLimit | None = None
 
 
-class _Invalid(Exception):
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}" if path else reason)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
 # --- YAML ------------------------------------------------------------------------------------
 
 
@@ -248,33 +239,10 @@ def _read_yaml(path: str) -> object:
 # --- value parsers: each takes (value, key path) and raises _Invalid naming the path ----------
 
 
-def _mapping(value: object, path: str, known: tuple[str, ...]) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _Invalid(path, f"must be a mapping, got {type(value).__name__}")
-    for key in value:
-        if key not in known:
-            raise _Invalid(_join(path, str(key)), f"unknown key (known: {', '.join(known)})")
-    return value
-
-
 def _text(value: object, path: str) -> str:
     # The toolkit's YAML decoder turns any scalar into a string field (`X-XSS-Protection: 1`).
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise _Invalid(path, f"must be a string, got {value!r}")
-    return str(value)
-
-
-def _bool(value: object, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(path, f"must be true or false, got {value!r}")
-    return value
-
-
-def _choice(value: object, path: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise _Invalid(path, f"must be one of {', '.join(choices)}, got {value!r}")
     return str(value)
 
 
