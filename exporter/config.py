@@ -525,21 +525,27 @@ def parse_config(raw: object, source: str = "<config>") -> Config:
     return Config(source=source, **values)
 
 
-def load_config(path: str | None) -> Config:
-    """Reads and validates a YAML file; no path means the built-in defaults."""
-    if path is None:
-        return Config()
+def read_yaml(path: str, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> object:
+    """A YAML file's document, or a ConfigError naming the file and, for syntax, the line."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConfigError(f"{path}: cannot read: {reason}") from None
     try:
-        raw = yaml.safe_load(text)
+        return yaml.load(text, Loader=loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+def load_config(path: str | None) -> Config:
+    """Reads and validates a YAML file; no path means the built-in defaults."""
+    if path is None:
+        return Config()
+    raw = read_yaml(path)
     return parse_config({} if raw is None else raw, path)
 
 

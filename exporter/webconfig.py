@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 import bcrypt
 import yaml
 
-from exporter.config import ConfigError, _bool, _choice, _Invalid, _join, _mapping
+from exporter.config import ConfigError, _bool, _choice, _Invalid, _join, _mapping, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -219,21 +219,6 @@ class _StrictLoader(yaml.SafeLoader):
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
-
-
-def _read_yaml(path: str) -> object:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise ConfigError(f"{path}: cannot read: {reason}") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
 
 
 # --- value parsers: each takes (value, key path) and raises _Invalid naming the path ----------
@@ -565,7 +550,7 @@ class _Loaded:
 
 def _load(path: str) -> _Loaded:
     config_stat = _stat(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path, _StrictLoader)
     try:
         # Not resolved through symlinks, as in the toolkit: a mounted ConfigMap's web.yml is a
         # symlink into a hidden directory, and paths are meant relative to where it is mounted.

@@ -144,6 +144,15 @@ def exporter() -> Iterator[Callable[..., ExporterProcess]]:
 
 
 @pytest.fixture
+def running() -> Iterator[list[ExporterProcess]]:
+    """Exporters a test started itself (start_exporter), stopped when it ends."""
+    processes: list[ExporterProcess] = []
+    yield processes
+    for process in processes:
+        process.stop()
+
+
+@pytest.fixture
 def tmp_config(tmp_path: Path) -> Callable[[str], Path]:
     def write(text: str, name: str = "exporter.yaml") -> Path:
         path = tmp_path / name

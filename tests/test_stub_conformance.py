@@ -164,14 +164,6 @@ def start(fleet: nvml_stub.Fleet, *args: str) -> ExporterProcess:
     return start_exporter(["--sampling.interval", "200ms", *args], env=fleet.env())
 
 
-@pytest.fixture
-def running() -> Iterator[list[ExporterProcess]]:
-    processes: list[ExporterProcess] = []
-    yield processes
-    for process in processes:
-        process.stop()
-
-
 def test_every_gpu_metric_equals_the_stand_in_value_after_conversion(
     fleet: nvml_stub.Fleet, running: list[ExporterProcess]
 ) -> None:

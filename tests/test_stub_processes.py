@@ -53,14 +53,6 @@ def series(scrape: Scrape, name: str) -> list[dict[str, str]]:
     return [dict(labels) for labels in scrape.values(name)]
 
 
-@pytest.fixture
-def running() -> Iterator[list[ExporterProcess]]:
-    processes: list[ExporterProcess] = []
-    yield processes
-    for process in processes:
-        process.stop()
-
-
 def test_per_process_series_equal_the_stand_in_and_name_the_container(
     fleet: nvml_stub.Fleet, tmp_path: Path, running: list[ExporterProcess]
 ) -> None:
