@@ -290,6 +290,17 @@ def _section(
     return cls(**values)
 
 
+def _not_above(
+    path: str, key: str, value: float, limit_key: str, limit: float, unit: str = ""
+) -> None:
+    """One key of a section bounded by another of the same section."""
+    if value > limit:
+        raise _Invalid(
+            _join(path, key),
+            f"must not exceed {_join(path, limit_key)} ({limit:g}{unit}), got {value:g}{unit}",
+        )
+
+
 def _optional(parser: Callable[[object, str], T]) -> Callable[[object, str], T | None]:
     def parse(value: object, path: str) -> T | None:
         return None if value is None else parser(value, path)
@@ -328,12 +339,8 @@ def _parse_sampling(raw: object, path: str) -> SamplingConfig:
             "timeout": _optional(lambda v, p: _positive_duration(v, p, minimum=0.01, maximum=3600)),
         },
     )
-    if sampling.timeout is not None and sampling.timeout > sampling.interval:
-        raise _Invalid(
-            _join(path, "timeout"),
-            f"must not exceed sampling.interval ({sampling.interval:g}s), "
-            f"got {sampling.timeout:g}s",
-        )
+    if sampling.timeout is not None:
+        _not_above(path, "timeout", sampling.timeout, "interval", sampling.interval, "s")
     return sampling
 
 
@@ -453,12 +460,7 @@ def _parse_simulation(raw: object, path: str) -> SimulationConfig:
 
         if not MODELS[simulation.model].mig_profile:
             raise _Invalid(f"{path}.mig_devices", f"{simulation.model} does not support MIG")
-    if simulation.mig_devices > simulation.devices:
-        raise _Invalid(
-            f"{path}.mig_devices",
-            f"must not exceed simulation.devices ({simulation.devices}), "
-            f"got {simulation.mig_devices}",
-        )
+    _not_above(path, "mig_devices", simulation.mig_devices, "devices", simulation.devices)
     for i, fault in enumerate(simulation.faults):
         if fault.device is not None and fault.device >= simulation.devices:
             raise _Invalid(
@@ -492,12 +494,7 @@ def _parse_kubernetes(raw: object, path: str) -> KubernetesConfig:
             "timeout": lambda v, p: _positive_duration(v, p, minimum=0.01, maximum=60),
         },
     )
-    if kubernetes.timeout > kubernetes.interval:
-        raise _Invalid(
-            _join(path, "timeout"),
-            f"must not exceed kubernetes.interval ({kubernetes.interval:g}s), "
-            f"got {kubernetes.timeout:g}s",
-        )
+    _not_above(path, "timeout", kubernetes.timeout, "interval", kubernetes.interval, "s")
     return kubernetes
 
 
