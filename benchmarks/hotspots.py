@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -32,16 +32,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-class _Inline:
-    """Stands in for a per-GPU worker thread: runs the read on the caller's thread."""
-
-    def submit(self, call: Callable[[], Any]) -> Future[Any]:
+def _inline(calls: Mapping[int, Callable[[], Any]], deadline: float) -> dict[int, Future[Any]]:
+    """Stands in for the reader thread: runs the reads on the caller's thread."""
+    futures: dict[int, Future[Any]] = {}
+    for key, call in calls.items():
         future: Future[Any] = Future()
         future.set_result(call())
-        return future
-
-    def shutdown(self) -> None:
-        pass
+        futures[key] = future
+    return futures
 
 
 def _timed(owner: object, name: str, label: str, spent: dict[str, float]) -> None:
@@ -73,14 +71,14 @@ def child(samples: int, processes: bool, top: int) -> None:
     _timed(sampler_module.Sampler, "sample_once", "sample, total", spent)
     _timed(sampler_module.Sampler, "_read_device", "  device reads (NVML + collectors)", spent)
     _timed(Device, "fetch_fields", "    nvmlDeviceGetFieldValues and decoding", spent)
-    _timed(sampler_module._FamilyBuilder, "add_device", "  merging into metric families", spent)
+    _timed(sampler_module._FamilyBuilder, "add_lines", "  merging into metric families", spent)
+    _timed(sampler_module._FamilyBuilder, "families", "  building families", spent)
     _timed(ProcessCollector, "collect", "  process_* self-metrics", spent)
     config = parse_config({"collectors": {"processes": True}} if processes else {})
     sampler = sampler_module.Sampler(
         config, PynvmlDriver(), services=Services(ProcAttribution("/proc"), None)
     )
-    inline = _Inline()
-    sampler._worker = lambda index: inline  # type: ignore[assignment,method-assign,return-value]
+    sampler._readers.run = _inline  # type: ignore[method-assign]
     for collector in sampler._collectors:
         _timed(collector, "collect", f"    collector {collector.name}", spent)
     for _ in range(3):
@@ -99,7 +97,9 @@ def child(samples: int, processes: bool, top: int) -> None:
         for compressed in (False, True):
             best, size = float("inf"), 0
             for _ in range(5):
-                snapshot: Snapshot = sampler.sample_once()
+                # A copy, so that bodies the sampler rendered ahead are not in its cache.
+                sampled = sampler.sample_once()
+                snapshot = Snapshot(sampled.families, sampled.timestamp)
                 started = time.thread_time()
                 size = len(snapshot.body(fmt, compressed))
                 best = min(best, time.thread_time() - started)

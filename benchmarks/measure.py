@@ -21,10 +21,10 @@ from benchmarks.targets import (
 )
 
 MiB = 1 << 20
-# Threads that do our exporter's sampling: the loop and one worker per GPU. The XID event
+# Threads that do our exporter's sampling: the loop and the device reader(s). The XID event
 # waiter (nvml-events) is left out: a driver blocks it in the kernel, the stand-in polls every
-# 5 ms, so its CPU here is the stand-in's, not a cost the exporter has on a GPU node.
-_OUR_SAMPLER_THREADS = re.compile(r"^(sampler|gpu\d+)$")
+# 25 ms, so its CPU here is the stand-in's, not a cost the exporter has on a GPU node.
+_OUR_SAMPLER_THREADS = re.compile(r"^(sampler|gpu-reader(-\d+)?)$")
 # nvitop-exporter samples on its main thread (PrometheusExporter.collect).
 _NVITOP_SAMPLER_THREADS = re.compile(r"^MainThread$")
 LOAD_MATRIX = ((1, False), (1, True), (16, False), (16, True))

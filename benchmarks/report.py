@@ -187,7 +187,7 @@ def threads_table(cases: Sequence[Case]) -> list[str]:
                 continue
             groups: dict[str, int] = {}
             for name, ns in result.idle.cpu_ns.items():
-                key = "gpuN" if name.startswith("gpu") and name[3:].isdigit() else name
+                key = "gpu-reader-N" if name.startswith("gpu-reader-") else name
                 groups[key] = groups.get(key, 0) + ns
             parts = [
                 f"{name} {ns / 1e6 / result.idle.samples:.2f}"
@@ -356,9 +356,10 @@ def render(report: Report) -> str:
         "### Sampling cost, NVML calls, scrape cost, output size",
         "",
         "CPU per sample: CPU time over an idle window (no scrapes) divided by the samples in it. "
-        "Ours is given for the sampling threads (`sampler` and the `gpuN` workers) and for the "
+        "Ours is given for the sampling threads (`sampler` and the `gpu-reader` thread, plus "
+        "`gpu-reader-N` threads started while a read hangs) and for the "
         "whole process, which also holds the `nvml-events` thread: against the stand-in that "
-        "thread polls every 5 ms (a driver blocks it in the kernel), so it is left out of the "
+        "thread polls every 25 ms (a driver blocks it in the kernel), so it is left out of the "
         "sampling figure. nvitop-exporter samples on its main thread; its figure is its whole "
         "process. CPU per scrape: CPU over a load window minus the idle rate, divided by the "
         "scrapes (for nvitop-exporter with processes this subtraction is noisy: its sampling "

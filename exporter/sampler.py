@@ -17,16 +17,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 from prometheus_client import ProcessCollector
-from prometheus_client.metrics_core import Metric
 
 from exporter import __version__, dcgm
 from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec, Services
-from exporter.collectors.base import Sample
+from exporter.collectors.base import IDENTITY_LABELS, Sample
 from exporter.config import Config
 from exporter.nvml import (
     Device,
@@ -37,7 +36,15 @@ from exporter.nvml import (
     SessionLost,
     binding_version,
 )
-from exporter.snapshot import Format, Snapshot
+from exporter.snapshot import (
+    Family,
+    Format,
+    Header,
+    Snapshot,
+    format_value,
+    label_pairs,
+    series_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,40 +177,71 @@ SELF_METRICS = (
 )
 
 
+# (spec, extra label values) -> (line prefix, value, line): one GPU's series of the last sample.
+SeriesCache = dict[tuple[MetricSpec, tuple[str, ...]], tuple[str, float, str]]
+
+
 @dataclass
 class DeviceResult:
-    samples: list[Sample] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)  # naming: dcgm
+    lines: dict[MetricSpec, list[str]] = field(default_factory=dict)  # naming: nvml
+    series: SeriesCache = field(default_factory=dict)
     # collector name -> (succeeded, seconds, errors by kind)
     status: dict[str, tuple[bool, float, Counter[str]]] = field(default_factory=dict)
     down_reason: str | None = None
     session_lost: str | None = None
 
 
+_NO_ERRORS: Counter[str] = Counter()
+
+
 def _where(collector: Collector, device: Device | None) -> dict[str, object]:
     return {"collector": collector.name, "gpu": "" if device is None else device.index}
 
 
-class _DeviceWorker:
-    """One daemon thread per GPU.
+class _Readers:
+    """Daemon threads that read devices, normally one: reading GPUs one after another on one
+    thread costs far less CPU than a thread per GPU, whose NVML calls would hand the GIL back
+    and forth on every call. When no read has finished for `stall` seconds while reads are
+    still queued (an NVML call hanging), another thread is started for them, so one stuck GPU
+    never holds up the others; surplus threads exit once idle.
 
     Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so one NVML call
     hanging forever would keep a stopping exporter from ever exiting.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, stall: float) -> None:
+        self.stall = stall
         self._jobs: queue.SimpleQueue[
             tuple[Future[DeviceResult], Callable[[], DeviceResult]] | None
         ]
         self._jobs = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._started = 0
+
+    def _spawn(self) -> None:
+        with self._lock:
+            self._threads += 1
+            self._started += 1
+            name = "gpu-reader" if self._started == 1 else f"gpu-reader-{self._started}"
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    def submit(self, call: Callable[[], DeviceResult]) -> Future[DeviceResult]:
-        future: Future[DeviceResult] = Future()
-        self._jobs.put((future, call))
-        return future
-
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while True:
+            with self._lock:
+                if self._idle and self._threads > 1:
+                    self._threads -= 1
+                    return
+                self._idle += 1
+            job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+            if job is None:
+                with self._lock:
+                    self._threads -= 1
+                return
             future, call = job
             if not future.set_running_or_notify_cancel():
                 continue
@@ -212,34 +250,108 @@ class _DeviceWorker:
             except BaseException as exc:
                 future.set_exception(exc)
 
+    def run(
+        self, calls: Mapping[int, Callable[[], DeviceResult]], deadline: float
+    ) -> dict[int, Future[DeviceResult]]:
+        """Queues the reads and waits for them until `deadline` (time.monotonic)."""
+        futures: dict[int, Future[DeviceResult]] = {}
+        for key, call in calls.items():
+            future: Future[DeviceResult] = Future()
+            self._jobs.put((future, call))
+            futures[key] = future
+        with self._lock:
+            idle = self._idle
+        if not idle:
+            self._spawn()
+        pending = set(futures.values())
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            done, pending = wait_futures(
+                pending, timeout=min(self.stall, remaining), return_when=FIRST_COMPLETED
+            )
+            if not done and any(not f.running() for f in pending):
+                with self._lock:
+                    idle = self._idle
+                if not idle:
+                    self._spawn()
+        return futures
+
     def shutdown(self) -> None:
-        self._jobs.put(None)
+        with self._lock:
+            threads = self._threads
+        for _ in range(threads):
+            self._jobs.put(None)
 
 
-def _family(spec: MetricSpec, suffix: str) -> Metric:
-    help_text = spec.help + suffix
-    type_ = spec.type
-    name = spec.name.removesuffix("_total" if type_ == "counter" else "_info")
-    # OpenMetrics carries a # UNIT line when the name ends in the unit, as the format requires.
-    unit = spec.unit if spec.unit and name.endswith("_" + spec.unit) else ""
-    return Metric(name, help_text, type_, unit)
+class _SeriesEmitter(Emitter):
+    """Renders each series to its exposition line as the collector adds it. The line of the
+    last sample is reused when the value is unchanged, and its prefix (name and labels) always,
+    so a series costs a dictionary lookup, not a label rendering."""
+
+    __slots__ = ("_identity", "_previous", "lines", "series")
+
+    def __init__(self, identity: str, previous: SeriesCache) -> None:
+        super().__init__()
+        self._identity = identity
+        self._previous = previous
+        self.series: SeriesCache = {}
+        self.lines: dict[MetricSpec, list[str]] = {}
+
+    def add(self, spec: MetricSpec, value: float, *labels: str) -> None:
+        key = (spec, labels)
+        entry = self._previous.get(key)
+        if entry is None:
+            pairs = self._identity
+            if labels:
+                pairs += "," + label_pairs(spec.labels, labels)
+            prefix = series_prefix(spec.name, pairs)
+            entry = (prefix, value, prefix + format_value(value) + "\n")
+        elif entry[1] != value:
+            entry = (entry[0], value, entry[0] + format_value(value) + "\n")
+        self.series[key] = entry
+        lines = self.lines.get(spec)
+        if lines is None:
+            lines = self.lines[spec] = []
+        lines.append(entry[2])
+
+
+def _header(spec: MetricSpec | Dcgm, suffix: str) -> Header:
+    if isinstance(spec, Dcgm):
+        return Header(spec.name, spec.type, spec.help + suffix)
+    if not spec.per_device or spec.type == "info":
+        suffix = ""
+    return Header(spec.name, spec.type, spec.help + suffix, spec.unit)
 
 
 class _FamilyBuilder:
-    """Merges samples from all devices into one family per metric, in first-seen order."""
+    """Merges series from all devices into one family per metric, in first-seen order."""
 
-    def __init__(self, interval: float, naming: str = "nvml", host: str = "") -> None:
-        self._families: dict[MetricSpec | Dcgm, Metric] = {}
-        self._suffix = f" Sampled every {interval:g}s."
+    def __init__(
+        self,
+        headers: Callable[[MetricSpec | Dcgm], Header],
+        naming: str = "nvml",
+        host: str = "",
+    ) -> None:
+        self._lines: dict[MetricSpec | Dcgm, list[str]] = {}
+        self._headers = headers
         self._dcgm = naming == "dcgm"
         self._host = host
 
+    def _family(self, spec: MetricSpec | Dcgm) -> list[str]:
+        lines = self._lines.get(spec)
+        if lines is None:
+            lines = self._lines[spec] = []
+        return lines
+
     def add(self, spec: MetricSpec, labels: Sequence[str], value: float) -> None:
-        family = self._families.get(spec)
-        if family is None:
-            suffix = self._suffix if spec.per_device and spec.type != "info" else ""
-            family = self._families[spec] = _family(spec, suffix)
-        family.add_sample(spec.name, dict(zip(spec.label_names, labels, strict=True)), value)
+        line = series_prefix(spec.name, label_pairs(spec.label_names, labels))
+        self._family(spec).append(line + format_value(value) + "\n")
+
+    def add_lines(self, lines: Mapping[MetricSpec, list[str]]) -> None:
+        for spec, series in lines.items():
+            self._family(spec).extend(series)
 
     def add_device(self, device: Device, samples: Iterable[Sample]) -> None:
         if self._dcgm:
@@ -250,18 +362,17 @@ class _FamilyBuilder:
             self.add(spec, identity + labels, value)
 
     def _add_dcgm(self, device: Device, samples: Iterable[Sample]) -> None:
-        identity = dict(zip(dcgm.IDENTITY_LABELS, dcgm.identity(device, self._host), strict=True))
+        identity = label_pairs(dcgm.IDENTITY_LABELS, dcgm.identity(device, self._host))
         for target, extra, value in dcgm.translate(samples):
-            family = self._families.get(target)
-            if family is None:
-                family = self._families[target] = Metric(
-                    target.name, target.help + self._suffix, target.type
-                )
+            pairs = identity
+            if extra:
+                pairs += "," + label_pairs([k for k, _ in extra], [v for _, v in extra])
             # dcgm-exporter's counters carry no `_total`; the text renderer keeps the name.
-            family.add_sample(target.name, {**identity, **dict(extra)}, value)
+            line = series_prefix(target.name, pairs) + format_value(value) + "\n"
+            self._family(target).append(line)
 
-    def families(self) -> list[Metric]:
-        return list(self._families.values())
+    def families(self) -> list[Family]:
+        return [Family(self._headers(spec), lines) for spec, lines in self._lines.items()]
 
 
 class Sampler:
@@ -283,7 +394,9 @@ class Sampler:
         self._host = dcgm.hostname()
         self.config = config
         self._collectors = self._select(config)
-        self._workers: dict[int, _DeviceWorker] = {}
+        self._readers = _Readers(stall=min(config.sampling.deadline / 4, 0.25))
+        self._series: dict[tuple[int, str], SeriesCache] = {}
+        self._headers: dict[MetricSpec | Dcgm, Header] = {}
         self._pending: dict[int, Future[DeviceResult]] = {}
         self._error_totals: Counter[tuple[str, str]] = Counter()
         self._down: dict[int, str] = {}
@@ -321,25 +434,33 @@ class Sampler:
         re-enumerates for a new device selection, so NVML is never touched from two places.
         """
         self._collectors = self._select(config)
+        self._headers = {}  # help texts name the interval
+        self._readers.stall = min(config.sampling.deadline / 4, 0.25)
         self.config = config
 
     # --- sampling ----------------------------------------------------------------------------
 
-    def _static_families(self) -> list[Metric]:
-        builder = _FamilyBuilder(self.config.sampling.interval)
+    def _static_families(self) -> list[Family]:
+        builder = _FamilyBuilder(self._header)
         builder.add(BUILD_INFO, (__version__, platform.python_version(), binding_version()), 1)
         builder.add(BACKEND_INFO, (self.config.backend,), 1)
         return builder.families()
 
-    def _worker(self, index: int) -> _DeviceWorker:
-        worker = self._workers.get(index)
-        if worker is None:
-            worker = self._workers[index] = _DeviceWorker(f"gpu{index}")
-        return worker
+    def _header(self, spec: MetricSpec | Dcgm) -> Header:
+        header = self._headers.get(spec)
+        if header is None:
+            suffix = f" Sampled every {self.config.sampling.interval:g}s."
+            header = self._headers[spec] = _header(spec, suffix)
+        return header
 
     def _read_device(self, device: Device, collectors: Sequence[Collector]) -> DeviceResult:
         result = DeviceResult()
-        out = Emitter()
+        out: Emitter
+        if self.config.naming == "dcgm":
+            out = Emitter()
+        else:
+            identity = label_pairs(IDENTITY_LABELS, (str(device.index), device.uuid))
+            out = _SeriesEmitter(identity, self._series.get((device.index, device.uuid), {}))
         device.memo = {}
         requests: list[FieldRequest] = []
         failed: set[str] = set()
@@ -359,7 +480,8 @@ class Sampler:
             return DeviceResult(down_reason=lost.reason, session_lost=lost.reason)
         for collector in collectors:
             started = time.perf_counter()
-            before = Counter(device.errors)
+            # Copied only when there is something to copy: this runs per collector and GPU.
+            before = Counter(device.errors) if device.errors else _NO_ERRORS
             errors: Counter[str] = Counter()
             try:
                 collector.collect(device, out)
@@ -370,14 +492,19 @@ class Sampler:
             except Exception as exc:
                 errors["exception"] += 1
                 self._log_collector_failure(collector, device, exc)
-            errors += device.errors - before
+            if device.errors:
+                errors += device.errors - before
             if collector.name in failed:
                 errors["exception"] += 1
             elif self._logged_failures and not errors:
                 self._collector_recovered(collector)
             ok = not errors
             result.status[collector.name] = (ok, time.perf_counter() - started, errors)
-        result.samples = out.samples
+        if isinstance(out, _SeriesEmitter):
+            result.lines = out.lines
+            result.series = out.series
+        else:
+            result.samples = out.samples
         return result
 
     def _collector_recovered(self, collector: Collector) -> None:
@@ -404,7 +531,7 @@ class Sampler:
 
     def _read_devices(self, devices: Sequence[Device], started: float) -> dict[int, DeviceResult]:
         collectors = self._collectors
-        futures: dict[int, Future[DeviceResult]] = {}
+        calls: dict[int, Callable[[], DeviceResult]] = {}
         results: dict[int, DeviceResult] = {}
         for device in devices:
             if device.down_reason is not None:
@@ -414,11 +541,9 @@ class Sampler:
             if pending is not None and not pending.done():
                 results[device.index] = DeviceResult(down_reason="timeout")
                 continue
-            futures[device.index] = self._worker(device.index).submit(
-                functools.partial(self._read_device, device, collectors)
-            )
+            calls[device.index] = functools.partial(self._read_device, device, collectors)
         remaining = max(0.0, started + self.config.sampling.deadline - self._clock())
-        wait_futures(futures.values(), timeout=remaining)
+        futures = self._readers.run(calls, time.monotonic() + remaining) if calls else {}
         for index, future in futures.items():
             if future.done():
                 results[index] = future.result()
@@ -461,7 +586,7 @@ class Sampler:
     def sample_once(self) -> Snapshot:
         started = self._clock()
         up = self._prepare_session()
-        builder = _FamilyBuilder(self.config.sampling.interval, self.config.naming, self._host)
+        builder = _FamilyBuilder(self._header, self.config.naming, self._host)
         devices = self.session.devices if up else []
         # The deadline counts from here: a slow nvmlInit is not the GPUs' fault.
         results = self._read_devices(devices, self._clock()) if devices else {}
@@ -476,6 +601,7 @@ class Sampler:
             builder.add(GPU_DEVICES, (), self.session.total_devices)
         offline = [c for c in self._collectors if not c.reads_nvml]
         status: dict[str, list[tuple[bool, float, Counter[str]]]] = {}
+        series: dict[tuple[int, str], SeriesCache] = {}
         for device in devices:
             result = results[device.index]
             identity = (str(device.index), device.uuid)
@@ -493,9 +619,15 @@ class Sampler:
                     collector.collect(device, out)
                 builder.add_device(device, out.samples)
                 continue
-            builder.add_device(device, result.samples)
+            if result.lines:
+                builder.add_lines(result.lines)
+                series[(device.index, device.uuid)] = result.series
+            else:
+                builder.add_device(device, result.samples)
             for name, outcome in result.status.items():
                 status.setdefault(name, []).append(outcome)
+        # Series of GPUs gone or down are forgotten, so the cache cannot grow with churn.
+        self._series = series
         for collector in self._collectors:
             out = Emitter()
             try:
@@ -524,7 +656,8 @@ class Sampler:
         builder.add(RELOAD_SUCCESS, (), 1 if self.reload_successful else 0)
         builder.add(RELOAD_TIMESTAMP, (), self.reload_timestamp)
         builder.add(SAMPLE_FAILURES, (), self.sample_failures)
-        families = builder.families() + self._static + list(self._process.collect())
+        process = [Family.from_metric(metric) for metric in self._process.collect()]
+        families = builder.families() + self._static + process
         snapshot = Snapshot(
             families, self._wall(), openmetrics=self.config.naming != "dcgm", demand=self._demand
         )
@@ -603,8 +736,7 @@ class Sampler:
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - self._clock()))
         stuck = [f for f in self._pending.values() if not f.done()]
-        for worker in self._workers.values():
-            worker.shutdown()
+        self._readers.shutdown()
         if stuck or (self._thread is not None and self._thread.is_alive()):
             # nvmlShutdown while another thread is inside NVML is undefined; leave it to exit.
             return False

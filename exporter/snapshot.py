@@ -1,19 +1,21 @@
 """The immutable result of one sample, which is all a scrape ever touches.
 
-Each body (text or OpenMetrics, plain or gzip) is rendered on the first request that wants it
-and cached, so a scrape after that only writes bytes, and nobody scraping costs nothing.
+A family's samples are rendered to exposition lines once, when the sampler builds it; both text
+formats share those lines and differ only in the headers, so rendering a body is a join. Each
+body (text or OpenMetrics, plain or gzip) is built on the first request that wants it and
+cached, so a scrape after that only writes bytes, and nobody scraping costs nothing.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.openmetrics.exposition import generate_latest as render_openmetrics
-from prometheus_client.utils import floatToGoString
 
 
 class Format(Enum):
@@ -25,46 +27,114 @@ class Format(Enum):
         return self.value
 
 
-class _Families:
-    """Adapts a family list to the `collect()` interface prometheus_client's renderers expect."""
-
-    def __init__(self, families: Sequence[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self._families)
-
-
-def _escape_help(text: str) -> str:
+def escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _escape_label(text: str) -> str:
+def escape_label(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def render_text(families: _Families) -> bytes:
-    """The Prometheus text format 0.0.4.
+def format_value(value: float) -> str:
+    """A sample value as Prometheus' Go code prints it (as prometheus_client's
+    floatToGoString does), so bodies stay byte-identical to what clients already parse."""
+    text = repr(float(value))
+    dot = text.find(".")
+    if dot > 6 and value > 0:
+        # Go switches to an exponent sooner than Python: 1234567.0 -> 1.234567e+06.
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1 :]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    if dot < 0 and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    return text
 
-    Our own rather than prometheus_client's: that one names a counter's TYPE line after the
-    family plus `_total`, which cannot express dcgm-exporter's counters (no `_total`). Here the
-    TYPE line of a counter or info family is named after its samples, which is right for both.
-    """
-    out: list[str] = []
-    for family in families.collect():
-        if not family.samples:
-            continue
-        name = family.samples[0].name if family.type in ("counter", "info") else family.name
-        kind = {"info": "gauge", "unknown": "untyped"}.get(family.type, family.type)
-        out.append(f"# HELP {name} {_escape_help(family.documentation)}\n# TYPE {name} {kind}\n")
-        for sample in family.samples:
-            value = floatToGoString(sample.value)  # type: ignore[no-untyped-call]
-            if sample.labels:
-                labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sample.labels.items())
-                out.append(f"{sample.name}{{{labels}}} {value}\n")
-            else:
-                out.append(f"{sample.name} {value}\n")
-    return "".join(out).encode()
+
+def series_prefix(name: str, labels: str) -> str:
+    """`name{labels} ` from already escaped `k="v"` pairs: a line is this plus the value."""
+    return f"{name}{{{labels}}} " if labels else f"{name} "
+
+
+def label_pairs(names: Sequence[str], values: Sequence[str]) -> str:
+    return ",".join(f'{k}="{escape_label(v)}"' for k, v in zip(names, values, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What a family says about itself, rendered for each format."""
+
+    name: str  # the samples' name: a counter's includes `_total`, an info's `_info`
+    type: str  # gauge, counter, info or untyped
+    help: str
+    unit: str = ""
+    text: str = field(init=False)
+    openmetrics: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Text 0.0.4 names the TYPE line after the samples, which also fits dcgm-exporter's
+        # counters (no `_total`); OpenMetrics names the family without the suffix.
+        kind = {"info": "gauge"}.get(self.type, self.type)
+        text = f"# HELP {self.name} {escape_help(self.help)}\n# TYPE {self.name} {kind}\n"
+        family = self.name
+        if self.type == "counter":
+            family = family.removesuffix("_total")
+        elif self.type == "info":
+            family = family.removesuffix("_info")
+        om_type = {"untyped": "unknown"}.get(self.type, self.type)
+        om = f"# HELP {family} {escape_label(self.help)}\n# TYPE {family} {om_type}\n"
+        # OpenMetrics carries a # UNIT line when the name ends in the unit, as it requires.
+        if self.unit and family.endswith("_" + self.unit):
+            om += f"# UNIT {family} {self.unit}\n"
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "openmetrics", om)
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    header: Header
+    lines: Sequence[str]  # `name{labels} value\n`, in order
+
+    @property
+    def name(self) -> str:
+        return self.header.name
+
+    def sample_names(self) -> set[str]:
+        names = set()
+        for line in self.lines:
+            end = line.find("{")
+            names.add(line[: end if end >= 0 else line.find(" ")])
+        return names
+
+    @classmethod
+    def from_metric(cls, metric: Metric) -> Family:
+        """A prometheus_client family (the process metrics) in this form."""
+        type_ = {"unknown": "untyped"}.get(metric.type, metric.type)
+        name = metric.samples[0].name if metric.samples else metric.name
+        lines = [
+            series_prefix(s.name, label_pairs(list(s.labels), list(s.labels.values())))
+            + format_value(s.value)
+            + "\n"
+            for s in metric.samples
+        ]
+        return cls(Header(name, type_, metric.documentation, metric.unit), lines)
+
+
+def render_text(families: Sequence[Family]) -> bytes:
+    parts: list[str] = []
+    for family in families:
+        if family.lines:
+            parts.append(family.header.text)
+            parts.extend(family.lines)
+    return "".join(parts).encode()
+
+
+def render_openmetrics(families: Sequence[Family]) -> bytes:
+    parts: list[str] = []
+    for family in families:
+        if family.lines:
+            parts.append(family.header.openmetrics)
+            parts.extend(family.lines)
+    parts.append("# EOF\n")
+    return "".join(parts).encode()
 
 
 class Snapshot:
@@ -72,7 +142,7 @@ class Snapshot:
 
     def __init__(
         self,
-        families: Sequence[Metric],
+        families: Sequence[Family],
         timestamp: float,
         openmetrics: bool = True,
         demand: set[tuple[Format, bool]] | None = None,
@@ -113,8 +183,7 @@ class Snapshot:
     def _render_plain(self, fmt: Format) -> bytes:
         plain = self._bodies.get((fmt, False))
         if plain is None:
-            source = _Families(self.families)
             render = render_openmetrics if fmt is Format.OPENMETRICS else render_text
-            plain = render(source)
+            plain = render(self.families)
             self._bodies[(fmt, False)] = plain
         return plain

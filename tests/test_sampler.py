@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -21,7 +23,7 @@ from exporter.config import (
     SimulationConfig,
 )
 from exporter.nvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, Device, NvmlError
-from exporter.sampler import Sampler
+from exporter.sampler import DeviceResult, Sampler, _Readers
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format, Snapshot
 
@@ -176,6 +178,42 @@ def test_a_hanging_gpu_misses_the_deadline_and_is_not_piled_on() -> None:
     time.sleep(0.7)  # the hung call returns; the fault window has passed
     third = samples(sampler.sample_once())
     assert by_gpu(third, "nvml_gpu_up") == {"0": 1, "1": 1, "2": 1}
+
+
+def test_reads_share_one_thread_until_a_read_stalls_and_shrink_back_after() -> None:
+    readers = _Readers(stall=0.05)
+    release = threading.Event()
+    threads: dict[int, str] = {}
+
+    def read(index: int, hang: bool = False) -> Callable[[], DeviceResult]:
+        def call() -> DeviceResult:
+            threads[index] = threading.current_thread().name
+            if hang:
+                release.wait(5)
+            return DeviceResult()
+
+        return call
+
+    futures = readers.run({i: read(i) for i in range(4)}, time.monotonic() + 1)
+    assert all(f.done() for f in futures.values())
+    assert set(threads.values()) == {"gpu-reader"}  # no GIL hand-offs between GPUs
+
+    threads.clear()
+    futures = readers.run({0: read(0), 1: read(1, hang=True), 2: read(2)}, time.monotonic() + 1)
+    assert futures[0].done() and futures[2].done() and not futures[1].done()
+    assert threads[0] == threads[1] == "gpu-reader" and threads[2] == "gpu-reader-2"
+
+    release.set()
+    futures[1].result(timeout=5)
+    deadline = time.monotonic() + 5
+    while readers._threads > 1:  # the freed thread retires, as one idle reader is enough
+        assert time.monotonic() < deadline, "surplus reader never retired"
+        time.sleep(0.01)
+    threads.clear()
+    futures = readers.run({i: read(i) for i in range(3)}, time.monotonic() + 1)
+    assert all(f.done() for f in futures.values())
+    assert len(set(threads.values())) == 1
+    readers.shutdown()
 
 
 def test_unsupported_value_is_absent_and_not_an_error() -> None:

@@ -22,14 +22,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import pytest
-from prometheus_client.exposition import generate_latest as generate_text
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 import exporter.snapshot as snapshot_module
 from exporter import __version__
 from exporter.config import WebConfig
-from exporter.snapshot import Format, Snapshot
+from exporter.snapshot import Family, Format, Snapshot
 from exporter.web import WebServer
 
 T = TypeVar("T")
@@ -60,7 +58,8 @@ def make_snapshot(temperature: float = 42.0) -> Snapshot:
     gauge.add_metric(["1", "GPU-0001"], 37.0)
     counter = CounterMetricFamily("webtest_energy_joules", "Energy used.", labels=["gpu"])
     counter.add_metric(["0"], 1234.5)
-    return Snapshot([gauge, counter], timestamp=1_700_000_000.0)
+    families = [Family.from_metric(gauge), Family.from_metric(counter)]
+    return Snapshot(families, timestamp=1_700_000_000.0)
 
 
 class FakeSource:
@@ -447,10 +446,13 @@ def test_metrics_renders_each_body_once_per_snapshot(
 
         return wrapper
 
-    # exporter.snapshot renders through these two prometheus_client functions.
-    monkeypatch.setattr(snapshot_module, "render_text", counting("text", generate_text))
     monkeypatch.setattr(
-        snapshot_module, "render_openmetrics", counting("openmetrics", generate_openmetrics)
+        snapshot_module, "render_text", counting("text", snapshot_module.render_text)
+    )
+    monkeypatch.setattr(
+        snapshot_module,
+        "render_openmetrics",
+        counting("openmetrics", snapshot_module.render_openmetrics),
     )
     running = start()
     text_bodies = {running.request().body for _ in range(3)}
