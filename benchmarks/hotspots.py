@@ -7,10 +7,10 @@ when the fleet has processes) against the stand-in in a child process, with ever
 done inline on the calling thread, so that thread CPU time (time.thread_time) can be split by
 phase: the NVML reads and collectors, the one nvmlDeviceGetFieldValues call, merging samples
 into metric families, and each collector. Then it times rendering each body format. This is a
-diagnostic for the exporter's hot paths; unlike `python -m benchmarks` it leaves out the cost of
-the per-GPU worker threads (GIL hand-offs), which the full benchmark includes.
+diagnostic for the exporter's hot paths; unlike `python -m benchmarks` it leaves out the
+hand-offs between the sampler and its reader thread, which the full benchmark includes.
 
-It patches the exporter's internals (Sampler._worker and a few methods) at run time, so when
+It patches the exporter's internals (Sampler._readers.run and a few methods) at run time, so when
 those change this tool may need to follow.
 """
 

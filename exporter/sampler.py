@@ -1,8 +1,9 @@
 """The background loop: every interval, read each device once and publish a new Snapshot.
 
-Each device is read on its own worker thread against a deadline, so a GPU whose NVML calls
-hang delays neither the other GPUs nor any scrape: it is reported down with reason `timeout`,
-and while its previous read is still outstanding it is skipped rather than piled on.
+Devices are read one after another on a reader thread against a deadline; when a read stalls,
+the rest move to another thread, so a GPU whose NVML calls hang delays neither the other GPUs
+nor any scrape: it is reported down with reason `timeout`, and while its previous read is still
+outstanding it is skipped rather than piled on.
 Each collector runs in its own error boundary: an exception in one shows up as
 `nvml_collector_success{collector} 0` and costs nothing else.
 """
@@ -17,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
@@ -268,9 +269,8 @@ class _Readers:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            done, pending = wait_futures(
-                pending, timeout=min(self.stall, remaining), return_when=FIRST_COMPLETED
-            )
+            # Woken when all are done, not on each: every wake-up takes the GIL from the reader.
+            done, pending = wait_futures(pending, timeout=min(self.stall, remaining))
             if not done and any(not f.running() for f in pending):
                 with self._lock:
                     idle = self._idle
@@ -333,8 +333,13 @@ class _FamilyBuilder:
         headers: Callable[[MetricSpec | Dcgm], Header],
         naming: str = "nvml",
         host: str = "",
+        prefixes: dict[tuple[MetricSpec, tuple[str, ...]], str] | None = None,
     ) -> None:
         self._lines: dict[MetricSpec | Dcgm, list[str]] = {}
+        # The last sample's line prefixes of the series added one by one (the self-metrics);
+        # those used again are carried into `self.prefixes` for the next sample.
+        self._previous = prefixes or {}
+        self.prefixes: dict[tuple[MetricSpec, tuple[str, ...]], str] = {}
         self._headers = headers
         self._dcgm = naming == "dcgm"
         self._host = host
@@ -345,9 +350,13 @@ class _FamilyBuilder:
             lines = self._lines[spec] = []
         return lines
 
-    def add(self, spec: MetricSpec, labels: Sequence[str], value: float) -> None:
-        line = series_prefix(spec.name, label_pairs(spec.label_names, labels))
-        self._family(spec).append(line + format_value(value) + "\n")
+    def add(self, spec: MetricSpec, labels: tuple[str, ...], value: float) -> None:
+        key = (spec, labels)
+        prefix = self._previous.get(key)
+        if prefix is None:
+            prefix = series_prefix(spec.name, label_pairs(spec.label_names, labels))
+        self.prefixes[key] = prefix
+        self._family(spec).append(prefix + format_value(value) + "\n")
 
     def add_lines(self, lines: Mapping[MetricSpec, list[str]]) -> None:
         for spec, series in lines.items():
@@ -397,6 +406,7 @@ class Sampler:
         self._readers = _Readers(stall=min(config.sampling.deadline / 4, 0.25))
         self._series: dict[tuple[int, str], SeriesCache] = {}
         self._headers: dict[MetricSpec | Dcgm, Header] = {}
+        self._prefixes: dict[tuple[MetricSpec, tuple[str, ...]], str] = {}
         self._pending: dict[int, Future[DeviceResult]] = {}
         self._error_totals: Counter[tuple[str, str]] = Counter()
         self._down: dict[int, str] = {}
@@ -482,7 +492,7 @@ class Sampler:
             started = time.perf_counter()
             # Copied only when there is something to copy: this runs per collector and GPU.
             before = Counter(device.errors) if device.errors else _NO_ERRORS
-            errors: Counter[str] = Counter()
+            errors = _NO_ERRORS
             try:
                 collector.collect(device, out)
             except DeviceLost as lost:
@@ -490,12 +500,12 @@ class Sampler:
             except SessionLost as lost:
                 return DeviceResult(down_reason=lost.reason, session_lost=lost.reason)
             except Exception as exc:
-                errors["exception"] += 1
+                errors = Counter(exception=1)
                 self._log_collector_failure(collector, device, exc)
-            if device.errors:
-                errors += device.errors - before
+            if device.errors and device.errors != before:
+                errors = errors + (device.errors - before)
             if collector.name in failed:
-                errors["exception"] += 1
+                errors = errors + Counter(exception=1)
             elif self._logged_failures and not errors:
                 self._collector_recovered(collector)
             ok = not errors
@@ -586,7 +596,7 @@ class Sampler:
     def sample_once(self) -> Snapshot:
         started = self._clock()
         up = self._prepare_session()
-        builder = _FamilyBuilder(self._header, self.config.naming, self._host)
+        builder = _FamilyBuilder(self._header, self.config.naming, self._host, self._prefixes)
         devices = self.session.devices if up else []
         # The deadline counts from here: a slow nvmlInit is not the GPUs' fault.
         results = self._read_devices(devices, self._clock()) if devices else {}
@@ -656,6 +666,7 @@ class Sampler:
         builder.add(RELOAD_SUCCESS, (), 1 if self.reload_successful else 0)
         builder.add(RELOAD_TIMESTAMP, (), self.reload_timestamp)
         builder.add(SAMPLE_FAILURES, (), self.sample_failures)
+        self._prefixes = builder.prefixes
         process = [Family.from_metric(metric) for metric in self._process.collect()]
         families = builder.families() + self._static + process
         snapshot = Snapshot(
