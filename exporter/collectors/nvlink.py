@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
 from exporter.nvml import (
     FI_NVLINK_ERROR_DL_CRC,
@@ -94,6 +96,26 @@ _PER_LINK = (
 )
 
 
+# (spec, field id, link, label values, scale; 0 for a state turned into 1 or 0), in output order.
+_Series = tuple[MetricSpec, int, int, tuple[str, ...], float]
+
+
+@functools.cache
+def _plan(links: int) -> tuple[tuple[FieldRequest, ...], tuple[_Series, ...]]:
+    """The field requests and series of a board with this many links, built once: with 18
+    links this is half of a GPU's series, so the per-sample loop does nothing else."""
+    requests = tuple((field_id, link) for link in range(links) for field_id in _PER_LINK)
+    series: list[_Series] = []
+    for link in range(links):
+        label = str(link)
+        series.append((LINK_UP, FI_NVLINK_GET_STATE, link, (label,), 0))
+        series.append((TX_BYTES, FI_NVLINK_THROUGHPUT_DATA_TX, link, (label,), 1024))
+        series.append((RX_BYTES, FI_NVLINK_THROUGHPUT_DATA_RX, link, (label,), 1024))
+        for error, field_id in _ERROR_FIELDS:
+            series.append((ERRORS, field_id, link, (label, error), 1))
+    return requests, tuple(series)
+
+
 class NvlinkCollector(Collector):
     name = "nvlink"
     metrics = (LINK_UP, TX_BYTES, RX_BYTES, ERRORS)
@@ -107,24 +129,12 @@ class NvlinkCollector(Collector):
         return int(results[0][1])
 
     def fields(self, device: Device) -> tuple[FieldRequest, ...]:
-        return tuple(
-            (field_id, link) for link in range(self._links(device)) for field_id in _PER_LINK
-        )
+        return _plan(self._links(device))[0]
 
     def collect(self, device: Device, out: Emitter) -> None:
-        for link in range(self._links(device)):
-            label = str(link)
-            state = device.field(FI_NVLINK_GET_STATE, link)
-            if state is not None:
-                out.add(LINK_UP, 1 if state else 0, label)
-            for spec, field_id in (
-                (TX_BYTES, FI_NVLINK_THROUGHPUT_DATA_TX),
-                (RX_BYTES, FI_NVLINK_THROUGHPUT_DATA_RX),
-            ):
-                kib = device.field(field_id, link)
-                if kib is not None:
-                    out.add(spec, kib * 1024, label)
-            for error, field_id in _ERROR_FIELDS:
-                count = device.field(field_id, link)
-                if count is not None:
-                    out.add(ERRORS, count, label, error)
+        field = device.field
+        add = out.add
+        for spec, field_id, link, labels, scale in _plan(self._links(device))[1]:
+            value = field(field_id, link)
+            if value is not None:
+                add(spec, value * scale if scale else (1 if value else 0), *labels)
