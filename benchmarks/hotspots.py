@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import gc
 import pstats
 import subprocess
 import sys
@@ -74,6 +75,10 @@ def child(samples: int, processes: bool, top: int, pause: float) -> None:
     _timed(sampler_module._FamilyBuilder, "add_lines", "  merging into metric families", spent)
     _timed(sampler_module._FamilyBuilder, "families", "  building families", spent)
     _timed(ProcessCollector, "collect", "  process_* self-metrics", spent)
+    for name, member in vars(PynvmlDriver).items():
+        if callable(member) and not name.startswith("_"):
+            # Inside the collectors' figures: what the binding and the library take.
+            _timed(PynvmlDriver, name, f"        driver.{name}", spent)
     config = parse_config({"collectors": {"processes": True}} if processes else {})
     sampler = sampler_module.Sampler(
         config, PynvmlDriver(), services=Services(ProcAttribution("/proc"), None)
@@ -83,6 +88,7 @@ def child(samples: int, processes: bool, top: int, pause: float) -> None:
         _timed(collector, "collect", f"    collector {collector.name}", spent)
     for _ in range(3):
         sampler.sample_once()
+    gc.freeze()  # as the exporter does after start-up
     spent.clear()
     for _ in range(samples):
         # A pause as long as the sampling interval lets other processes evict our caches, as

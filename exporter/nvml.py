@@ -88,6 +88,9 @@ FI_NVLINK_THROUGHPUT_DATA_TX, FI_NVLINK_THROUGHPUT_DATA_RX = 138, 139
 FI_REMAPPED_COR, FI_REMAPPED_UNC, FI_REMAPPED_PENDING, FI_REMAPPED_FAILURE = 142, 143, 144, 145
 FI_NVLINK_ERROR_DL_REPLAY, FI_NVLINK_ERROR_DL_RECOVERY, FI_NVLINK_ERROR_DL_CRC = 161, 162, 163
 FI_NVLINK_GET_STATE = 165
+# Power in mW: the 1 s average (what nvmlDeviceGetPowerUsage returns on Ampere, except GA100,
+# and newer), the instantaneous draw, and the enforced limit (nvmlDeviceGetEnforcedPowerLimit).
+FI_POWER_AVERAGE, FI_POWER_INSTANT, FI_POWER_CURRENT_LIMIT = 185, 186, 190
 FI_PCIE_COUNT_TX_BYTES, FI_PCIE_COUNT_RX_BYTES = 197, 198
 FI_CLOCKS_EVENT_SW_THERM_SLOWDOWN = 269
 FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN = 270
@@ -315,6 +318,10 @@ class PynvmlDriver:
         # Field-value request arrays, prebuilt per request list: (array type, its bytes).
         self._field_templates: dict[tuple[FieldRequest, ...], tuple[Any, bytes]] = {}
         self._variant_lock = threading.Lock()
+        # Entries of each driver sample buffer, by (device, sampling type), learned once.
+        self._sample_capacity: dict[tuple[int | None, int], int] = {}
+        # Process-list buffer sizes by (device, symbol), grown when a list does not fit.
+        self._process_capacity: dict[tuple[int | None, str], int] = {}
 
     def _first_working(self, name: str, variants: Sequence[Callable[[], Any]]) -> Any:
         """Calls the newest variant the library has; older drivers lack the versioned symbols."""
@@ -336,6 +343,9 @@ class PynvmlDriver:
 
     def init(self) -> None:
         pynvml.nvmlInit()
+        # Buffer sizes are per handle, and handles do not outlive a session.
+        self._sample_capacity.clear()
+        self._process_capacity.clear()
 
     def shutdown(self) -> None:
         pynvml.nvmlShutdown()
@@ -460,14 +470,46 @@ class PynvmlDriver:
         return results
 
     def samples(self, handle: Handle, sample_type: int, since_us: int) -> list[tuple[int, float]]:
-        try:
-            value_type, entries = pynvml.nvmlDeviceGetSamples(handle, sample_type, since_us)
-        except pynvml.NVMLError as err:
-            if err.value == NOT_FOUND:  # no sample newer than `since_us`: not an error
+        """One nvmlDeviceGetSamples call where pynvml's wrapper makes two.
+
+        pynvml asks for the size with a NULL buffer on every call. Real NVML answers that query
+        with the size of the driver's sample buffer for the type (100 utilization samples),
+        whatever `since_us` is, so the answer never changes: it is asked once per device and
+        type, and every later call passes a buffer that holds the whole driver buffer.
+        NOT_FOUND (nothing newer than `since_us`) means no samples, as before.
+        """
+        key = (_handle_key(handle), sample_type)
+        fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetSamples")
+        c_type = ctypes.c_uint(sample_type)
+        c_since = ctypes.c_ulonglong(since_us)
+        value_type = ctypes.c_uint(0)
+        count = ctypes.c_uint(0)
+        capacity = self._sample_capacity.get(key)
+        if capacity is None:
+            ret = fn(handle, c_type, c_since, ctypes.byref(value_type), ctypes.byref(count), None)
+            if ret == NOT_FOUND:  # a driver that sizes by new samples: nothing new
                 return []
-            raise
-        member = _VALUE_MEMBERS.get(int(value_type), "uiVal")
-        return [(int(e.timeStamp), float(getattr(e.sampleValue, member))) for e in entries]
+            if ret != SUCCESS:
+                raise pynvml.NVMLError(ret)
+            capacity = self._sample_capacity[key] = max(1, count.value)
+        for retry in (False, True):
+            array = (pynvml.c_nvmlSample_t * capacity)()
+            count.value = capacity
+            ret = fn(handle, c_type, c_since, ctypes.byref(value_type), ctypes.byref(count), array)
+            if ret != INSUFFICIENT_SIZE or retry:
+                break
+            # The buffer grew (a driver update under us): once more with the size it asks for.
+            capacity = self._sample_capacity[key] = max(count.value, 2 * capacity)
+        if ret == NOT_FOUND:  # no sample newer than `since_us`: not an error
+            return []
+        if ret != SUCCESS:
+            raise pynvml.NVMLError(ret)
+        layout = _UNION_LAYOUTS.get(value_type.value, _UNION_LAYOUTS[1])
+        raw = ctypes.string_at(array, _SAMPLE_ENTRY.size * min(count.value, capacity))
+        return [
+            (timestamp, float(layout.unpack_from(value)[0]))
+            for timestamp, value in _SAMPLE_ENTRY.iter_unpack(raw)
+        ]
 
     def clocks_event_reasons(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetCurrentClocksEventReasons(handle))
@@ -526,10 +568,30 @@ class PynvmlDriver:
         return int(current), int(pending)
 
     def compute_processes(self, handle: Handle) -> list[ProcessInfo]:
-        return [_process(p) for p in pynvml.nvmlDeviceGetComputeRunningProcesses_v3(handle)]
+        return self._running_processes(handle, "nvmlDeviceGetComputeRunningProcesses_v3")
 
     def graphics_processes(self, handle: Handle) -> list[ProcessInfo]:
-        return [_process(p) for p in pynvml.nvmlDeviceGetGraphicsRunningProcesses_v3(handle)]
+        return self._running_processes(handle, "nvmlDeviceGetGraphicsRunningProcesses_v3")
+
+    def _running_processes(self, handle: Handle, symbol: str) -> list[ProcessInfo]:
+        """One call where pynvml's wrapper makes two (size, then data) whenever a process runs:
+        the buffer is allocated with room for PROCESS_BUFFER processes and grown, remembered
+        per device, when the driver answers INSUFFICIENT_SIZE with the count it needs."""
+        key = (_handle_key(handle), symbol)
+        fn = pynvml._nvmlGetFunctionPointer(symbol)
+        capacity = self._process_capacity.get(key, PROCESS_BUFFER)
+        for _ in range(3):
+            array = (pynvml.c_nvmlProcessInfo_v3_t * capacity)()
+            count = ctypes.c_uint(capacity)
+            ret = fn(handle, ctypes.byref(count), array)
+            if ret == SUCCESS:
+                raw = ctypes.string_at(array, _PROCESS_ENTRY.size * min(count.value, capacity))
+                return [_process_entry(*entry) for entry in _PROCESS_ENTRY.iter_unpack(raw)]
+            if ret != INSUFFICIENT_SIZE:
+                raise pynvml.NVMLError(ret)
+            # Oversized like pynvml's wrapper, for processes starting meanwhile.
+            capacity = self._process_capacity[key] = max(2 * capacity, 2 * count.value + 5)
+        raise pynvml.NVMLError(INSUFFICIENT_SIZE)
 
     def process_utilization(self, handle: Handle, since_us: int) -> list[ProcessSample]:
         try:
@@ -643,24 +705,33 @@ def mig_profile(name: str) -> str:
 
 # NVML's "not available" for unsigned fields.
 _UINT_NA = 0xFFFFFFFF
+_ULL_NA = 0xFFFFFFFFFFFFFFFF
+# Room for this many processes per list before the first INSUFFICIENT_SIZE.
+PROCESS_BUFFER = 64
 
 
-def _process(entry: Any) -> ProcessInfo:
-    gi, ci = (
-        getattr(entry, "gpuInstanceId", _UINT_NA),
-        getattr(entry, "computeInstanceId", _UINT_NA),
-    )
-    used = entry.usedGpuMemory
+def _process_entry(pid: int, used: int, gi: int, ci: int) -> ProcessInfo:
     return ProcessInfo(
-        pid=int(entry.pid),
-        used_memory=None if used is None else int(used),
-        gpu_instance=None if gi == _UINT_NA else int(gi),
-        compute_instance=None if ci == _UINT_NA else int(ci),
+        pid=pid,
+        # NVML_VALUE_NOT_AVAILABLE where the driver cannot tell (WDDM on Windows).
+        used_memory=None if used == _ULL_NA else used,
+        gpu_instance=None if gi == _UINT_NA else gi,
+        compute_instance=None if ci == _UINT_NA else ci,
     )
+
+
+def _handle_key(handle: Handle) -> int | None:
+    """A device handle as a hashable address (pynvml hands out ctypes pointers)."""
+    return ctypes.cast(handle, ctypes.c_void_p).value
 
 
 # nvmlFieldValue_t: fieldId, scopeId, timestamp, latencyUsec, valueType, nvmlReturn, value union.
 _FIELD_ENTRY = struct.Struct("<IIqqII8s")
+# nvmlSample_t: timeStamp, value union.
+_SAMPLE_ENTRY = struct.Struct("<Q8s")
+# nvmlProcessInfo_v3_t (the same layout as _v2_t): pid, usedGpuMemory, gpuInstanceId,
+# computeInstanceId, with padding after pid.
+_PROCESS_ENTRY = struct.Struct("<I4xQII")
 # nvmlValueType_t -> how the value union holds it (c_ulong is 64-bit on Linux).
 _UNION_LAYOUTS = {
     0: struct.Struct("<d"),
@@ -670,17 +741,6 @@ _UNION_LAYOUTS = {
     4: struct.Struct("<q"),
     5: struct.Struct("<i"),
     6: struct.Struct("<H"),
-}
-
-# nvmlValueType_t -> the member of the value union that holds it.
-_VALUE_MEMBERS = {
-    0: "dVal",
-    1: "uiVal",
-    2: "ulVal",
-    3: "ullVal",
-    4: "sllVal",
-    5: "siVal",
-    6: "usVal",
 }
 
 
@@ -892,6 +952,11 @@ class Device:
 
     def is_absent(self, fn: Callable[..., object], *args: object) -> bool:
         return (fn.__name__, args) in self._absent
+
+    def field_absent(self, field_id: int, scope: int = 0) -> bool:
+        """True once the field's entry answered NOT_SUPPORTED (or another absent code): it is
+        no longer requested, and a collector may ask for an alternative instead."""
+        return ("field", (field_id, scope)) in self._absent
 
 
 def _cuda_version_text(raw: int) -> str:

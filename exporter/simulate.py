@@ -52,6 +52,9 @@ from exporter.nvml import (
     FI_PERF_POLICY_RELIABILITY,
     FI_PERF_POLICY_SYNC_BOOST,
     FI_PERF_POLICY_THERMAL,
+    FI_POWER_AVERAGE,
+    FI_POWER_CURRENT_LIMIT,
+    FI_POWER_INSTANT,
     FI_REMAPPED_COR,
     FI_REMAPPED_FAILURE,
     FI_REMAPPED_PENDING,
@@ -430,19 +433,29 @@ class SimulatedDriver:
     def _device(self, handle: Handle, function: str) -> _DeviceState:
         """Resolves a handle, applying injected faults, and advances the device's model."""
         state = self._states[handle]
+        code = self._fault(handle, function)
+        if code != SUCCESS:
+            raise NvmlError(code, function)
+        with state.lock:
+            self._advance(state)
+        return state
+
+    def _fault(self, handle: Handle, function: str, named_only: bool = False) -> int:
+        """Applies the faults active for `function` on the device: sleeps for a slow one;
+        returns the code a failing one answers with, else SUCCESS. `named_only` leaves out
+        faults that name no function, for a call that already had them applied."""
+        accepted = (function,) if named_only else (None, function)
         for fault in self._faults:
             if fault.device not in (None, handle) or not self._active(fault):
                 continue
             if fault.kind == "lost":
-                raise NvmlError(GPU_IS_LOST, function)
-            if fault.function in (None, function):
+                return GPU_IS_LOST
+            if fault.function in accepted:
                 if fault.kind == "unsupported":
-                    raise NvmlError(NOT_SUPPORTED, function)
+                    return NOT_SUPPORTED
                 if fault.kind == "slow":
                     time.sleep(fault.delay)
-        with state.lock:
-            self._advance(state)
-        return state
+        return SUCCESS
 
     # --- Driver ------------------------------------------------------------------------------
 
@@ -597,6 +610,25 @@ class SimulatedDriver:
             device_wide.update({FI_RETIRED_SBE: 0, FI_RETIRED_DBE: 0, FI_RETIRED_PENDING: 0})
         if not s.model.pcie_byte_counters:
             del device_wide[FI_PCIE_COUNT_TX_BYTES], device_wide[FI_PCIE_COUNT_RX_BYTES]
+        # The power fields read what power_usage and enforced_power_limit do (the model has no
+        # faster dynamics than its step, so the 1 s average and the instant agree), and a
+        # fault injected into either call applies to its fields as well.
+        power_fields = {
+            FI_POWER_AVERAGE: ("power_usage", round(s.power_w * 1000)),
+            FI_POWER_INSTANT: ("power_usage", round(s.power_w * 1000)),
+            FI_POWER_CURRENT_LIMIT: (
+                "enforced_power_limit",
+                round(self.power_limit_w[handle] * 1000),
+            ),
+        }
+        faulted: dict[str, int] = {}
+        for field_id, _ in requests:
+            if field_id in power_fields:
+                function, value = power_fields[field_id]
+                if function not in faulted:
+                    faulted[function] = self._fault(handle, function, named_only=True)
+                if faulted[function] == SUCCESS:
+                    device_wide[field_id] = value
         results: list[FieldResult] = []
         for field_id, scope in requests:
             if field_id in per_link:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from conftest import Scrape, start_exporter
 from fakes import FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.collectors import COLLECTOR_DEFAULTS
 from exporter.collectors.gpm import _METRICS
 from exporter.config import Config, SimulationConfig
+from exporter.nvml import DEC_UTILIZATION_SAMPLES
 from exporter.sampler import Sampler
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format
@@ -121,3 +124,78 @@ def test_simulated_gpm_is_consistent_with_utilization() -> None:
             assert 0 <= v["nvml_gpm_dram_bandwidth_ratio"] <= 1, key
             assert 0 <= v["nvml_gpm_sm_occupancy_ratio"] <= sm, key
             assert sm <= v["nvml_gpm_graphics_activity_ratio"] <= 1, key
+
+
+def _decoder_reads(model: str, gpm: bool, samples: int) -> tuple[list[int], list[str]]:
+    """Runs the simulated fleet (2 GPUs) for `samples` one-second samples; returns, per GPU,
+    how often its decoder buffer was read, and the decoder series of the last sample."""
+    config = dataclasses.replace(
+        Config(backend="simulated"),
+        simulation=SimulationConfig(devices=2, model=model),
+        collectors={**COLLECTOR_DEFAULTS, "gpm": gpm},
+    )
+    clock = FakeClock()
+    driver = SimulatedDriver(config.simulation, clock=clock)
+    reads = [0, 0]
+    real = driver.samples
+
+    def counting(handle: int, sample_type: int, since_us: int) -> list[tuple[int, float]]:
+        if sample_type == DEC_UTILIZATION_SAMPLES:
+            reads[handle] += 1
+        return real(handle, sample_type, since_us)
+
+    driver.samples = counting  # type: ignore[method-assign]
+    sampler = Sampler(config, driver, clock=clock)
+    for _ in range(samples):
+        clock.advance(1)
+        text = sampler.sample_once().body(Format.TEXT, False).decode()
+    decoder = [
+        line
+        for line in text.splitlines()
+        if line.startswith(("nvml_decoder_utilization_ratio", "nvml_decoder_busy_seconds"))
+    ]
+    return reads, decoder
+
+
+def test_decoder_buffer_is_read_every_tenth_sample_while_gpm_sees_the_decoders_idle() -> None:
+    # The simulated H200's seven NVDEC engines idle under LLM inference, as GPM measures.
+    reads, decoder = _decoder_reads("NVIDIA H200", gpm=True, samples=25)
+    # The first sample, then every tenth: samples 0, 10 and 20.
+    assert reads == [3, 3]
+    assert len(decoder) == 4 and all(line.endswith(" 0.0") for line in decoder)
+
+
+@pytest.mark.parametrize(
+    ("model", "gpm"), [("NVIDIA H200", False), ("NVIDIA A100-SXM4-80GB", True)]
+)
+def test_decoder_buffer_is_read_every_sample_where_gpm_cannot_tell(model: str, gpm: bool) -> None:
+    # The gpm collector off, or a GPU before Hopper, without GPM.
+    reads, decoder = _decoder_reads(model, gpm=gpm, samples=25)
+    assert reads == [25, 25]
+    assert len(decoder) == 4 and all(line.endswith(" 0.0") for line in decoder)
+
+
+@pytest.mark.slow
+def test_stand_in_decoders_idle_by_gpm_and_an_idle_encoder_save_their_buffer_reads(
+    tmp_path: Path,
+) -> None:
+    with nvml_stub.Fleet(tmp_path, num_devices=2) as fleet:
+        # GPU 0 decodes nothing (its NVDEC engines at 0 in GPM); GPU 1 decodes at 2 %.
+        assert fleet.devices[0].gpm_metrics[nvml_stub.GPM_NVDEC_0_UTIL] == 0
+        assert fleet.devices[1].gpm_metrics[nvml_stub.GPM_NVDEC_0_UTIL] == 2
+        proc = start_exporter(["--sampling.interval", "200ms"], env=fleet.env())
+        try:
+            time.sleep(2.5)
+            scrape = proc.get()
+        finally:
+            assert proc.stop() == 0
+        calls = fleet.calls()
+    samples = calls["nvmlDeviceGetMemoryInfo_v2"] // 2
+    assert samples >= 10
+    ratios = {dict(k)["gpu"]: v for k, v in scrape.values("nvml_decoder_utilization_ratio").items()}
+    assert ratios == {"0": 0.0, "1": 0.02}
+    # Per sample: both GPUs' GPU and memory buffers, and GPU 1's decoder buffer. The idle
+    # buffers (both encoders, GPU 0's decoder) at the first sample and every tenth after.
+    # Each buffer's size is asked once.
+    idle_reads = 3 * ((samples + 9) // 10)
+    assert calls["nvmlDeviceGetSamples"] == 5 * samples + idle_reads + 8

@@ -1,9 +1,12 @@
-"""The NVML error policy, init backoff and enumeration, independent of any driver."""
+"""The NVML error policy, init backoff and enumeration, independent of any driver; and the
+reads collectors leave out while they cannot tell anything new (power from field values, video
+engine buffers while the engines are idle)."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pynvml
@@ -11,8 +14,26 @@ import pytest
 from fakes import FakeClock
 
 from exporter import nvml
+from exporter.collectors.base import Emitter
+from exporter.collectors.shared import GPM_NVDEC_IDLE
+from exporter.collectors.video import (
+    CATCH_UP_EVERY,
+    DECODER_BUSY,
+    DECODER_UTILIZATION,
+    ENCODER_BUSY,
+    ENCODER_UTILIZATION,
+    VideoCollector,
+)
 from exporter.config import DeviceSelection
-from exporter.nvml import Device, DeviceIdentity, DeviceLost, NvmlError, PynvmlDriver, Session
+from exporter.nvml import (
+    Device,
+    DeviceIdentity,
+    DeviceLost,
+    EncoderStats,
+    NvmlError,
+    PynvmlDriver,
+    Session,
+)
 
 
 class ScriptedDriver:
@@ -288,3 +309,149 @@ def test_library_wide_failures_end_the_session(code: int) -> None:
 def test_every_nvml_error_code_has_a_name() -> None:
     assert nvml.error_name(pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH) == "lib_rm_version_mismatch"
     assert nvml.error_name(pynvml.NVML_ERROR_IN_USE) == "in_use"
+
+
+class FieldDriver(ScriptedDriver):
+    """Answers field values from `fields` (id -> value); other ids are NOT_SUPPORTED."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: dict[int, float] = {}
+        self.requests: list[list[tuple[int, int]]] = []
+
+    def field_values(self, handle: Any, requests: Any) -> list[tuple[int, float | None]]:
+        self.requests.append(list(requests))
+        return [
+            (nvml.SUCCESS, self.fields[fid]) if fid in self.fields else (nvml.NOT_SUPPORTED, None)
+            for fid, _ in requests
+        ]
+
+
+def test_an_unsupported_field_is_remembered_and_no_longer_requested() -> None:
+    drv = FieldDriver()
+    drv.fields = {nvml.FI_POWER_INSTANT: 321_000}
+    dev = device(drv)
+    wanted = [(nvml.FI_POWER_AVERAGE, 0), (nvml.FI_POWER_INSTANT, 0)]
+    dev.fetch_fields(wanted)
+    assert not dev.field_absent(nvml.FI_POWER_AVERAGE)  # not known until its entry is read
+    assert dev.field(nvml.FI_POWER_AVERAGE) is None
+    assert dev.field(nvml.FI_POWER_INSTANT) == 321_000
+    assert dev.field_absent(nvml.FI_POWER_AVERAGE)
+    assert not dev.field_absent(nvml.FI_POWER_INSTANT)
+    assert not dev.errors
+    dev.fetch_fields(wanted)
+    assert drv.requests == [wanted, [(nvml.FI_POWER_INSTANT, 0)]]
+
+
+class VideoDriver(ScriptedDriver):
+    """An encoder and a decoder with driver sample buffers that fill as `now` advances.
+
+    `buffers[type]` holds (timestamp in microseconds, percent); a read returns the samples newer
+    than its `since` and no newer than `now`. `sessions` is what nvmlDeviceGetEncoderStats says.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now_us = 0
+        self.sessions = 0
+        self.buffers: dict[int, list[tuple[int, float]]] = {
+            nvml.ENC_UTILIZATION_SAMPLES: [],
+            nvml.DEC_UTILIZATION_SAMPLES: [],
+        }
+        self.reads: dict[int, list[int]] = {t: [] for t in self.buffers}
+
+    def encoder_stats(self, handle: Any) -> EncoderStats:
+        return EncoderStats(self.sessions, 30 if self.sessions else 0, 0)
+
+    def samples(self, handle: Any, sample_type: int, since_us: int) -> list[tuple[int, float]]:
+        self.reads[sample_type].append(self.now_us)
+        return [(t, v) for t, v in self.buffers[sample_type] if since_us < t <= self.now_us]
+
+    def encoder_utilization(self, handle: Any) -> int:
+        raise AssertionError("the sample buffer is supported")
+
+    decoder_utilization = encoder_utilization
+
+
+Outputs = dict[tuple[str, tuple[str, ...]], float]
+
+
+def _video_world() -> tuple[VideoDriver, Callable[..., Outputs]]:
+    drv = VideoDriver()
+    dev = device(drv)
+    clock = FakeClock(start=0.0)
+    # A driver sample every 200 ms for a minute, idle unless a test says otherwise.
+    for buffer in drv.buffers.values():
+        buffer.extend((200_000 * k, 0.0) for k in range(1, 301))
+    collector = VideoCollector(clock=clock)
+
+    def sample(nvdec_idle: bool = False) -> Outputs:
+        """One exporter sample, one second after the previous one; `nvdec_idle` stands for the
+        gpm collector having measured the decoders at 0 in it."""
+        clock.advance(1.0)
+        drv.now_us = round(clock.now * 1e6)
+        out = Emitter()
+        dev.memo = {GPM_NVDEC_IDLE: True} if nvdec_idle else {}
+        collector.collect(dev, out)
+        return {(spec.name, labels): value for spec, labels, value in out.samples}
+
+    return drv, sample
+
+
+def test_encoder_buffer_is_read_while_a_session_is_open_else_every_tenth_sample() -> None:
+    drv, sample = _video_world()
+    sessions = [0] * 12 + [1] * 3 + [0] * 11
+    for open_sessions in sessions:
+        drv.sessions = open_sessions
+        sample()
+    read_at = [t // 1_000_000 - 1 for t in drv.reads[nvml.ENC_UTILIZATION_SAMPLES]]
+    # First sample; catch-up; the three samples with a session and the one after it (the
+    # session may have run until just before it); catch-up ten samples after the last read.
+    assert read_at == [0, CATCH_UP_EVERY, 12, 13, 14, 15, 15 + CATCH_UP_EVERY]
+    # Without GPM in this sample the decoder is read every time.
+    assert len(drv.reads[nvml.DEC_UTILIZATION_SAMPLES]) == len(sessions)
+
+
+def test_a_skipped_stretch_is_counted_once_at_the_catch_up_read() -> None:
+    drv, sample = _video_world()
+    enc = drv.buffers[nvml.ENC_UTILIZATION_SAMPLES]
+    # A session from 3 s to 4 s at 80 %, and another in the last second before the catch-up
+    # read at 11 s, at 25 %; both opened and closed between two exporter samples.
+    enc[:] = [(t, 80.0 if 3e6 < t <= 4e6 else 25.0 if 10e6 < t <= 11e6 else v) for t, v in enc]
+    first = sample()
+    assert first[(ENCODER_UTILIZATION.name, ())] == 0.0
+    for _ in range(CATCH_UP_EVERY - 1):
+        skipped = sample()
+        assert skipped[(ENCODER_UTILIZATION.name, ())] == 0.0
+        assert skipped[(ENCODER_BUSY.name, ())] == 0.0
+    caught_up = sample()  # at 11 s
+    assert caught_up[(ENCODER_BUSY.name, ())] == pytest.approx(0.8 * 1.0 + 0.25 * 1.0)
+    # The gauge is the last interval's, not the average over the stretch.
+    assert caught_up[(ENCODER_UTILIZATION.name, ())] == pytest.approx(0.25)
+    for _ in range(2 * CATCH_UP_EVERY):
+        later = sample()
+        assert later[(ENCODER_BUSY.name, ())] == caught_up[(ENCODER_BUSY.name, ())]
+        assert later[(ENCODER_UTILIZATION.name, ())] == 0.0
+    assert len(drv.reads[nvml.ENC_UTILIZATION_SAMPLES]) == 4
+
+
+def test_an_engine_without_any_value_yet_is_read_and_not_reported_idle() -> None:
+    drv, sample = _video_world()
+    drv.buffers[nvml.ENC_UTILIZATION_SAMPLES].clear()  # nothing sampled yet
+    for _ in range(3):
+        got = sample()
+        assert (ENCODER_UTILIZATION.name, ()) not in got
+    assert len(drv.reads[nvml.ENC_UTILIZATION_SAMPLES]) == 3
+
+
+def test_decoder_buffer_is_skipped_while_gpm_measures_the_decoders_idle() -> None:
+    drv, sample = _video_world()
+    dec = drv.buffers[nvml.DEC_UTILIZATION_SAMPLES]
+    dec[:] = [(t, 40.0 if t > 14e6 else v) for t, v in dec]  # decoding from 14 s on
+    idle_until = 13  # what GPM saw: nothing through 13 s
+    got = [sample(nvdec_idle=k + 1 <= idle_until) for k in range(16)]
+    read_at = [t // 1_000_000 for t in drv.reads[nvml.DEC_UTILIZATION_SAMPLES]]
+    # The first sample (no value yet), the catch-up, then every sample once GPM sees work.
+    assert read_at == [1, 1 + CATCH_UP_EVERY, 14, 15, 16]
+    assert [g[(DECODER_UTILIZATION.name, ())] for g in got[-3:]] == [0.0, 0.4, 0.4]
+    assert got[-1][(DECODER_BUSY.name, ())] == pytest.approx(0.4 * 2)

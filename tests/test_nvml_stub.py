@@ -579,6 +579,9 @@ _DEVICE_FIELDS = {
     nvml_stub.FI_PCIE_COUNT_TX_BYTES: nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
     nvml_stub.FI_PCIE_COUNT_RX_BYTES: nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG,
     nvml_stub.FI_NVLINK_LINK_COUNT: nvml_stub.VALUE_TYPE_UNSIGNED_INT,
+    nvml_stub.FI_POWER_AVERAGE: nvml_stub.VALUE_TYPE_UNSIGNED_INT,
+    nvml_stub.FI_POWER_INSTANT: nvml_stub.VALUE_TYPE_UNSIGNED_INT,
+    nvml_stub.FI_POWER_CURRENT_LIMIT: nvml_stub.VALUE_TYPE_UNSIGNED_INT,
     **dict.fromkeys(range(3, 7), nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG),
     **dict.fromkeys(range(142, 146), nvml_stub.VALUE_TYPE_UNSIGNED_INT),
     **dict.fromkeys([*range(74, 80), *range(269, 272)], nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG),
@@ -654,6 +657,16 @@ emit([[fields(i, {device_requests!r}), fields(i, {link_requests!r})] for i in ra
     assert pcie.field_value(nvml_stub.FI_MEMORY_TEMP) is None
     assert pcie.field_value(nvml_stub.FI_ECC_SBE_VOL_TOTAL) is None
     assert pcie.field_value(nvml_stub.FI_TOTAL_ENERGY_CONSUMPTION) == pcie.energy
+    # Power: the 1 s average nvmlDeviceGetPowerUsage reports on Ampere and newer, the
+    # instantaneous draw, and the enforced limit; before Ampere only the instantaneous draw,
+    # which is what nvmlDeviceGetPowerUsage reports there.
+    for dev in (h200, pcie):
+        assert dev.field_value(nvml_stub.FI_POWER_AVERAGE) == dev.power_usage
+        assert dev.field_value(nvml_stub.FI_POWER_INSTANT) == dev.power_instant != dev.power_usage
+        assert dev.field_value(nvml_stub.FI_POWER_CURRENT_LIMIT) == dev.power_limit_enforced
+    turing = nvml_stub.make_device(0, "Tesla T4", nvml_stub.ARCH_AMPERE - 1)
+    assert turing.field_value(nvml_stub.FI_POWER_AVERAGE) is None
+    assert turing.field_value(nvml_stub.FI_POWER_INSTANT) == turing.power_usage
 
 
 def test_field_value_prefers_an_exact_scope_and_honours_overrides(
@@ -1150,3 +1163,130 @@ def test_fleet_without_directory_cleans_up() -> None:
             f"{fleet.library_dir}:/opt/x"
         )
     assert not directory.exists()
+
+
+def test_sample_size_query_answers_the_buffer_capacity_like_real_nvml(
+    fleet: nvml_stub.Fleet,
+) -> None:
+    fleet.devices[1].sample_capacity = 120
+    fleet.apply()
+    newest = max(s.timestamp for s in fleet.devices[0].gpu_utilization_samples)
+    got = run_py(
+        fleet,
+        f"""
+        import ctypes
+        n.nvmlInit()
+        fn = n._nvmlGetFunctionPointer("nvmlDeviceGetSamples")
+        def size(index, since):
+            count, value_type = ctypes.c_uint(7), ctypes.c_uint(9)
+            h = n.nvmlDeviceGetHandleByIndex(index)
+            rc = fn(h, ctypes.c_uint(1), ctypes.c_ulonglong(since), ctypes.byref(value_type),
+                    ctypes.byref(count), None)
+            return [rc, count.value, value_type.value]
+        count = ctypes.c_uint(0)
+        buf = (n.c_nvmlSample_t * 4)()
+        zero = fn(n.nvmlDeviceGetHandleByIndex(0), ctypes.c_uint(1), ctypes.c_ulonglong(0),
+                  ctypes.byref(ctypes.c_uint()), ctypes.byref(count), buf)
+        emit({{"all": size(0, 0), "nothing_newer": size(0, {newest}), "bigger": size(1, 0),
+              "zero_count": zero}})
+        """,
+    )
+    uint = nvml_stub.VALUE_TYPE_UNSIGNED_INT
+    assert got == {
+        "all": [0, 100, uint],
+        "nothing_newer": [0, 100, uint],  # the size of the buffer, not of what is new
+        "bigger": [0, 120, uint],
+        "zero_count": pynvml.NVML_ERROR_INVALID_ARGUMENT,
+    }
+
+
+# The exporter's NVML driver in a subprocess, against the stand-in through the real pynvml.
+_DRIVER = f"""
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from exporter.nvml import PynvmlDriver
+d = PynvmlDriver()
+d.init()
+h = [d.device_handle(i) for i in range(d.device_count())]
+"""
+
+
+def test_driver_reads_samples_in_one_call_after_asking_each_buffer_size_once(
+    fleet: nvml_stub.Fleet,
+) -> None:
+    dev = fleet.devices[3]
+    first_ts = dev.gpu_utilization_samples[0].timestamp
+    newest = dev.gpu_utilization_samples[-1].timestamp
+    got = run_py(
+        fleet,
+        _DRIVER
+        + f"""
+reads = [d.samples(h[3], 1, 0), d.samples(h[3], 1, {first_ts}), d.samples(h[3], 1, {newest}),
+         d.samples(h[3], 2, 0), d.samples(h[2], 1, 0)]
+emit(reads)
+""",
+    )
+    rows = [[s.timestamp, float(s.value)] for s in dev.gpu_utilization_samples]
+    assert got == [
+        rows,
+        rows[1:],
+        [],  # NOT_FOUND: nothing newer
+        [[s.timestamp, float(s.value)] for s in dev.memory_utilization_samples],
+        [[s.timestamp, float(s.value)] for s in fleet.devices[2].gpu_utilization_samples],
+    ]
+    # One size query per device and sampling type (3 of them), one call per read (5).
+    assert fleet.calls()["nvmlDeviceGetSamples"] == 3 + 5
+
+
+def test_driver_retries_once_with_the_size_the_driver_asks_for(fleet: nvml_stub.Fleet) -> None:
+    dev = fleet.devices[0]
+    dev.sample_capacity = 2  # a buffer that has grown since its size was asked
+    last = dev.gpu_utilization_samples[-1].timestamp
+    dev.gpu_utilization_samples += [nvml_stub.Sample(last + 1000 * k, 50 + k) for k in (1, 2)]
+    fleet.apply()
+    got = run_py(
+        fleet,
+        _DRIVER
+        + """
+emit([d.samples(h[0], 1, 0), d.samples(h[0], 1, 0)])
+""",
+    )
+    rows = [[s.timestamp, float(s.value)] for s in dev.gpu_utilization_samples]
+    assert got == [rows, rows]
+    # Size (2), data: INSUFFICIENT_SIZE with 5 needed, data with 5; then the size is known.
+    assert fleet.calls()["nvmlDeviceGetSamples"] == 3 + 1
+
+
+# NVML_VALUE_NOT_AVAILABLE for a process's memory (WDDM on Windows).
+NOT_AVAILABLE_ULL = 2**64 - 1
+
+
+def test_driver_lists_processes_in_one_call_and_grows_its_buffer_once(
+    fleet: nvml_stub.Fleet,
+) -> None:
+    many = fleet.devices[1]
+    many.processes = [
+        nvml_stub.Process(pid=20_000 + k, used_gpu_memory=(k + 1) << 20) for k in range(70)
+    ]
+    # A graphics process in a MIG instance whose memory the driver cannot tell.
+    many.processes.append(nvml_stub.Process(20_100, NOT_AVAILABLE_ULL, "graphics", "x", 1, 0))
+    fleet.devices[2].processes = []
+    fleet.apply()
+    got = run_py(
+        fleet,
+        _DRIVER
+        + """
+import dataclasses
+rows = lambda infos: [dataclasses.astuple(p) for p in infos]
+emit([rows(d.compute_processes(h[0])), rows(d.graphics_processes(h[0])),
+      rows(d.compute_processes(h[2])),
+      rows(d.compute_processes(h[1])), rows(d.compute_processes(h[1])),
+      rows(d.graphics_processes(h[1]))])
+""",
+    )
+    compute0 = [[p.pid, p.used_gpu_memory, None, None] for p in fleet.devices[0].processes]
+    compute1 = [[p.pid, p.used_gpu_memory, None, None] for p in many.processes[:70]]
+    assert got == [compute0, [], [], compute1, compute1, [[20_100, None, 1, 0]]]
+    calls = fleet.calls()
+    # One call per listing, and one more for the 70 processes that did not fit the first time.
+    assert calls["nvmlDeviceGetComputeRunningProcesses_v3"] == 4 + 1
+    assert calls["nvmlDeviceGetGraphicsRunningProcesses_v3"] == 2

@@ -151,3 +151,41 @@ def test_init_failure_until_the_driver_appears() -> None:
     assert err.value.code == nvml.DRIVER_NOT_LOADED
     clock.advance(3)
     d.init()
+
+
+POWER_FIELDS = [
+    (nvml.FI_POWER_AVERAGE, 0),
+    (nvml.FI_POWER_INSTANT, 0),
+    (nvml.FI_POWER_CURRENT_LIMIT, 0),
+]
+
+
+def test_power_fields_read_what_the_power_calls_read() -> None:
+    clock = FakeClock()
+    d = driver(clock, devices=2)
+    clock.advance(42.7)
+    d.power_limit_w[1] = 500.0
+    for handle in (0, 1):
+        watts = d.power_usage(handle)
+        assert d.field_values(handle, POWER_FIELDS) == [
+            (nvml.SUCCESS, watts),
+            (nvml.SUCCESS, watts),
+            (nvml.SUCCESS, d.enforced_power_limit(handle)),
+        ]
+    assert d.field_values(1, POWER_FIELDS)[2] == (nvml.SUCCESS, 500_000)
+
+
+def test_faults_on_the_power_calls_apply_to_their_fields() -> None:
+    faults = (
+        FaultConfig(kind="unsupported", device=1, function="power_usage"),
+        FaultConfig(kind="slow", device=0, function="enforced_power_limit", delay=0.2),
+    )
+    d = driver(FakeClock(), devices=2, faults=faults)
+    limit = (nvml.SUCCESS, 700_000)
+    unsupported = (nvml.NOT_SUPPORTED, None)
+    assert d.field_values(1, POWER_FIELDS) == [unsupported, unsupported, limit]
+    started = time.monotonic()
+    assert d.field_values(0, [(nvml.FI_MEMORY_TEMP, 0)])[0][0] == nvml.SUCCESS
+    assert time.monotonic() - started < 0.2  # no power field asked for, no delay
+    assert d.field_values(0, POWER_FIELDS)[2] == limit
+    assert time.monotonic() - started >= 0.2

@@ -175,6 +175,12 @@ def test_every_gpu_metric_equals_the_stand_in_value_after_conversion(
     }
     # A PCIe card: no NVLink, ECC off, retired pages instead of row remapping, a fan.
     fleet.devices[7] = nvml_stub.make_pcie_device(7)
+    # An encoding session, so the encoder's buffer is read (an idle encoder's reads 0).
+    encoding = fleet.devices[4]
+    encoding.encoder_session_count = 1
+    encoding.encoder_utilization_samples = [
+        nvml_stub.Sample(s.timestamp, 37) for s in encoding.encoder_utilization_samples
+    ]
     fleet.apply()
     proc = start(fleet)
     running.append(proc)
@@ -315,22 +321,63 @@ def test_gpu_lost_mid_run_goes_down_alone_and_comes_back(
 def test_unsupported_function_is_absent_quiet_and_not_called_again(
     fleet: nvml_stub.Fleet, running: list[ExporterProcess]
 ) -> None:
-    fleet.fail("nvmlDeviceGetPowerUsage", nvml_stub.NVML_ERROR_NOT_SUPPORTED, device=2)
+    fleet.fail("nvmlDeviceGetPerformanceState", nvml_stub.NVML_ERROR_NOT_SUPPORTED, device=2)
     proc = start(fleet)
     running.append(proc)
-    power = by_gpu(proc.get(), "nvml_power_watts")
-    assert "2" not in power and len(power) == 7
-    assert "2" in by_gpu(proc.get(), "nvml_energy_joules_total")
+    pstate = by_gpu(proc.get(), "nvml_performance_state")
+    assert "2" not in pstate and len(pstate) == 7
+    assert "2" in by_gpu(proc.get(), "nvml_power_watts")
     time.sleep(1.0)  # several intervals
     assert proc.stop() == 0
     calls = fleet.calls()
     samples = calls["nvmlDeviceGetMemoryInfo_v2"] // 8
     assert samples >= 4
     # Seven devices every sample, device 2 exactly once.
-    assert calls["nvmlDeviceGetPowerUsage"] == 7 * samples + 1
-    assert "power_usage" not in "\n".join(
+    assert calls["nvmlDeviceGetPerformanceState"] == 7 * samples + 1
+    assert "performance_state" not in "\n".join(
         line for line in proc.log_lines if "level=warn" in line or "level=error" in line
     )
+
+
+def test_power_and_its_limit_come_from_the_field_batch_with_call_fallbacks(
+    fleet: nvml_stub.Fleet, running: list[ExporterProcess]
+) -> None:
+    # 1: no 1 s average, so the instantaneous field; 2: no power fields at all (an older
+    # driver), so the two calls; 3: neither the fields nor nvmlDeviceGetPowerUsage.
+    fleet.devices[1].unsupported_fields |= {nvml.FI_POWER_AVERAGE}
+    fleet.devices[2].unsupported_fields |= {
+        nvml.FI_POWER_AVERAGE,
+        nvml.FI_POWER_INSTANT,
+        nvml.FI_POWER_CURRENT_LIMIT,
+    }
+    fleet.devices[3].unsupported_fields |= {nvml.FI_POWER_AVERAGE, nvml.FI_POWER_INSTANT}
+    for dev in fleet.devices:  # a limit below the default, so it is not the default's value
+        dev.power_limit_enforced = 650_000 - 1_000 * dev.index
+    fleet.apply()
+    fleet.fail("nvmlDeviceGetPowerUsage", nvml_stub.NVML_ERROR_NOT_SUPPORTED, device=3)
+    proc = start(fleet)
+    running.append(proc)
+    time.sleep(1.0)  # several intervals
+    scrape = proc.get()
+    assert proc.stop() == 0
+    power = by_gpu(scrape, "nvml_power_watts")
+    expected = {str(d.index): d.power_usage / 1000 for d in fleet.devices if d.index != 3}
+    expected["1"] = fleet.devices[1].power_instant / 1000
+    assert power == expected
+    assert fleet.devices[1].power_instant != fleet.devices[1].power_usage
+    limits = by_gpu(scrape, "nvml_power_limit_watts")
+    assert limits == {str(d.index): d.power_limit_enforced / 1000 for d in fleet.devices}
+    calls = fleet.calls()
+    samples = calls["nvmlDeviceGetMemoryInfo_v2"] // 8
+    assert samples >= 4
+    # Device 2 every sample; devices 1 and 3 once, at the first sample, which asked for the
+    # average only; device 3's NOT_SUPPORTED is remembered. The others never.
+    assert calls["nvmlDeviceGetPowerUsage"] == samples + 2
+    assert calls["nvmlDeviceGetEnforcedPowerLimit"] == samples
+    # One batch per GPU and sample (and each GPU's NVLink count, read once at its first).
+    assert calls["nvmlDeviceGetFieldValues"] == 8 * samples + 8
+    warnings = [line for line in proc.log_lines if "level=warn" in line or "level=error" in line]
+    assert [line for line in warnings if "process IDs" not in line] == []
 
 
 def test_missing_versioned_symbol_falls_back_to_the_older_call(
@@ -363,7 +410,7 @@ def test_a_blocking_call_keeps_scrapes_fast_and_other_gpus_fresh(
     proc = start(fleet)
     running.append(proc)
     baseline = scrape_latencies(proc, 30)
-    fleet.block("nvmlDeviceGetPowerUsage", 3000, device=1)
+    fleet.block("nvmlDeviceGetPerformanceState", 3000, device=1)
     proc.wait_for(lambda: by_gpu(proc.get(), "nvml_gpu_up")["1"] == 0)
     before = proc.get().values("nvml_last_sample_timestamp_seconds")
     during = scrape_latencies(proc, 30)
@@ -373,7 +420,7 @@ def test_a_blocking_call_keeps_scrapes_fast_and_other_gpus_fresh(
     assert len(by_gpu(after, "nvml_power_watts")) == 7
     assert statistics.median(during) < max(0.05, 3 * statistics.median(baseline))
     assert max(during) < 0.5
-    fleet.block("nvmlDeviceGetPowerUsage", 0, device=1)
+    fleet.block("nvmlDeviceGetPerformanceState", 0, device=1)
     proc.wait_for(lambda: by_gpu(proc.get(), "nvml_gpu_up")["1"] == 1, timeout=10)
     proc.signal(signal.SIGTERM)
     assert proc.proc.wait(5) == 0
@@ -429,3 +476,72 @@ def test_short_bursts_between_samples_show_their_true_average_through_the_counte
     average = (scrape.values("nvml_gpu_busy_seconds_total")[key] - before) / window_seconds
     assert average == pytest.approx(1 / 6, abs=0.02)
     assert scrape.values("nvml_gpu_utilization_ratio")[key] == pytest.approx(1 / 6, abs=0.02)
+
+
+def _encoder_reads(calls: dict[str, int], samples: int) -> int:
+    """nvmlDeviceGetSamples calls for the encoder on a one-GPU fleet without GPM: the GPU,
+    memory and decoder buffers are read every sample, and each type's size is asked once."""
+    return calls["nvmlDeviceGetSamples"] - 3 * samples - 4
+
+
+def test_idle_encoder_is_read_every_tenth_sample_and_a_session_between_samples_counts_once(
+    tmp_path: Path, running: list[ExporterProcess]
+) -> None:
+    with nvml_stub.Fleet(tmp_path, num_devices=1) as fleet:
+        dev = fleet.devices[0]
+        proc = start(fleet, "--no-collector.gpm")
+        running.append(proc)
+        key = frozenset({("gpu", "0"), ("uuid", dev.uuid)})
+        time.sleep(0.5)
+        assert proc.get().values("nvml_encoder_sessions")[key] == 0
+        assert proc.get().values("nvml_encoder_utilization_ratio")[key] == 0
+        before = proc.get().values("nvml_encoder_busy_seconds_total")[key]
+        # A session opened and closed between two samples: one second at 60 %.
+        last = max(s.timestamp for s in dev.encoder_utilization_samples)
+        period_us = 166_667
+        dev.encoder_utilization_samples += [
+            nvml_stub.Sample(last + period_us * (k + 1), 60) for k in range(6)
+        ]
+        fleet.apply()
+        proc.wait_for(
+            lambda: proc.get().values("nvml_encoder_busy_seconds_total")[key] > before,
+            timeout=5,  # the catch-up read comes within 10 samples of 200 ms
+        )
+        counted = proc.get().values("nvml_encoder_busy_seconds_total")[key] - before
+        assert counted == pytest.approx(0.6 * 6 * period_us / 1e6, rel=1e-9)
+        time.sleep(2.5)  # more catch-up reads: nothing is counted twice
+        scrape = proc.get()
+        assert scrape.values("nvml_encoder_busy_seconds_total")[key] - before == counted
+        assert scrape.values("nvml_encoder_utilization_ratio")[key] == 0
+        assert proc.stop() == 0
+    calls = fleet.calls()
+    samples = calls["nvmlDeviceGetMemoryInfo_v2"]
+    assert samples >= 20
+    assert calls["nvmlDeviceGetEncoderStats"] == samples
+    # The first sample and every tenth after it.
+    assert _encoder_reads(calls, samples) == (samples + 9) // 10
+
+
+def test_encoder_with_a_session_is_read_every_sample(
+    tmp_path: Path, running: list[ExporterProcess]
+) -> None:
+    with nvml_stub.Fleet(tmp_path, num_devices=1) as fleet:
+        dev = fleet.devices[0]
+        dev.encoder_session_count = 2
+        fleet.apply()
+        proc = start(fleet, "--no-collector.gpm")
+        running.append(proc)
+        key = frozenset({("gpu", "0"), ("uuid", dev.uuid)})
+        time.sleep(0.5)
+        last = max(s.timestamp for s in dev.encoder_utilization_samples)
+        dev.encoder_utilization_samples += [
+            nvml_stub.Sample(last + 166_667 * (k + 1), 45) for k in range(3)
+        ]
+        fleet.apply()
+        proc.wait_for(lambda: proc.get().values("nvml_encoder_utilization_ratio")[key] == 0.45)
+        assert proc.get().values("nvml_encoder_sessions")[key] == 2
+        assert proc.stop() == 0
+    calls = fleet.calls()
+    samples = calls["nvmlDeviceGetMemoryInfo_v2"]
+    assert samples >= 3
+    assert _encoder_reads(calls, samples) == samples

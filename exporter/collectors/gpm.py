@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
-from exporter.collectors.shared import mig_instances
+from exporter.collectors.shared import GPM_NVDEC_IDLE, mig_instances
 from exporter.nvml import ABSENT_CODES, SUCCESS, Device, Driver, Handle, error_code
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,8 @@ ENGINE = _spec(
 )
 
 _PERCENT = 0.01
+# NVML_GPM_METRIC_NVDEC_0_UTIL .. NVML_GPM_METRIC_NVDEC_7_UTIL: one per decoder engine.
+NVDEC_METRICS = frozenset(30 + n for n in range(8))
 # (metric id, spec, extra label values, scale from NVML's unit to ours)
 _METRICS: tuple[tuple[int, MetricSpec, tuple[str, ...], float], ...] = (
     (1, GRAPHICS, (), _PERCENT),
@@ -237,13 +239,21 @@ class GpmCollector(Collector):
         results = device.read_system(device.driver.gpm_metrics, pair.previous, pair.current, ids)
         if results is None:
             return
+        whole_gpu = labels[0] == ""
+        nvdec_busy: bool | None = None  # None: no NVDEC engine measured
         for (metric_id, spec, extra, scale), (code, value) in zip(wanted, results, strict=True):
             if code == SUCCESS and value is not None:
                 out.add(spec, value * scale, *labels, *extra)
-            elif code in ABSENT_CODES and labels[0] == "":
+            elif code in ABSENT_CODES and whole_gpu:
                 # The chip lacks it; MIG instances may lack what the GPU has, so only the
                 # whole GPU's answer decides.
                 absent.add(metric_id)
+            if metric_id in NVDEC_METRICS and code not in ABSENT_CODES:
+                # An engine the chip has: idle only if measured, and at exactly 0.
+                nvdec_busy = bool(nvdec_busy) or code != SUCCESS or value != 0
+        if whole_gpu and nvdec_busy is False:
+            # For the video collector: its decoder samples would say nothing new.
+            device.memo[GPM_NVDEC_IDLE] = True
 
     def collect_global(self, out: Emitter) -> None:
         """Frees the samples of GPUs and instances that went away."""

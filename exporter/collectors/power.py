@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
-from exporter.nvml import FI_TOTAL_ENERGY_CONSUMPTION, Device, FieldRequest
+from exporter.nvml import (
+    FI_POWER_AVERAGE,
+    FI_POWER_CURRENT_LIMIT,
+    FI_POWER_INSTANT,
+    FI_TOTAL_ENERGY_CONSUMPTION,
+    Device,
+    FieldRequest,
+)
 
 POWER = MetricSpec(
     "nvml_power_watts",
     "gauge",
     "Power draw of the whole board.",
     unit="watts",
-    source="nvmlDeviceGetPowerUsage (mW / 1000)",
+    source="field NVML_FI_DEV_POWER_AVERAGE (1 s average, what nvmlDeviceGetPowerUsage reports "
+    "on Ampere and newer), else NVML_FI_DEV_POWER_INSTANT, else nvmlDeviceGetPowerUsage; "
+    "mW / 1000",
     dcgm=(Dcgm("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "W"),),
 )
 POWER_LIMIT = MetricSpec(
@@ -18,7 +27,8 @@ POWER_LIMIT = MetricSpec(
     "gauge",
     "Power limit the driver enforces, the lowest of all limits that apply.",
     unit="watts",
-    source="nvmlDeviceGetEnforcedPowerLimit (mW / 1000)",
+    source="field NVML_FI_DEV_POWER_CURRENT_LIMIT (nvmlDeviceGetEnforcedPowerLimit where the "
+    "field is unsupported), mW / 1000",
     dcgm=(Dcgm("DCGM_FI_DEV_ENFORCED_POWER_LIMIT", "Enforced power limit (in W).", "W"),),
 )
 POWER_DEFAULT_LIMIT = MetricSpec(
@@ -69,14 +79,24 @@ class PowerCollector(Collector):
     metrics = (POWER, POWER_LIMIT, POWER_DEFAULT_LIMIT, POWER_MIN_LIMIT, POWER_MAX_LIMIT, ENERGY)
 
     def fields(self, device: Device) -> tuple[FieldRequest, ...]:
-        return ((FI_TOTAL_ENERGY_CONSUMPTION, 0),)
+        # The instantaneous reading only where the GPU lacks the 1 s average.
+        power = FI_POWER_INSTANT if device.field_absent(FI_POWER_AVERAGE) else FI_POWER_AVERAGE
+        return ((FI_TOTAL_ENERGY_CONSUMPTION, 0), (power, 0), (FI_POWER_CURRENT_LIMIT, 0))
 
     def collect(self, device: Device, out: Emitter) -> None:
         drv = device.driver
-        milliwatts = device.read(drv.power_usage)
+        # Each from the sampler's one field-values call; the dedicated call only where the
+        # field's entry failed, so at most once per sample, and never again once unsupported.
+        milliwatts = device.field(FI_POWER_AVERAGE)
+        if milliwatts is None:
+            milliwatts = device.field(FI_POWER_INSTANT)
+        if milliwatts is None:
+            milliwatts = device.read(drv.power_usage)
         if milliwatts is not None:
             out.add(POWER, milliwatts / 1000)
-        limit = device.read(drv.enforced_power_limit)
+        limit = device.field(FI_POWER_CURRENT_LIMIT)
+        if limit is None:
+            limit = device.read(drv.enforced_power_limit)
         if limit is not None:
             out.add(POWER_LIMIT, limit / 1000)
         default = device.cached(drv.power_limit_default)

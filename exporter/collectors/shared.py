@@ -11,6 +11,10 @@ from exporter.nvml import Device, MigInstance, ProcessInfo
 MIG_MAX_AGE = 10.0
 MIG_MODE_MAX_AGE = 10.0
 
+# device.memo key: True when the gpm collector, in this sample, measured every NVDEC engine of
+# the whole GPU at exactly 0 over the interval since its previous sample.
+GPM_NVDEC_IDLE = "gpm_nvdec_idle"
+
 
 @dataclass(frozen=True)
 class GpuProcess:
@@ -58,3 +62,9 @@ def instance_uuid(device: Device, info: ProcessInfo) -> str | None:
         ):
             return instance.uuid
     return None
+
+
+def gpm_nvdec_idle(device: Device) -> bool:
+    """Whether GPM saw the video decoders idle over this sample's interval. False when it could
+    not tell: GPM unsupported, disabled, not yet primed, or failed this time."""
+    return device.memo.get(GPM_NVDEC_IDLE) is True

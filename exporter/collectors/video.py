@@ -1,13 +1,30 @@
-"""Video engines: encoder and decoder utilization, and encoder sessions."""
+"""Video engines: encoder and decoder utilization, and encoder sessions.
+
+The engines' sample buffers are read only when the engine can have been busy: the encoder
+while nvmlDeviceGetEncoderStats reports a session now or at the previous sample, the decoder
+unless GPM measured every NVDEC engine at exactly 0 over the same interval. Otherwise the ratio
+is 0 and the buffer stays unread; a catch-up read at least every CATCH_UP_EVERY samples then
+integrates the stretch, so work that started and ended between two samples (an encoder session
+shorter than the interval) still reaches the busy counter, once.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
 from exporter.collectors.busy import BusyTracker
-from exporter.nvml import DEC_UTILIZATION_SAMPLES, ENC_UTILIZATION_SAMPLES, Device
+from exporter.collectors.shared import gpm_nvdec_idle
+from exporter.nvml import DEC_UTILIZATION_SAMPLES, ENC_UTILIZATION_SAMPLES, Device, Handle
+
+# An idle engine's buffer is still read on every this-many-th sample. For the decoder the catch-up
+# is belt and braces (consecutive GPM intervals leave no gap, so an exact 0 over each of them
+# means nothing to catch up); it also keeps both buffers from wrapping between reads (about 16 s
+# of samples on real GPUs).
+CATCH_UP_EVERY = 10
 
 ENCODER_UTILIZATION = MetricSpec(
     "nvml_encoder_utilization_ratio",
@@ -15,7 +32,8 @@ ENCODER_UTILIZATION = MetricSpec(
     "Fraction of the last sampling interval the video encoder (NVENC) was busy.",
     unit="ratio",
     source="nvmlDeviceGetSamples (ENC_UTILIZATION_SAMPLES); "
-    "nvmlDeviceGetEncoderUtilization where samples are unsupported",
+    "nvmlDeviceGetEncoderUtilization where samples are unsupported; "
+    "0 where no encoder session was open at this or the previous sample",
     dcgm=(Dcgm("DCGM_FI_DEV_ENC_UTIL", "Encoder utilization (in %).", "percent", 100),),
 )
 ENCODER_BUSY = MetricSpec(
@@ -23,7 +41,8 @@ ENCODER_BUSY = MetricSpec(
     "counter",
     "Time the video encoder was busy.",
     unit="seconds",
-    source="sum of encoder utilization samples x sample period",
+    source="sum of encoder utilization samples x sample period (buffer read while a session is "
+    "open, else at least every 10th sample)",
 )
 DECODER_UTILIZATION = MetricSpec(
     "nvml_decoder_utilization_ratio",
@@ -31,7 +50,8 @@ DECODER_UTILIZATION = MetricSpec(
     "Fraction of the last sampling interval the video decoder (NVDEC) was busy.",
     unit="ratio",
     source="nvmlDeviceGetSamples (DEC_UTILIZATION_SAMPLES); "
-    "nvmlDeviceGetDecoderUtilization where samples are unsupported",
+    "nvmlDeviceGetDecoderUtilization where samples are unsupported; "
+    "0 where GPM measured every NVDEC engine idle",
     dcgm=(Dcgm("DCGM_FI_DEV_DEC_UTIL", "Decoder utilization (in %).", "percent", 100),),
 )
 DECODER_BUSY = MetricSpec(
@@ -39,7 +59,8 @@ DECODER_BUSY = MetricSpec(
     "counter",
     "Time the video decoder was busy.",
     unit="seconds",
-    source="sum of decoder utilization samples x sample period",
+    source="sum of decoder utilization samples x sample period (buffer read unless GPM measured "
+    "every NVDEC engine at 0, and at least every 10th sample)",
 )
 ENCODER_SESSIONS = MetricSpec(
     "nvml_encoder_sessions",
@@ -62,6 +83,15 @@ ENCODER_LATENCY = MetricSpec(
 )
 
 
+@dataclass
+class _Skips:
+    """Per GPU: encoder sessions at the previous sample, and reads skipped in a row."""
+
+    sessions: int | None = None
+    encoder: int = 0
+    decoder: int = 0
+
+
 class VideoCollector(Collector):
     name = "video"
     metrics = (
@@ -74,24 +104,69 @@ class VideoCollector(Collector):
         ENCODER_LATENCY,
     )
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._encoder = BusyTracker(ENC_UTILIZATION_SAMPLES)
         self._decoder = BusyTracker(DEC_UTILIZATION_SAMPLES)
+        self._skips: dict[str, _Skips] = {}
 
     def collect(self, device: Device, out: Emitter) -> None:
         drv = device.driver
-        now = time.monotonic()
-        for tracker, gauge, counter, instant in (
-            (self._encoder, ENCODER_UTILIZATION, ENCODER_BUSY, drv.encoder_utilization),
-            (self._decoder, DECODER_UTILIZATION, DECODER_BUSY, drv.decoder_utilization),
-        ):
-            samples = tracker.samples(device)
-            ratio, busy = tracker.update(device, samples, partial(device.read, instant), now)
-            if ratio is not None:
-                out.add(gauge, ratio)
-                out.add(counter, busy)
+        now = self._clock()
+        skips = self._skips.setdefault(device.uuid, _Skips())
+        # Read first: it decides whether the encoder's buffer is worth a call.
         stats = device.read(drv.encoder_stats)
+        sessions = None if stats is None else stats.sessions
+        # Both ends of the interval without a session: nothing was encoding, except perhaps a
+        # session that opened and closed in between, which the catch-up read counts.
+        encoder_idle = sessions == 0 and skips.sessions == 0
+        skips.sessions = sessions
+        skips.encoder = self._read(
+            device,
+            self._encoder,
+            (ENCODER_UTILIZATION, ENCODER_BUSY),
+            drv.encoder_utilization,
+            encoder_idle,
+            skips.encoder,
+            now,
+            out,
+        )
+        skips.decoder = self._read(
+            device,
+            self._decoder,
+            (DECODER_UTILIZATION, DECODER_BUSY),
+            drv.decoder_utilization,
+            gpm_nvdec_idle(device),
+            skips.decoder,
+            now,
+            out,
+        )
         if stats is not None:
             out.add(ENCODER_SESSIONS, stats.sessions)
             out.add(ENCODER_FPS, stats.average_fps)
             out.add(ENCODER_LATENCY, stats.average_latency_us / 1e6)
+
+    @staticmethod
+    def _read(
+        device: Device,
+        tracker: BusyTracker,
+        specs: tuple[MetricSpec, MetricSpec],
+        instant: Callable[[Handle], int],
+        idle: bool,
+        skipped: int,
+        now: float,
+        out: Emitter,
+    ) -> int:
+        """Reads one engine's utilization, or skips it while idle; returns the reads skipped
+        in a row."""
+        if idle and skipped < CATCH_UP_EVERY - 1 and tracker.has_value(device):
+            ratio, busy = tracker.idle(device, now)
+            skipped += 1
+        else:
+            samples = tracker.samples(device)
+            ratio, busy = tracker.update(device, samples, partial(device.read, instant), now)
+            skipped = 0
+        if ratio is not None:
+            out.add(specs[0], ratio)
+            out.add(specs[1], busy)
+        return skipped

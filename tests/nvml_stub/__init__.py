@@ -113,6 +113,7 @@ FI_NVLINK_ERROR_DL_CRC = 163
 FI_NVLINK_GET_STATE = 165
 FI_POWER_AVERAGE = 185
 FI_POWER_INSTANT = 186
+FI_POWER_CURRENT_LIMIT = 190
 FI_PCIE_COUNT_TX_BYTES = 197
 FI_PCIE_COUNT_RX_BYTES = 198
 FI_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN = 269
@@ -144,8 +145,11 @@ GPM_FP32_UTIL = 12
 GPM_FP16_UTIL = 13
 GPM_PCIE_TX_PER_SEC = 20
 GPM_PCIE_RX_PER_SEC = 21
+GPM_NVDEC_0_UTIL = 30  # .. 37, one per decoder engine
 GPM_NVLINK_TOTAL_RX_PER_SEC = 60
 GPM_NVLINK_TOTAL_TX_PER_SEC = 61
+# An H200 has seven NVDEC engines.
+H200_NVDEC_ENGINES = 7
 
 # Page-retirement causes (nvmlPageRetirementCause_t).
 PAGE_RETIREMENT_CAUSE_SBE = 0
@@ -272,9 +276,14 @@ class Device:
     temperature_memory: int
     temperature_thresholds: dict[int, int]
     power_usage: int
-    power_average: int
+    """mW, what nvmlDeviceGetPowerUsage returns: on Ampere and newer the 1 s average, also
+    served as field NVML_FI_DEV_POWER_AVERAGE; before Ampere the instantaneous draw, served as
+    field NVML_FI_DEV_POWER_INSTANT (no average field there)."""
+    power_instant: int
+    """mW, field NVML_FI_DEV_POWER_INSTANT on Ampere and newer."""
     power_limit: int
     power_limit_enforced: int
+    """mW, nvmlDeviceGetEnforcedPowerLimit and field NVML_FI_DEV_POWER_CURRENT_LIMIT."""
     power_limit_default: int
     power_limit_min: int
     power_limit_max: int
@@ -329,6 +338,7 @@ class Device:
     encoder_utilization_samples: list[Sample] = field(default_factory=list)
     decoder_utilization_samples: list[Sample] = field(default_factory=list)
     encoder_session_count: int = 0
+    """Sessions open; an encoder without any is idle, its samples 0, as on a real GPU."""
     encoder_average_fps: int = 0
     encoder_average_latency: int = 0
     """Microseconds, as nvmlDeviceGetEncoderStats reports it."""
@@ -336,6 +346,9 @@ class Device:
     """Ampere and Hopper remap rows instead: retired-page calls and fields are NOT_SUPPORTED."""
     retired_pages_pending: bool = False
     remapped_rows_supported: bool = True
+    sample_capacity: int = 100
+    """Entries of each driver sample buffer: the count nvmlDeviceGetSamples answers a NULL
+    buffer with."""
 
     @property
     def pci_bus_id(self) -> str:
@@ -391,13 +404,17 @@ class Device:
             (FI_PCIE_REPLAY_COUNTER, None): FieldValue(ull, self.pcie_replay_counter),
             (FI_PCIE_COUNT_TX_BYTES, None): FieldValue(ull, self.pcie_tx_bytes),
             (FI_PCIE_COUNT_RX_BYTES, None): FieldValue(ull, self.pcie_rx_bytes),
-            (FI_POWER_INSTANT, None): FieldValue(uint, self.power_usage),
-            (FI_POWER_AVERAGE, None): FieldValue(uint, self.power_average),
+            (FI_POWER_CURRENT_LIMIT, None): FieldValue(uint, self.power_limit_enforced),
             (FI_ECC_SBE_VOL_TOTAL, None): FieldValue(ull, self.ecc_errors.get((0, 0), 0)),
             (FI_ECC_DBE_VOL_TOTAL, None): FieldValue(ull, self.ecc_errors.get((1, 0), 0)),
             (FI_ECC_SBE_AGG_TOTAL, None): FieldValue(ull, self.ecc_errors.get((0, 1), 0)),
             (FI_ECC_DBE_AGG_TOTAL, None): FieldValue(ull, self.ecc_errors.get((1, 1), 0)),
         }
+        if self.architecture >= ARCH_AMPERE:
+            served[(FI_POWER_AVERAGE, None)] = FieldValue(uint, self.power_usage)
+            served[(FI_POWER_INSTANT, None)] = FieldValue(uint, self.power_instant)
+        else:
+            served[(FI_POWER_INSTANT, None)] = FieldValue(uint, self.power_usage)
         if self.remapped_rows_supported:
             for fid, remapped in zip(
                 (FI_REMAPPED_COR, FI_REMAPPED_UNC, FI_REMAPPED_PENDING, FI_REMAPPED_FAILURE),
@@ -507,7 +524,7 @@ def make_device(index: int, name: str = "NVIDIA H200", architecture: int = ARCH_
         temperature_memory=40 + i,
         temperature_thresholds={0: 92, 1: 89, 2: 95, 3: 87},
         power_usage=120_000 + 10_000 * i,
-        power_average=118_000 + 10_000 * i,
+        power_instant=121_500 + 10_000 * i,
         power_limit=700_000,
         power_limit_enforced=700_000,
         power_limit_default=700_000,
@@ -530,7 +547,7 @@ def make_device(index: int, name: str = "NVIDIA H200", architecture: int = ARCH_
             FI_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN: 500 * i,
             FI_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN: 0,
         },
-        encoder_utilization=i % 3,
+        encoder_utilization=0,
         encoder_sampling_period=167_000,
         decoder_utilization=(2 * i) % 5,
         decoder_sampling_period=167_000,
@@ -591,10 +608,14 @@ def make_device(index: int, name: str = "NVIDIA H200", architecture: int = ARCH_
             GPM_PCIE_RX_PER_SEC: 200.0 + i,
             GPM_NVLINK_TOTAL_RX_PER_SEC: 4000.0 + i,
             GPM_NVLINK_TOTAL_TX_PER_SEC: 3000.0 + i,
+            # Each decoder engine as busy as the decoder samples say the decoders are.
+            **{
+                GPM_NVDEC_0_UTIL + engine: float((2 * i) % 5)
+                for engine in range(H200_NVDEC_ENGINES)
+            },
         },
-        encoder_utilization_samples=[
-            Sample(_SAMPLE_EPOCH_US + 166_667 * k, i % 3) for k in range(3)
-        ],
+        # No encoder session is open, so the encoder is idle.
+        encoder_utilization_samples=[Sample(_SAMPLE_EPOCH_US + 166_667 * k, 0) for k in range(3)],
         decoder_utilization_samples=[
             Sample(_SAMPLE_EPOCH_US + 166_667 * k, (2 * i) % 5) for k in range(3)
         ],
@@ -636,7 +657,7 @@ def make_pcie_device(index: int) -> Device:
     dev.bar1_total = 65536 * _MIB
     dev.temperature_thresholds = {0: 98, 1: 95, 3: 92}
     dev.power_usage = 80_000 + 5_000 * i
-    dev.power_average = 79_000 + 5_000 * i
+    dev.power_instant = 81_000 + 5_000 * i
     dev.power_limit = dev.power_limit_enforced = dev.power_limit_default = 350_000
     dev.power_limit_min = 100_000
     dev.power_limit_max = 350_000
@@ -975,6 +996,7 @@ def _render_device(d: Device) -> Iterator[str]:
         "max_mig_device_count": d.max_mig_devices,
         "supported_event_types": d.supported_event_types,
         "gpm_supported": int(d.gpm_supported),
+        "samples_capacity": d.sample_capacity,
         "process_utilization_supported": 1,
     }
     for sampling_type in _SAMPLE_LISTS:

@@ -1373,32 +1373,49 @@ HANDLE_FN(nvmlDeviceGetProcessUtilization, nvmlProcessUtilizationSample_t *sampl
 }
 
 /*
- * pynvml sizes with a NULL buffer and expects SUCCESS from that call; NOT_FOUND when no sample is
- * newer than last_seen (microseconds, like the sample timestamps). Every sampling type the device
+ * Like real NVML, a NULL buffer asks for the size of the driver's sample buffer for the type:
+ * SUCCESS with that capacity (samples_capacity, default 100), whatever last_seen is. That is
+ * what NVML's GPUs answer (100 for utilization samples, 120 for power samples, as measured in
+ * GoogleCloudPlatform/container-engine-accelerators pkg/gpu/nvidia/metrics/util.go), and what
+ * nvml.h implies ("the returned samplesCount will provide the number of samples that can be
+ * queried"; the data call may return fewer, see rust-nvml/nvml-wrapper#67). With a buffer:
+ * NOT_FOUND when no sample is newer than last_seen (microseconds, like the sample timestamps),
+ * else the newer samples. nvml.h documents no INSUFFICIENT_SIZE for a buffer smaller than the
+ * newer samples; the stand-in answers it, with the count needed, so that a caller sized from
+ * a smaller capacity (a driver whose buffer grew) can be tested. Every sampling type the device
  * lists as samples_supported.TYPE is served from its own "sample" lines; MIG handles have none.
  */
+#define DEFAULT_SAMPLE_CAPACITY 100
+
 HANDLE_FN(nvmlDeviceGetSamples, unsigned int type, unsigned long long last_seen, unsigned int *value_type,
           unsigned int *count, nvmlSample_t *samples)
     if (!count || !value_type)
         return end(NVML_ERROR_INVALID_ARGUMENT);
     if (!val(&c, "samples_supported.%u", type))
         return end(NVML_ERROR_NOT_SUPPORTED);
+    *value_type = VALUE_TYPE_UNSIGNED_INT;
+    if (!samples) {
+        const char *capacity = val(&c, "samples_capacity");
+        *count = capacity ? (unsigned int)parse_num(capacity) : DEFAULT_SAMPLE_CAPACITY;
+        return end(NVML_SUCCESS);
+    }
+    if (*count == 0)
+        return end(NVML_ERROR_INVALID_ARGUMENT);
     unsigned int n = 0;
     for (size_t i = 0; i < c.cfg->samples.n; i++) {
         const struct sample *p = &c.cfg->samples.v[i];
         if (p->dev != c.dev || p->type != type || p->ts <= last_seen)
             continue;
-        if (samples && n < *count) {
+        if (n < *count) {
             samples[n].timeStamp = p->ts;
             memset(&samples[n].sampleValue, 0, sizeof(samples[n].sampleValue));
             samples[n].sampleValue.uiVal = p->value;
         }
         n++;
     }
-    *value_type = VALUE_TYPE_UNSIGNED_INT;
     if (n == 0)
         rc = NVML_ERROR_NOT_FOUND;
-    else if (samples && n > *count)
+    else if (n > *count)
         rc = NVML_ERROR_INSUFFICIENT_SIZE;
     *count = n;
     return end(rc);
