@@ -315,8 +315,14 @@ class PynvmlDriver:
     def __init__(self) -> None:
         # Which variant of a versioned call works with the installed driver, learned once.
         self._variant: dict[str, int] = {}
-        # Field-value request arrays, prebuilt per request list: (array type, its bytes).
-        self._field_templates: dict[tuple[FieldRequest, ...], tuple[Any, bytes]] = {}
+        # Field-value request arrays, prebuilt per request list: (array type, its bytes, the
+        # layout of the answer).
+        self._field_templates: dict[
+            tuple[FieldRequest, ...], tuple[Any, bytes, struct.Struct]
+        ] = {}
+        self._functions: dict[str, Any] = {}
+        # GPM metric requests, prebuilt per metric list: (its bytes, the answer's layout).
+        self._gpm_templates: dict[tuple[int, ...], tuple[bytes, struct.Struct]] = {}
         self._variant_lock = threading.Lock()
         # Entries of each driver sample buffer, by (device, sampling type), learned once.
         self._sample_capacity: dict[tuple[int | None, int], int] = {}
@@ -440,7 +446,7 @@ class PynvmlDriver:
         every entry through ctypes attribute access, several microseconds per entry, which for
         the ~130 fields of a GPU cost more than the call. Here the request array is built once
         per request list and the answers are decoded from the raw bytes."""
-        key = tuple(requests)
+        key = requests if isinstance(requests, tuple) else tuple(requests)
         template = self._field_templates.get(key)
         if template is None:
             if len(self._field_templates) > 64:  # request lists differ only by mode changes
@@ -450,24 +456,23 @@ class PynvmlDriver:
             for slot, (field_id, scope) in enumerate(key):
                 blank[slot].fieldId = field_id
                 blank[slot].scopeId = scope
-            template = self._field_templates[key] = (array_type, bytes(blank))
-        array_type, raw = template
+            answer = struct.Struct("<" + _FIELD_ANSWER * len(key))
+            template = self._field_templates[key] = (array_type, bytes(blank), answer)
+        array_type, raw, answer = template
         array = array_type.from_buffer_copy(raw)
-        call = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
+        call = self._function("nvmlDeviceGetFieldValues")
         ret = call(handle, ctypes.c_int32(len(key)), ctypes.byref(array))
         if ret != SUCCESS:
             raise pynvml.NVMLError(ret)
-        results: list[FieldResult] = []
-        for *_, value_type, code, value in _FIELD_ENTRY.iter_unpack(bytes(array)):
-            # Each entry carries its own return code; the call's SUCCESS says nothing about it.
-            layout = _UNION_LAYOUTS.get(value_type)
-            if code != SUCCESS:
-                results.append((code, None))
-            elif layout is None:
-                results.append((UNKNOWN, None))
-            else:
-                results.append((SUCCESS, layout.unpack_from(value)[0]))
-        return results
+        return _decode_fields(answer.unpack_from(array))
+
+    def _function(self, name: str) -> Any:
+        """A C function of the library, looked up once: pynvml's lookup takes a lock on every
+        call, and the library stays loaded for the life of the process, across nvmlShutdown."""
+        function = self._functions.get(name)
+        if function is None:
+            function = self._functions[name] = pynvml._nvmlGetFunctionPointer(name)
+        return function
 
     def samples(self, handle: Handle, sample_type: int, since_us: int) -> list[tuple[int, float]]:
         """One nvmlDeviceGetSamples call where pynvml's wrapper makes two.
@@ -681,21 +686,40 @@ class PynvmlDriver:
     def gpm_metrics(
         self, first: Handle, second: Handle, metric_ids: Sequence[int]
     ) -> list[tuple[int, float | None]]:
-        request = pynvml.c_nvmlGpmMetricsGet_t()
-        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
-        request.numMetrics = len(metric_ids)
+        # Prebuilt and decoded from raw bytes, as field values are: pynvml's structure
+        # attributes cost microseconds each, for ~40 metrics per GPU per sample.
+        key = tuple(metric_ids)
+        template = self._gpm_templates.get(key)
+        if template is None:
+            if len(self._gpm_templates) > 64:
+                self._gpm_templates.clear()
+            blank = pynvml.c_nvmlGpmMetricsGet_t()
+            blank.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+            blank.numMetrics = len(key)
+            for slot, metric_id in enumerate(key):
+                blank.metrics[slot].metricId = metric_id
+            metric = pynvml.c_nvmlGpmMetric_t
+            code_at, value_at = metric.nvmlReturn.offset, metric.value.offset
+            tail = ctypes.sizeof(metric) - value_at - 8
+            # (nvmlReturn, value) of each metric asked for.
+            answer = struct.Struct(
+                f"<{pynvml.c_nvmlGpmMetricsGet_t.metrics.offset}x"
+                + f"{code_at}xI{value_at - code_at - 4}xd{tail}x" * len(key)
+            )
+            template = self._gpm_templates[key] = (bytes(blank), answer)
+        raw, answer = template
+        request = pynvml.c_nvmlGpmMetricsGet_t.from_buffer_copy(raw)
         request.sample1 = first
         request.sample2 = second
-        for slot, metric_id in enumerate(metric_ids):
-            request.metrics[slot].metricId = metric_id
-        pynvml.nvmlGpmMetricsGet(request)
-        results: list[tuple[int, float | None]] = []
-        for slot in range(len(metric_ids)):
-            # Like field values, each metric carries its own return code.
-            entry = request.metrics[slot]
-            code = int(entry.nvmlReturn)
-            results.append((code, float(entry.value) if code == SUCCESS else None))
-        return results
+        ret = self._function("nvmlGpmMetricsGet")(ctypes.byref(request))
+        if ret != SUCCESS:
+            raise pynvml.NVMLError(ret)
+        flat = answer.unpack_from(request)
+        # Like field values, each metric carries its own return code.
+        return [
+            (code, value if code == SUCCESS else None)
+            for code, value in zip(flat[::2], flat[1::2], strict=True)
+        ]
 
 
 def mig_profile(name: str) -> str:
@@ -720,13 +744,45 @@ def _process_entry(pid: int, used: int, gi: int, ci: int) -> ProcessInfo:
     )
 
 
+def _field_answer() -> str:
+    """Where nvmlFieldValue_t keeps valueType, nvmlReturn (adjacent) and the value union, as a
+    struct format: the answer of every entry is read in one unpack."""
+    entry = pynvml.c_nvmlFieldValue_t
+    type_at, value_at = entry.valueType.offset, entry.value.offset
+    assert entry.nvmlReturn.offset == type_at + 4
+    return f"{type_at}xII{value_at - type_at - 8}xQ{ctypes.sizeof(entry) - value_at - 8}x"
+
+
+_FIELD_ANSWER = _field_answer()
+
+
+def _decode_fields(flat: tuple[int, ...]) -> list[FieldResult]:
+    """(code, value) per entry from (valueType, nvmlReturn, raw 64-bit union) triples."""
+    results: list[FieldResult] = []
+    append = results.append
+    triples = iter(flat)
+    for value_type, code, raw in zip(triples, triples, triples, strict=True):
+        # Each entry carries its own return code; the call's SUCCESS says nothing about it.
+        if code != SUCCESS:
+            append((code, None))
+        elif value_type in (2, 3):  # unsigned long (long): all 64 bits
+            append((SUCCESS, raw))
+        elif value_type == 1:  # unsigned int: the union's low half; the rest is not ours
+            append((SUCCESS, raw & 0xFFFFFFFF))
+        else:
+            layout = _UNION_LAYOUTS.get(value_type)
+            if layout is None:
+                append((UNKNOWN, None))
+            else:
+                append((SUCCESS, layout.unpack_from(raw.to_bytes(8, "little"))[0]))
+    return results
+
+
 def _handle_key(handle: Handle) -> int | None:
     """A device handle as a hashable address (pynvml hands out ctypes pointers)."""
     return ctypes.cast(handle, ctypes.c_void_p).value
 
 
-# nvmlFieldValue_t: fieldId, scopeId, timestamp, latencyUsec, valueType, nvmlReturn, value union.
-_FIELD_ENTRY = struct.Struct("<IIqqII8s")
 # nvmlSample_t: timeStamp, value union.
 _SAMPLE_ENTRY = struct.Struct("<Q8s")
 # nvmlProcessInfo_v3_t (the same layout as _v2_t): pid, usedGpuMemory, gpuInstanceId,
