@@ -848,6 +848,9 @@ class Device:
         self._cached: dict[tuple[str, tuple[object, ...]], object] = {}
         self._recent: dict[tuple[str, tuple[object, ...]], tuple[float, object]] = {}
         self._fields: dict[FieldRequest, FieldResult] = {}
+        # Request lists as the collectors ask -> what is asked of NVML: no duplicates, nothing
+        # known to be absent.
+        self._field_plans: dict[tuple[FieldRequest, ...], tuple[FieldRequest, ...]] = {}
         # Failing calls already logged; a call is logged again only after it worked again.
         self._failing: set[tuple[str, int]] = set()
         # Errors by name, read by the sampler around each collector to attribute them to it.
@@ -916,6 +919,8 @@ class Device:
             return
         if code in ABSENT_CODES:
             self._absent.add(key)
+            if name == "field":
+                self._field_plans.clear()  # not to be asked for again
             log.debug(
                 "value not available, not asking again",
                 extra={"gpu": self.index, "call": name, "args": key[1], "reason": error_name(code)},
@@ -976,7 +981,13 @@ class Device:
 
     def fetch_fields(self, requests: Sequence[FieldRequest]) -> None:
         """Reads every field the collectors want in one nvmlDeviceGetFieldValues call."""
-        wanted = [r for r in dict.fromkeys(requests) if ("field", r) not in self._absent]
+        key = tuple(requests)
+        wanted = self._field_plans.get(key)
+        if wanted is None:
+            if len(self._field_plans) > 16:  # request lists differ only by mode changes
+                self._field_plans.clear()
+            wanted = tuple(r for r in dict.fromkeys(key) if ("field", r) not in self._absent)
+            self._field_plans[key] = wanted
         self._fields = {}
         if not wanted:
             return
