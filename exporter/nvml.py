@@ -317,9 +317,7 @@ class PynvmlDriver:
         self._variant: dict[str, int] = {}
         # Field-value request arrays, prebuilt per request list: (array type, its bytes, the
         # layout of the answer).
-        self._field_templates: dict[
-            tuple[FieldRequest, ...], tuple[Any, bytes, struct.Struct]
-        ] = {}
+        self._field_templates: dict[tuple[FieldRequest, ...], tuple[Any, bytes, struct.Struct]] = {}
         self._functions: dict[str, Any] = {}
         # GPM metric requests, prebuilt per metric list: (its bytes, the answer's layout).
         self._gpm_templates: dict[tuple[int, ...], tuple[bytes, struct.Struct]] = {}
@@ -430,7 +428,7 @@ class PynvmlDriver:
         return int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
 
     def clock(self, handle: Handle, clock_type: int) -> int:
-        return int(pynvml.nvmlDeviceGetClockInfo(handle, clock_type))
+        return self._scalar("nvmlDeviceGetClockInfo", ctypes.c_uint, handle, clock_type)
 
     def fan_count(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetNumFans(handle))
@@ -439,7 +437,7 @@ class PynvmlDriver:
         return int(pynvml.nvmlDeviceGetFanSpeed_v2(handle, fan))
 
     def performance_state(self, handle: Handle) -> int:
-        return int(pynvml.nvmlDeviceGetPerformanceState(handle))
+        return self._scalar("nvmlDeviceGetPerformanceState", ctypes.c_uint, handle)
 
     def field_values(self, handle: Handle, requests: Sequence[FieldRequest]) -> list[FieldResult]:
         """One nvmlDeviceGetFieldValues call. Not through pynvml's wrapper: it fills and decodes
@@ -465,6 +463,16 @@ class PynvmlDriver:
         if ret != SUCCESS:
             raise pynvml.NVMLError(ret)
         return _decode_fields(answer.unpack_from(array))
+
+    def _scalar(self, name: str, kind: type[Any], handle: Handle, *args: int) -> int:
+        """A call that answers one integer through its last argument, without pynvml's
+        wrapper: these are most of a sample's calls, and the wrapper's lock and conversions
+        cost more than the call itself."""
+        out = kind()
+        ret = self._function(name)(handle, *args, ctypes.byref(out))
+        if ret != SUCCESS:
+            raise pynvml.NVMLError(ret)
+        return int(out.value)
 
     def _function(self, name: str) -> Any:
         """A C function of the library, looked up once: pynvml's lookup takes a lock on every
@@ -517,7 +525,7 @@ class PynvmlDriver:
         ]
 
     def clocks_event_reasons(self, handle: Handle) -> int:
-        return int(pynvml.nvmlDeviceGetCurrentClocksEventReasons(handle))
+        return self._scalar("nvmlDeviceGetCurrentClocksEventReasons", ctypes.c_ulonglong, handle)
 
     def power_limit_default(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle))
