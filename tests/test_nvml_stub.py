@@ -689,6 +689,41 @@ def test_field_value_prefers_an_exact_scope_and_honours_overrides(
     assert [entry[4] for entry in got] == [1, 2, 1, 2.5, None]
 
 
+def test_field_scopes_resolve_per_device_on_a_large_fleet(tmp_path: Path) -> None:
+    """Each device answers from its own entries only, an exact scope beating a wildcard whether
+    the config lists it before or after; on a fleet large enough that every field id appears
+    on many devices, with different scopes on each."""
+    fleet = nvml_stub.Fleet(tmp_path, num_devices=16)
+    ull = nvml_stub.VALUE_TYPE_UNSIGNED_LONG_LONG
+    for dev in fleet.devices:
+        i = dev.index
+        exact: dict[nvml_stub.FieldKey, nvml_stub.FieldValue] = {
+            (9100, s): nvml_stub.FieldValue(ull, 100 * i + s) for s in range(i // 2 % 4)
+        }
+        wildcard: dict[nvml_stub.FieldKey, nvml_stub.FieldValue] = (
+            {(9100, None): nvml_stub.FieldValue(ull, i)} if i % 2 == 0 else {}
+        )
+        # The wildcard goes first on some devices and last on others.
+        dev.extra_fields.update({**wildcard, **exact} if i % 4 == 0 else {**exact, **wildcard})
+    fleet.devices[15].extra_fields[(9101, 3)] = nvml_stub.FieldValue(ull, 7)
+    fleet.apply()
+    requests = [(9100, s) for s in range(5)] + [(9101, 3), (9101, 0)]
+    got = run_py(
+        fleet, _FIELD_PROBE + f"emit([[e[4] for e in fields(i, {requests!r})] for i in range(16)])"
+    )
+    expected = [[dev.field_value(fid, scope) for fid, scope in requests] for dev in fleet.devices]
+    assert got == expected
+    # Spelled out for a few devices: 0 has only a wildcard, 1 nothing, 3 exact scope 0 only,
+    # 4 a wildcard listed before exact scopes 0-1, 6 one listed after exact scopes 0-2; the
+    # field 9101 exists on device 15 alone, at scope 3 alone.
+    assert got[0] == [0, 0, 0, 0, 0, None, None]
+    assert got[1] == [None] * 7
+    assert got[3] == [300, None, None, None, None, None, None]
+    assert got[4] == [400, 401, 4, 4, 4, None, None]
+    assert got[6] == [600, 601, 602, 6, 6, None, None]
+    assert got[15] == [1500, 1501, 1502, None, None, 7, None]
+
+
 def test_hopper_and_ampere_remap_rows_instead_of_retiring_pages(tmp_path: Path) -> None:
     fleet = nvml_stub.Fleet(tmp_path, num_devices=2)
     fleet.devices[1] = nvml_stub.make_device(1, "NVIDIA A100-SXM4-80GB", nvml_stub.ARCH_AMPERE)

@@ -4,7 +4,8 @@
  * The fleet it serves is described by a plain-text file (NVML_STUB_CONFIG)
  * that the Python module nvml_stub writes; the library re-reads it whenever
  * it is replaced, so a test can change values or inject faults while the
- * process under test keeps running. Per-symbol call counters live in a shared
+ * process under test keeps running. Each load builds lookup indexes (see
+ * struct index), so a call's cost does not grow with the size of the fleet. Per-symbol call counters live in a shared
  * file mapping (NVML_STUB_COUNTERS) so the test can read them concurrently.
  *
  * Config lines (space separated, "*" = any; DEV is a device index):
@@ -239,11 +240,109 @@ static void *grow(void *items, size_t *cap, size_t n, size_t size) {
 #define PUSH(vec) \
     ((vec).v = grow((vec).v, &(vec).cap, (vec).n, sizeof(*(vec).v)), &(vec).v[(vec).n++])
 
+/*
+ * Lookup indexes, built once per config load so that a call costs a few table lookups however
+ * large the fleet is. An index maps a 64-bit key to the entries carrying it: `head` gives the
+ * first entry in file order, `next` the following ones, so a scan of a chain visits exactly the
+ * entries a linear scan of the whole vector would have matched on that key, in the same order.
+ */
+#define NO_KEY UINT64_MAX
+#define NO_ENTRY SIZE_MAX
+
+struct index {
+    uint64_t *keys;  /* hash slots: the key, or NO_KEY when empty */
+    uint32_t *heads; /* hash slots: the first entry with the key */
+    uint32_t *next;  /* per entry: the next entry with the same key, or UINT32_MAX */
+    size_t mask;
+};
+
+static uint64_t mix64(uint64_t x) {
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+/* FNV-1a; never NO_KEY, so every string can be indexed. */
+static uint64_t str_key(const char *s) {
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 0x100000001b3ULL;
+    return h == NO_KEY ? 0 : h;
+}
+
+static uint64_t pair_key(unsigned int hi, unsigned int lo) { return ((uint64_t)hi << 32) | lo; }
+
+static void free_index(struct index *ix) {
+    free(ix->keys);
+    free(ix->heads);
+    free(ix->next);
+    memset(ix, 0, sizeof(*ix));
+}
+
+static size_t index_slot(const struct index *ix, uint64_t key) {
+    size_t i = (size_t)mix64(key) & ix->mask;
+    while (ix->keys[i] != NO_KEY && ix->keys[i] != key)
+        i = (i + 1) & ix->mask;
+    return i;
+}
+
+/* keys[i] is entry i's key, NO_KEY for an entry no lookup can match. */
+static void index_build(struct index *ix, const uint64_t *keys, size_t n) {
+    memset(ix, 0, sizeof(*ix));
+    if (n == 0)
+        return;
+    if (n >= UINT32_MAX)
+        abort();
+    size_t cap = 8;
+    while (cap < 2 * n)
+        cap *= 2;
+    ix->mask = cap - 1;
+    ix->keys = malloc(cap * sizeof(*ix->keys));
+    ix->heads = malloc(cap * sizeof(*ix->heads));
+    ix->next = malloc(n * sizeof(*ix->next));
+    if (!ix->keys || !ix->heads || !ix->next)
+        abort();
+    for (size_t i = 0; i < cap; i++)
+        ix->keys[i] = NO_KEY;
+    /* Backwards, so each key's head ends up its first entry and its chain runs in file order. */
+    for (size_t i = n; i-- > 0;) {
+        ix->next[i] = UINT32_MAX;
+        if (keys[i] == NO_KEY)
+            continue;
+        size_t slot = index_slot(ix, keys[i]);
+        if (ix->keys[slot] == keys[i])
+            ix->next[i] = ix->heads[slot];
+        ix->keys[slot] = keys[i];
+        ix->heads[slot] = (uint32_t)i;
+    }
+}
+
+static size_t index_first(const struct index *ix, uint64_t key) {
+    if (!ix->keys || key == NO_KEY)
+        return NO_ENTRY;
+    size_t slot = index_slot(ix, key);
+    return ix->keys[slot] == key ? ix->heads[slot] : NO_ENTRY;
+}
+
+static size_t index_next(const struct index *ix, size_t i) {
+    return ix->next[i] == UINT32_MAX ? NO_ENTRY : ix->next[i];
+}
+
+#define FOR_EACH_WITH_KEY(i, ix, key) \
+    for (size_t i = index_first((ix), (key)); i != NO_ENTRY; i = index_next((ix), i))
+
 struct kv {
     const char *key;
     const char *val;
 };
-typedef VEC(struct kv) kvlist;
+typedef struct {
+    struct kv *v;
+    size_t n;
+    size_t cap;
+    struct index ix; /* by str_key(key) */
+} kvlist;
 
 struct proc {
     int dev;
@@ -309,6 +408,12 @@ struct pname {
     const char *name;
 };
 
+/* Per symbol, the rules that can apply to it (its own and the "*" ones), in file order. */
+struct rule_index {
+    uint32_t start[SYM_COUNT + 1]; /* symbol s's rules are list[start[s]] .. list[start[s + 1] - 1] */
+    uint32_t *list;
+};
+
 struct config {
     char *buf;
     kvlist global;
@@ -326,17 +431,42 @@ struct config {
     VEC(struct rule) faults;
     VEC(struct rule) delays;
     VEC(struct pname) pnames;
+    /* Built by build_indexes() once the whole file is parsed. */
+    struct index procs_ix;   /* by (dev, kind) */
+    struct index putils_ix;  /* by dev */
+    struct index samples_ix; /* by (dev, type) */
+    struct index fields_ix;  /* by (dev, id) */
+    struct index gpm_ix;     /* by (dev, metric) */
+    struct index retired_ix; /* by (dev, cause) */
+    struct index pnames_ix;  /* by pid */
+    uint32_t *event_order;   /* events by seq, file order among equal seqs */
+    struct rule_index faults_ix;
+    struct rule_index delays_ix;
 };
 
 static void free_config(struct config *c) {
     if (!c)
         return;
     free(c->global.v);
+    free_index(&c->global.ix);
     for (int d = 0; d < MAX_DEV; d++) {
         free(c->dev[d].v);
-        for (int m = 0; m < MAX_MIG; m++)
+        free_index(&c->dev[d].ix);
+        for (int m = 0; m < MAX_MIG; m++) {
             free(c->mig[d][m].v);
+            free_index(&c->mig[d][m].ix);
+        }
     }
+    free_index(&c->procs_ix);
+    free_index(&c->putils_ix);
+    free_index(&c->samples_ix);
+    free_index(&c->fields_ix);
+    free_index(&c->gpm_ix);
+    free_index(&c->retired_ix);
+    free_index(&c->pnames_ix);
+    free(c->event_order);
+    free(c->faults_ix.list);
+    free(c->delays_ix.list);
     free(c->procs.v);
     free(c->putils.v);
     free(c->samples.v);
@@ -496,11 +626,102 @@ static void parse_line(struct config *c, char *line) {
     }
 }
 
+/* The first entry with the key, as a scan of the list in file order would find. */
 static const char *kv_get(const kvlist *l, const char *key) {
-    for (size_t i = 0; i < l->n; i++)
+    FOR_EACH_WITH_KEY(i, &l->ix, str_key(key))
         if (strcmp(l->v[i].key, key) == 0)
             return l->v[i].val;
     return NULL;
+}
+
+static void index_kv(kvlist *l) {
+    uint64_t *keys = malloc((l->n ? l->n : 1) * sizeof(*keys));
+    if (!keys)
+        abort();
+    for (size_t i = 0; i < l->n; i++)
+        keys[i] = str_key(l->v[i].key);
+    index_build(&l->ix, keys, l->n);
+    free(keys);
+}
+
+/* Entries for a device no handle can name are left out: no lookup could match them. */
+static uint64_t dev_key(int dev, unsigned int sub) {
+    return dev_ok(dev) ? pair_key((unsigned int)dev, sub) : NO_KEY;
+}
+
+#define INDEX_VEC(ix, vec, key_expr)                                          \
+    do {                                                                      \
+        uint64_t *keys_ = malloc(((vec).n ? (vec).n : 1) * sizeof(*keys_));   \
+        if (!keys_)                                                           \
+            abort();                                                          \
+        for (size_t i_ = 0; i_ < (vec).n; i_++) {                             \
+            const __typeof__(*(vec).v) *e = &(vec).v[i_];                     \
+            keys_[i_] = (key_expr);                                           \
+        }                                                                     \
+        index_build((ix), keys_, (vec).n);                                    \
+        free(keys_);                                                          \
+    } while (0)
+
+static void index_rules(struct rule_index *ri, const struct rule *rules, size_t n) {
+    size_t total = 0;
+    for (int s = 0; s < SYM_COUNT; s++)
+        for (size_t i = 0; i < n; i++)
+            total += rules[i].sym == -1 || rules[i].sym == s;
+    ri->list = total ? malloc(total * sizeof(*ri->list)) : NULL;
+    if (total && !ri->list)
+        abort();
+    uint32_t k = 0;
+    for (int s = 0; s < SYM_COUNT; s++) {
+        ri->start[s] = k;
+        for (size_t i = 0; i < n; i++)
+            if (rules[i].sym == -1 || rules[i].sym == s)
+                ri->list[k++] = (uint32_t)i;
+    }
+    ri->start[SYM_COUNT] = k;
+}
+
+struct seq_pos {
+    unsigned long long seq;
+    uint32_t pos;
+};
+
+static int by_seq_then_pos(const void *a, const void *b) {
+    const struct seq_pos *x = a, *y = b;
+    if (x->seq != y->seq)
+        return x->seq < y->seq ? -1 : 1;
+    return x->pos < y->pos ? -1 : x->pos > y->pos;
+}
+
+static void build_indexes(struct config *c) {
+    index_kv(&c->global);
+    for (int d = 0; d < MAX_DEV; d++) {
+        index_kv(&c->dev[d]);
+        for (int m = 0; m < MAX_MIG; m++)
+            index_kv(&c->mig[d][m]);
+    }
+    INDEX_VEC(&c->procs_ix, c->procs, dev_key(e->dev, (unsigned char)e->kind));
+    INDEX_VEC(&c->putils_ix, c->putils, dev_key(e->dev, 0));
+    INDEX_VEC(&c->samples_ix, c->samples, dev_key(e->dev, e->type));
+    INDEX_VEC(&c->fields_ix, c->fields, dev_key(e->dev, e->id));
+    INDEX_VEC(&c->gpm_ix, c->gpm, dev_key(e->dev, e->metric));
+    INDEX_VEC(&c->retired_ix, c->retired, dev_key(e->dev, e->cause));
+    INDEX_VEC(&c->pnames_ix, c->pnames, (uint64_t)e->pid);
+    if (c->events.n) {
+        struct seq_pos *order = malloc(c->events.n * sizeof(*order));
+        c->event_order = malloc(c->events.n * sizeof(*c->event_order));
+        if (!order || !c->event_order)
+            abort();
+        for (size_t i = 0; i < c->events.n; i++) {
+            order[i].seq = c->events.v[i].seq;
+            order[i].pos = (uint32_t)i;
+        }
+        qsort(order, c->events.n, sizeof(*order), by_seq_then_pos);
+        for (size_t i = 0; i < c->events.n; i++)
+            c->event_order[i] = order[i].pos;
+        free(order);
+    }
+    index_rules(&c->faults_ix, c->faults.v, c->faults.n);
+    index_rules(&c->delays_ix, c->delays.v, c->delays.n);
 }
 
 static struct config *parse_config(int fd, off_t size) {
@@ -521,6 +742,7 @@ static struct config *parse_config(int fd, off_t size) {
     char *save = NULL;
     for (char *line = strtok_r(c->buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
         parse_line(c, line);
+    build_indexes(c);
     long long n = (long long)num(kv_get(&c->global, "device_count"));
     c->ndev = n > MAX_DEV ? MAX_DEV : (int)n;
     return c;
@@ -628,17 +850,18 @@ static void sleep_ms(long long ms) {
     }
 }
 
-static const struct rule *match_rule(const struct rule *rules, size_t n, int s, int dev) {
-    for (size_t i = 0; i < n; i++) {
-        const struct rule *r = &rules[i];
-        if ((r->sym == -1 || r->sym == s) && (r->dev == ANY || r->dev == dev))
-            return &rules[i];
+/* The first rule, in file order, for symbol s (or "*") and device dev (or "*"). */
+static const struct rule *match_rule(const struct rule *rules, const struct rule_index *ri, int s, int dev) {
+    for (uint32_t k = ri->start[s]; k < ri->start[s + 1]; k++) {
+        const struct rule *r = &rules[ri->list[k]];
+        if (r->dev == ANY || r->dev == dev)
+            return r;
     }
     return NULL;
 }
 
 static nvmlReturn_t fault_for(const struct config *c, int s, int dev) {
-    const struct rule *r = match_rule(c->faults.v, c->faults.n, s, dev);
+    const struct rule *r = match_rule(c->faults.v, &c->faults_ix, s, dev);
     return r ? (nvmlReturn_t)r->value : NVML_SUCCESS;
 }
 
@@ -661,7 +884,7 @@ static nvmlReturn_t begin(struct call *c, enum sym s, int dev) {
     count(s, 1);
     maybe_reload();
     pthread_rwlock_rdlock(&cfg_lock);
-    const struct rule *d = match_rule(cfg->delays.v, cfg->delays.n, s, dev);
+    const struct rule *d = match_rule(cfg->delays.v, &cfg->delays_ix, s, dev);
     long long ms = d ? d->value : 0;
     pthread_rwlock_unlock(&cfg_lock);
     if (ms > 0) {
@@ -885,9 +1108,9 @@ EXPORT nvmlReturn_t nvmlSystemGetProcessName(unsigned int pid, char *buf, unsign
     nvmlReturn_t rc = begin(&c, SYM_nvmlSystemGetProcessName, -1);
     if (rc != NVML_SUCCESS)
         return rc;
-    for (size_t i = 0; i < c.cfg->pnames.n; i++)
-        if (c.cfg->pnames.v[i].pid == pid)
-            return end(copy_str(c.cfg->pnames.v[i].name, buf, len));
+    size_t i = index_first(&c.cfg->pnames_ix, pid);
+    if (i != NO_ENTRY)
+        return end(copy_str(c.cfg->pnames.v[i].name, buf, len));
     return end(NVML_ERROR_NOT_FOUND);
 }
 
@@ -1143,10 +1366,8 @@ HANDLE_FN(nvmlDeviceGetRetiredPages_v2, unsigned int cause, unsigned int *count,
     if (!val(&c, "retired_pages_supported"))
         return end(NVML_ERROR_NOT_SUPPORTED);
     unsigned int n = 0;
-    for (size_t i = 0; i < c.cfg->retired.n; i++) {
+    FOR_EACH_WITH_KEY(i, &c.cfg->retired_ix, pair_key((unsigned int)c.dev, cause)) {
         const struct retired *r = &c.cfg->retired.v[i];
-        if (r->dev != c.dev || r->cause != cause)
-            continue;
         if (addresses && n < *count) {
             addresses[n] = r->addr;
             if (timestamps)
@@ -1249,10 +1470,8 @@ HANDLE_FN(nvmlDeviceIsMigDeviceHandle, unsigned int *is_mig)
 
 static const struct field *find_field(const struct call *c, unsigned int id, unsigned int scope) {
     const struct field *wildcard = NULL;
-    for (size_t i = 0; i < c->cfg->fields.n; i++) {
+    FOR_EACH_WITH_KEY(i, &c->cfg->fields_ix, pair_key((unsigned int)c->dev, id)) {
         const struct field *f = &c->cfg->fields.v[i];
-        if (f->dev != c->dev || f->id != id)
-            continue;
         if (f->scope == (long long)scope)
             return f;
         if (f->scope == ANY)
@@ -1319,10 +1538,8 @@ static nvmlReturn_t running_processes(nvmlDevice_t device, enum sym s, char kind
         GET_NUM(&c, &ci, "compute_instance_id");
     }
     unsigned int n = 0;
-    for (size_t i = 0; i < c.cfg->procs.n; i++) {
+    FOR_EACH_WITH_KEY(i, &c.cfg->procs_ix, pair_key((unsigned int)c.dev, (unsigned char)kind)) {
         const struct proc *p = &c.cfg->procs.v[i];
-        if (p->dev != c.dev || p->kind != kind)
-            continue;
         if (c.ent->mig >= 0 && (p->gi != gi || p->ci != ci))
             continue;
         if (infos && n < *count) {
@@ -1356,9 +1573,9 @@ HANDLE_FN(nvmlDeviceGetProcessUtilization, nvmlProcessUtilizationSample_t *sampl
     if (!val(&c, "process_utilization_supported"))
         return end(NVML_ERROR_NOT_SUPPORTED);
     unsigned int n = 0;
-    for (size_t i = 0; i < c.cfg->putils.n; i++) {
+    FOR_EACH_WITH_KEY(i, &c.cfg->putils_ix, pair_key((unsigned int)c.dev, 0)) {
         const struct putil *p = &c.cfg->putils.v[i];
-        if (p->dev != c.dev || p->s.timeStamp <= last_seen)
+        if (p->s.timeStamp <= last_seen)
             continue;
         if (samples && n < *count)
             samples[n] = p->s;
@@ -1402,9 +1619,9 @@ HANDLE_FN(nvmlDeviceGetSamples, unsigned int type, unsigned long long last_seen,
     if (*count == 0)
         return end(NVML_ERROR_INVALID_ARGUMENT);
     unsigned int n = 0;
-    for (size_t i = 0; i < c.cfg->samples.n; i++) {
+    FOR_EACH_WITH_KEY(i, &c.cfg->samples_ix, pair_key((unsigned int)c.dev, type)) {
         const struct sample *p = &c.cfg->samples.v[i];
-        if (p->dev != c.dev || p->type != type || p->ts <= last_seen)
+        if (p->ts <= last_seen)
             continue;
         if (n < *count) {
             samples[n].timeStamp = p->ts;
@@ -1477,11 +1694,19 @@ static int next_event(struct event_set *set, nvmlEventData_t *data) {
     int found = 0;
     pthread_rwlock_rdlock(&cfg_lock);
     const struct event *best = NULL;
-    for (size_t i = 0; i < cfg->events.n; i++) {
-        const struct event *e = &cfg->events.v[i];
-        if (e->seq <= set->cursor || !dev_ok(e->dev) || !(set->mask[e->dev] & e->type))
-            continue;
-        if (!best || e->seq < best->seq)
+    /* event_order lists the events by seq (file order among equals): skip those already
+     * delivered, then the first one the set registered for is the oldest. */
+    size_t lo = 0, hi = cfg->events.n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (cfg->events.v[cfg->event_order[mid]].seq <= set->cursor)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    for (size_t k = lo; !best && k < cfg->events.n; k++) {
+        const struct event *e = &cfg->events.v[cfg->event_order[k]];
+        if (dev_ok(e->dev) && (set->mask[e->dev] & e->type))
             best = e;
     }
     if (best) {
@@ -1641,9 +1866,9 @@ EXPORT nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *mg) {
         m->metricInfo.shortName = NULL;
         m->metricInfo.longName = NULL;
         m->metricInfo.unit = NULL;
-        for (size_t k = 0; k < c.cfg->gpm.n; k++) {
+        FOR_EACH_WITH_KEY(k, &c.cfg->gpm_ix, pair_key((unsigned int)dev, m->metricId)) {
             const struct gpm_value *g = &c.cfg->gpm.v[k];
-            if (g->dev == dev && g->gi == gi && g->metric == m->metricId) {
+            if (g->gi == gi) {
                 m->nvmlReturn = NVML_SUCCESS;
                 m->value = g->value;
                 break;
