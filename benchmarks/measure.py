@@ -27,6 +27,8 @@ MiB = 1 << 20
 _OUR_SAMPLER_THREADS = re.compile(r"^(sampler|gpu-reader(-\d+)?)$")
 # nvitop-exporter samples on its main thread (PrometheusExporter.collect).
 _NVITOP_SAMPLER_THREADS = re.compile(r"^MainThread$")
+# Called once per GPU and sample by both exporters (memory used and free).
+SAMPLE_ANCHOR = "nvmlDeviceGetMemoryInfo_v2"
 LOAD_MATRIX = ((1, False), (1, True), (16, False), (16, True))
 
 
@@ -212,7 +214,19 @@ class LowRateResult:
     scrapes: int
     cpu_ns: dict[str, int]
     """Per OS thread name, over the window."""
+    calls: dict[str, int]
+    """NVML calls per C symbol over the window."""
+    interval: float
     samples_seen: int | None = None
+
+    def calls_per_sample(self, gpus: int) -> float:
+        """Over a window that spans whole periods of the settings re-read every 10 or 30 s,
+        so they count at their average rate (a 5 s idle window holds them or not). Samples are
+        counted by a call both exporters make once per GPU and sample, as a loop that sleeps
+        an interval after its work samples a little less often than once per interval."""
+        anchor = self.calls.get(SAMPLE_ANCHOR, 0)
+        samples = anchor / gpus if anchor else self.seconds / self.interval
+        return sum(self.calls.values()) / samples
 
     @property
     def percent_of_core(self) -> float:
@@ -226,7 +240,12 @@ class LowRateResult:
 
 
 def low_rate(
-    targets: list[Target], seconds: float, every: float, log: Callable[[str], None]
+    targets: list[Target],
+    fleets: list[nvml_stub.Fleet],
+    seconds: float,
+    every: float,
+    interval: float,
+    log: Callable[[str], None],
 ) -> list[LowRateResult]:
     """Scrapes each target every `every` seconds for `seconds`, as Prometheus does (one
     keep-alive connection, its Accept header, gzip), and returns each one's CPU over that time.
@@ -236,6 +255,7 @@ def low_rate(
     ours = [t for t in targets if t.name == "nvml-exporter"]
     seen_before = last_sample_timestamp(ours[0]) if ours else None
     cpu0 = {t.name: thread_cpu_ns(t.pid) for t in targets}
+    calls0 = [fleet.calls() for fleet in fleets]
     started = time.perf_counter()
     scrapes = 0
     try:
@@ -254,12 +274,20 @@ def low_rate(
             time.sleep(max(0.01, min(seconds, next_due) - (time.perf_counter() - started)))
         ended = time.perf_counter()
         cpu1 = {t.name: thread_cpu_ns(t.pid) for t in targets}
+        calls1 = [fleet.calls() for fleet in fleets]
     finally:
         for conn in connections.values():
             conn.close()
     results = [
-        LowRateResult(t.name, ended - started, scrapes, _cpu_delta(cpu0[t.name], cpu1[t.name]))
-        for t in targets
+        LowRateResult(
+            t.name,
+            ended - started,
+            scrapes,
+            _cpu_delta(cpu0[t.name], cpu1[t.name]),
+            _calls_delta(calls0[i], calls1[i]),
+            interval,
+        )
+        for i, t in enumerate(targets)
     ]
     if ours and seen_before is not None:
         seen_after = last_sample_timestamp(ours[0])

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import nvml_stub
+
 from benchmarks import load
 from benchmarks.fleets import FleetSpec, build_fleet, host_processes, parse_fleets
 from benchmarks.measure import ExporterResult, LowRateResult, Settings, low_rate, measure
@@ -213,18 +215,19 @@ def run_low_rate(nvitop: str | None, seconds: float, interval: float) -> list[Lo
     """Both exporters side by side at 8 GPUs, scraped every 15 s for `seconds`."""
     spec = FleetSpec(8, 0)
     targets: list[Target] = []
+    fleets: list[nvml_stub.Fleet] = []
     with (
         tempfile.TemporaryDirectory(prefix="bench-low-ours-") as ours_tmp,
         tempfile.TemporaryDirectory(prefix="bench-low-nvitop-") as their_tmp,
     ):
         try:
-            ours_fleet = build_fleet(Path(ours_tmp), spec, [])
-            targets.append(start_ours(ours_fleet.env(), Path(ours_tmp), f"{interval:g}s"))
+            fleets.append(build_fleet(Path(ours_tmp), spec, []))
+            targets.append(start_ours(fleets[-1].env(), Path(ours_tmp), f"{interval:g}s"))
             if nvitop is not None:
-                their_fleet = build_fleet(Path(their_tmp), spec, [])
-                targets.append(start_nvitop(nvitop, their_fleet.env(), Path(their_tmp)))
+                fleets.append(build_fleet(Path(their_tmp), spec, []))
+                targets.append(start_nvitop(nvitop, fleets[-1].env(), Path(their_tmp)))
             time.sleep(2.0)
-            return low_rate(targets, seconds, LOW_RATE_EVERY_S, _log)
+            return low_rate(targets, fleets, seconds, LOW_RATE_EVERY_S, interval, _log)
         finally:
             for target in targets:
                 stop(target)

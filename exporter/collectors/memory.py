@@ -45,28 +45,32 @@ MEMORY_RESERVED = MetricSpec(
     source="nvmlDeviceGetMemoryInfo_v2 .reserved",
     dcgm=_fb("DCGM_FI_DEV_FB_RESERVED", "reserved"),
 )
+# BAR1 mappings change when a process maps host-visible memory, mostly as it starts (GPUDirect
+# RDMA registration, say), not from one second to the next: a driver call a second is not worth it.
+BAR1_MAX_AGE = 10.0
+
 BAR1_TOTAL = MetricSpec(
     "nvml_bar1_memory_total_bytes",
     "gauge",
     "Size of the BAR1 aperture through which the host maps device memory.",
     unit="bytes",
-    source="nvmlDeviceGetBAR1MemoryInfo .bar1Total",
+    source="nvmlDeviceGetBAR1MemoryInfo .bar1Total (every 10 s)",
     dcgm=(Dcgm("DCGM_FI_DEV_BAR1_TOTAL", "Total BAR1 of the GPU (in MiB).", "MiB", 1 / MIB),),
 )
 BAR1_USED = MetricSpec(
     "nvml_bar1_memory_used_bytes",
     "gauge",
-    "BAR1 aperture in use.",
+    "BAR1 aperture in use, as of a read at most 10 s old.",
     unit="bytes",
-    source="nvmlDeviceGetBAR1MemoryInfo .bar1Used",
+    source="nvmlDeviceGetBAR1MemoryInfo .bar1Used (every 10 s)",
     dcgm=(Dcgm("DCGM_FI_DEV_BAR1_USED", "Used BAR1 of the GPU (in MiB).", "MiB", 1 / MIB),),
 )
 BAR1_FREE = MetricSpec(
     "nvml_bar1_memory_free_bytes",
     "gauge",
-    "BAR1 aperture free.",
+    "BAR1 aperture free, as of a read at most 10 s old.",
     unit="bytes",
-    source="nvmlDeviceGetBAR1MemoryInfo .bar1Free",
+    source="nvmlDeviceGetBAR1MemoryInfo .bar1Free (every 10 s)",
     dcgm=(Dcgm("DCGM_FI_DEV_BAR1_FREE", "Free BAR1 of the GPU (in MiB).", "MiB", 1 / MIB),),
 )
 
@@ -91,7 +95,7 @@ class MemoryCollector(Collector):
             out.add(MEMORY_FREE, info.free)
             if info.reserved is not None:
                 out.add(MEMORY_RESERVED, info.reserved)
-        bar1 = device.read(device.driver.bar1_memory)
+        bar1 = device.recent(BAR1_MAX_AGE, device.driver.bar1_memory)
         if bar1 is not None:
             out.add(BAR1_TOTAL, bar1.total)
             out.add(BAR1_USED, bar1.used)
