@@ -219,14 +219,23 @@ class LowRateResult:
     interval: float
     samples_seen: int | None = None
 
+    def samples(self, gpus: int) -> float:
+        """Counted by a call both exporters make once per GPU and sample: a loop that sleeps an
+        interval after its work samples a little less often than once per interval."""
+        anchor = self.calls.get(SAMPLE_ANCHOR, 0)
+        return anchor / gpus if anchor else self.seconds / self.interval
+
     def calls_per_sample(self, gpus: int) -> float:
         """Over a window that spans whole periods of the settings re-read every 10 or 30 s,
-        so they count at their average rate (a 5 s idle window holds them or not). Samples are
-        counted by a call both exporters make once per GPU and sample, as a loop that sleeps
-        an interval after its work samples a little less often than once per interval."""
-        anchor = self.calls.get(SAMPLE_ANCHOR, 0)
-        samples = anchor / gpus if anchor else self.seconds / self.interval
-        return sum(self.calls.values()) / samples
+        so they count at their average rate (a 5 s idle window holds them or not)."""
+        return sum(self.calls.values()) / self.samples(gpus)
+
+    def sampler_ms_per_sample(self, gpus: int) -> float:
+        """CPU of the sampling threads per sample: 60 samples rather than the idle window's 5,
+        taken while the other exporter runs too, so both see the same machine."""
+        pattern = _OUR_SAMPLER_THREADS if self.name == "nvml-exporter" else _NVITOP_SAMPLER_THREADS
+        ns = sum(v for name, v in self.cpu_ns.items() if pattern.match(name))
+        return ns / 1e6 / self.samples(gpus)
 
     @property
     def percent_of_core(self) -> float:

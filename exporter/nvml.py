@@ -1025,6 +1025,13 @@ class Device:
             return None
         return value
 
+    def field_results(self, requests: Sequence[FieldRequest]) -> list[FieldResult | None]:
+        """The raw (code, value) entries of the last `fetch_fields`, None where a field was not
+        asked for (or is known to be absent); entries that failed need `field()` for the error
+        policy."""
+        fields = self._fields
+        return [fields.get(request) for request in requests]
+
     def is_absent(self, fn: Callable[..., object], *args: object) -> bool:
         return (fn.__name__, args) in self._absent
 

@@ -26,13 +26,15 @@ from prometheus_client import ProcessCollector
 
 from exporter import __version__, dcgm
 from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec, Services
-from exporter.collectors.base import IDENTITY_LABELS, Sample
+from exporter.collectors.base import IDENTITY_LABELS, FieldPlan, Sample, field_value
 from exporter.config import Config
 from exporter.nvml import (
+    SUCCESS,
     Device,
     DeviceLost,
     Driver,
     FieldRequest,
+    FieldResult,
     Session,
     SessionLost,
     binding_version,
@@ -180,6 +182,7 @@ SELF_METRICS = (
 
 # (spec, extra label values) -> (line prefix, value, line): one GPU's series of the last sample.
 SeriesCache = dict[tuple[MetricSpec, tuple[str, ...]], tuple[str, float, str]]
+PlanCache = dict[FieldPlan, "_PlanState"]
 
 
 @dataclass
@@ -187,6 +190,7 @@ class DeviceResult:
     samples: list[Sample] = field(default_factory=list)  # naming: dcgm
     lines: dict[MetricSpec, list[str]] = field(default_factory=dict)  # naming: nvml
     series: SeriesCache = field(default_factory=dict)
+    plans: PlanCache = field(default_factory=dict)
     # collector name -> (succeeded, seconds, errors by kind)
     status: dict[str, tuple[bool, float, Counter[str]]] = field(default_factory=dict)
     down_reason: str | None = None
@@ -285,28 +289,38 @@ class _Readers:
             self._jobs.put(None)
 
 
+@dataclass
+class _PlanState:
+    """A field plan's last sample on one GPU."""
+
+    results: list[FieldResult | None]
+    lines: list[str | None]
+    prefixes: list[str]
+    complete: bool  # a line for every series
+    failed: bool  # some entry failed, and the error policy must see it every sample
+
+
 class _SeriesEmitter(Emitter):
     """Renders each series to its exposition line as the collector adds it. The line of the
     last sample is reused when the value is unchanged, and its prefix (name and labels) always,
     so a series costs a dictionary lookup, not a label rendering."""
 
-    __slots__ = ("_identity", "_previous", "lines", "series")
+    __slots__ = ("_identity", "_previous", "_previous_plans", "lines", "plans", "series")
 
-    def __init__(self, identity: str, previous: SeriesCache) -> None:
+    def __init__(self, identity: str, previous: SeriesCache, previous_plans: PlanCache) -> None:
         super().__init__()
         self._identity = identity
         self._previous = previous
+        self._previous_plans = previous_plans
         self.series: SeriesCache = {}
+        self.plans: PlanCache = {}
         self.lines: dict[MetricSpec, list[str]] = {}
 
     def add(self, spec: MetricSpec, value: float, *labels: str) -> None:
         key = (spec, labels)
         entry = self._previous.get(key)
         if entry is None:
-            pairs = self._identity
-            if labels:
-                pairs += "," + label_pairs(spec.labels, labels)
-            prefix = series_prefix(spec.name, pairs)
+            prefix = self._prefix(spec, labels)
             entry = (prefix, value, prefix + format_value(value) + "\n")
         elif entry[1] != value:
             entry = (entry[0], value, entry[0] + format_value(value) + "\n")
@@ -315,6 +329,57 @@ class _SeriesEmitter(Emitter):
         if lines is None:
             lines = self.lines[spec] = []
         lines.append(entry[2])
+
+    def _prefix(self, spec: MetricSpec, labels: tuple[str, ...]) -> str:
+        pairs = self._identity
+        if labels:
+            pairs += "," + label_pairs(spec.labels, labels)
+        return series_prefix(spec.name, pairs)
+
+    def add_fields(self, device: Device, plan: FieldPlan) -> None:
+        """A plan's series at once: when its field entries equal the last sample's, all its
+        lines are the last sample's too (one list comparison for, say, 108 NVLink series);
+        otherwise only the entries that changed are rendered again."""
+        results = device.field_results(plan.requests_by_series)
+        state = self._previous_plans.get(plan)
+        if state is None or state.failed or state.results != results:
+            state = self._render_plan(device, plan, results, state)
+        self.plans[plan] = state
+        lines = state.lines
+        for spec, start, end in plan.spans:
+            target = self.lines.get(spec)
+            if target is None:
+                target = self.lines[spec] = []
+            if state.complete:
+                target.extend(lines[start:end])  # type: ignore[arg-type]
+            else:
+                target.extend(line for line in lines[start:end] if line is not None)
+
+    def _render_plan(
+        self,
+        device: Device,
+        plan: FieldPlan,
+        results: list[FieldResult | None],
+        previous: _PlanState | None,
+    ) -> _PlanState:
+        if previous is None:
+            prefixes = [self._prefix(s.spec, s.labels) for s in plan.series]
+        else:
+            prefixes = previous.prefixes
+        state = _PlanState(results, [], prefixes, complete=True, failed=False)
+        for index, (series, result) in enumerate(zip(plan.series, results, strict=True)):
+            if result is None or result[0] != SUCCESS:
+                if result is not None:
+                    device.field(*series.request)  # the error policy sees it every sample
+                    state.failed = True
+                state.lines.append(None)
+                state.complete = False
+            elif previous is not None and previous.results[index] == result:
+                state.lines.append(previous.lines[index])
+            else:
+                value = field_value(series, result[1])  # type: ignore[arg-type]
+                state.lines.append(prefixes[index] + format_value(value) + "\n")
+        return state
 
 
 def _header(spec: MetricSpec | Dcgm, suffix: str) -> Header:
@@ -404,7 +469,7 @@ class Sampler:
         self.config = config
         self._collectors = self._select(config)
         self._readers = _Readers(stall=min(config.sampling.deadline / 4, 0.25))
-        self._series: dict[tuple[int, str], SeriesCache] = {}
+        self._series: dict[tuple[int, str], tuple[SeriesCache, PlanCache]] = {}
         self._headers: dict[MetricSpec | Dcgm, Header] = {}
         self._prefixes: dict[tuple[MetricSpec, tuple[str, ...]], str] = {}
         self._pending: dict[int, Future[DeviceResult]] = {}
@@ -470,7 +535,8 @@ class Sampler:
             out = Emitter()
         else:
             identity = label_pairs(IDENTITY_LABELS, (str(device.index), device.uuid))
-            out = _SeriesEmitter(identity, self._series.get((device.index, device.uuid), {}))
+            series, plans = self._series.get((device.index, device.uuid), ({}, {}))
+            out = _SeriesEmitter(identity, series, plans)
         device.memo = {}
         requests: list[FieldRequest] = []
         failed: set[str] = set()
@@ -513,6 +579,7 @@ class Sampler:
         if isinstance(out, _SeriesEmitter):
             result.lines = out.lines
             result.series = out.series
+            result.plans = out.plans
         else:
             result.samples = out.samples
         return result
@@ -611,7 +678,7 @@ class Sampler:
             builder.add(GPU_DEVICES, (), self.session.total_devices)
         offline = [c for c in self._collectors if not c.reads_nvml]
         status: dict[str, list[tuple[bool, float, Counter[str]]]] = {}
-        series: dict[tuple[int, str], SeriesCache] = {}
+        series: dict[tuple[int, str], tuple[SeriesCache, PlanCache]] = {}
         for device in devices:
             result = results[device.index]
             identity = (str(device.index), device.uuid)
@@ -631,7 +698,7 @@ class Sampler:
                 continue
             if result.lines:
                 builder.add_lines(result.lines)
-                series[(device.index, device.uuid)] = result.series
+                series[(device.index, device.uuid)] = (result.series, result.plans)
             else:
                 builder.add_device(device, result.samples)
             for name, outcome in result.status.items():

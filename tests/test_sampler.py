@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -15,6 +15,7 @@ from fakes import FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collectors import COLLECTOR_DEFAULTS, COLLECTORS, Collector, Emitter, MetricSpec
+from exporter.collectors.base import FieldPlan, FieldSeries
 from exporter.config import (
     Config,
     DeviceSelection,
@@ -23,7 +24,7 @@ from exporter.config import (
     SimulationConfig,
 )
 from exporter.nvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, Device, NvmlError
-from exporter.sampler import DeviceResult, Sampler, _Readers
+from exporter.sampler import DeviceResult, PlanCache, Sampler, _Readers, _SeriesEmitter
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format, Snapshot
 
@@ -378,3 +379,77 @@ def test_driver_breaking_under_us_reports_nvml_down_and_reinitialises() -> None:
     found = samples(sampler.sample_once())
     assert found[("nvml_up", frozenset())] == 1
     assert by_gpu(found, "nvml_gpu_up") == {"0": 1, "1": 1}
+
+
+class _FieldDevice:
+    """Just what a field plan reads: the entries of one sample, and the error policy."""
+
+    def __init__(self, entries: dict[tuple[int, int], tuple[int, float | None]]) -> None:
+        self.entries = entries
+        self.policy_calls: list[tuple[int, int]] = []
+
+    def field_results(self, requests: Sequence[tuple[int, int]]) -> list[object]:
+        return [self.entries.get(request) for request in requests]
+
+    def field(self, field_id: int, scope: int = 0) -> float | None:
+        self.policy_calls.append((field_id, scope))
+        return None
+
+
+def test_a_field_plan_reuses_unchanged_lines_renders_changes_and_keeps_errors_visible() -> None:
+    state = MetricSpec("t_link_up", "gauge", "Link state.", labels=("link",))
+    sent = MetricSpec("t_tx_bytes_total", "counter", "Sent.", labels=("link",))
+    plan = FieldPlan(
+        [
+            FieldSeries(state, (1, 0), ("0",), scale=0),
+            FieldSeries(sent, (2, 0), ("0",), scale=1024),
+            FieldSeries(state, (1, 1), ("1",), scale=0),
+            FieldSeries(sent, (2, 1), ("1",), scale=1024),
+        ]
+    )
+    device = _FieldDevice({(1, 0): (0, 1), (2, 0): (0, 10), (1, 1): (0, 0), (2, 1): (0, 20)})
+
+    def sample(previous: PlanCache) -> tuple[dict[MetricSpec, list[str]], PlanCache]:
+        out = _SeriesEmitter('gpu="0"', {}, previous)
+        out.add_fields(device, plan)  # type: ignore[arg-type]
+        return out.lines, out.plans
+
+    first, plans = sample({})
+    # Each spec's series together, in link order, as one family each.
+    assert first == {
+        state: ['t_link_up{gpu="0",link="0"} 1.0\n', 't_link_up{gpu="0",link="1"} 0.0\n'],
+        sent: [
+            't_tx_bytes_total{gpu="0",link="0"} 10240.0\n',
+            't_tx_bytes_total{gpu="0",link="1"} 20480.0\n',
+        ],
+    }
+    again, plans = sample(plans)
+    assert again == first
+    assert again[sent][0] is first[sent][0]  # nothing unchanged was rendered again
+
+    device.entries[(2, 1)] = (0, 30)
+    changed, plans = sample(plans)
+    assert changed[sent] == [first[sent][0], 't_tx_bytes_total{gpu="0",link="1"} 30720.0\n']
+
+    # A failing entry is left out and goes through the error policy on every sample, even
+    # when nothing changed; an absent one (not requested any more) is just left out.
+    device.entries[(2, 0)] = (999, None)
+    del device.entries[(1, 1)]
+    for _ in range(2):
+        failing, plans = sample(plans)
+        assert failing[sent] == ['t_tx_bytes_total{gpu="0",link="1"} 30720.0\n']
+        assert failing[state] == ['t_link_up{gpu="0",link="0"} 1.0\n']
+    assert device.policy_calls == [(2, 0), (2, 0)]
+
+
+def test_a_field_plan_renders_the_same_through_the_plain_emitter() -> None:
+    spec = MetricSpec("t_errors_total", "counter", "Errors.", labels=("link", "error"))
+    plan = FieldPlan([FieldSeries(spec, (7, link), (str(link), "crc")) for link in range(3)])
+
+    class Device:
+        def field(self, field_id: int, scope: int = 0) -> float | None:
+            return None if scope == 1 else scope * 2
+
+    out = Emitter()
+    out.add_fields(Device(), plan)  # type: ignore[arg-type]
+    assert out.samples == [(spec, ("0", "crc"), 0), (spec, ("2", "crc"), 4)]

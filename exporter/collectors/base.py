@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -56,6 +56,44 @@ class MetricSpec:
 Sample = tuple[MetricSpec, tuple[str, ...], float]
 
 
+@dataclass(frozen=True)
+class FieldSeries:
+    """A series whose value is one field value times `scale`; scale 0 turns the value into
+    1 (non-zero) or 0, for states."""
+
+    spec: MetricSpec
+    request: FieldRequest
+    labels: tuple[str, ...] = ()
+    scale: float = 1
+
+
+class FieldPlan:
+    """Series that are field values and nothing else, in output order: each spec's series
+    together. Built once (per board layout), hashed by identity."""
+
+    __slots__ = ("requests", "requests_by_series", "series", "spans")
+
+    def __init__(self, series: Sequence[FieldSeries]) -> None:
+        order = list(dict.fromkeys(s.spec for s in series))
+        self.series = tuple(sorted(series, key=lambda s: order.index(s.spec)))
+        self.requests_by_series = tuple(s.request for s in self.series)
+        self.requests = tuple(dict.fromkeys(self.requests_by_series))
+        # (spec, first, end) of each spec's run of series.
+        spans: list[tuple[MetricSpec, int, int]] = []
+        for index, entry in enumerate(self.series):
+            if spans and spans[-1][0] is entry.spec:
+                spans[-1] = (entry.spec, spans[-1][1], index + 1)
+            else:
+                spans.append((entry.spec, index, index + 1))
+        self.spans = tuple(spans)
+
+
+def field_value(series: FieldSeries, value: float) -> float:
+    if not series.scale:
+        return 1 if value else 0
+    return value * series.scale if series.scale != 1 else value
+
+
 class Emitter:
     """Collects one device's samples; the sampler merges them into metric families."""
 
@@ -66,6 +104,13 @@ class Emitter:
 
     def add(self, spec: MetricSpec, value: float, *labels: str) -> None:
         self.samples.append((spec, labels, value))
+
+    def add_fields(self, device: Device, plan: FieldPlan) -> None:
+        """The plan's series from the device's field values of this sample."""
+        for series in plan.series:
+            value = device.field(*series.request)
+            if value is not None:
+                self.add(series.spec, field_value(series, value), *series.labels)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.collectors.base import Collector, Dcgm, Emitter, FieldPlan, FieldSeries, MetricSpec
 from exporter.nvml import (
     FI_NVLINK_ERROR_DL_CRC,
     FI_NVLINK_ERROR_DL_RECOVERY,
@@ -96,24 +96,19 @@ _PER_LINK = (
 )
 
 
-# (spec, field id, link, label values, scale; 0 for a state turned into 1 or 0), in output order.
-_Series = tuple[MetricSpec, int, int, tuple[str, ...], float]
-
-
 @functools.cache
-def _plan(links: int) -> tuple[tuple[FieldRequest, ...], tuple[_Series, ...]]:
-    """The field requests and series of a board with this many links, built once: with 18
-    links this is half of a GPU's series, so the per-sample loop does nothing else."""
-    requests = tuple((field_id, link) for link in range(links) for field_id in _PER_LINK)
-    series: list[_Series] = []
+def _plan(links: int) -> FieldPlan:
+    """The series of a board with this many links, built once: with 18 links they are half of
+    a GPU's series, and all of them are field values."""
+    series: list[FieldSeries] = []
     for link in range(links):
-        label = str(link)
-        series.append((LINK_UP, FI_NVLINK_GET_STATE, link, (label,), 0))
-        series.append((TX_BYTES, FI_NVLINK_THROUGHPUT_DATA_TX, link, (label,), 1024))
-        series.append((RX_BYTES, FI_NVLINK_THROUGHPUT_DATA_RX, link, (label,), 1024))
+        label = (str(link),)
+        series.append(FieldSeries(LINK_UP, (FI_NVLINK_GET_STATE, link), label, scale=0))
+        series.append(FieldSeries(TX_BYTES, (FI_NVLINK_THROUGHPUT_DATA_TX, link), label, 1024))
+        series.append(FieldSeries(RX_BYTES, (FI_NVLINK_THROUGHPUT_DATA_RX, link), label, 1024))
         for error, field_id in _ERROR_FIELDS:
-            series.append((ERRORS, field_id, link, (label, error), 1))
-    return requests, tuple(series)
+            series.append(FieldSeries(ERRORS, (field_id, link), (*label, error)))
+    return FieldPlan(series)
 
 
 class NvlinkCollector(Collector):
@@ -129,12 +124,7 @@ class NvlinkCollector(Collector):
         return int(results[0][1])
 
     def fields(self, device: Device) -> tuple[FieldRequest, ...]:
-        return _plan(self._links(device))[0]
+        return _plan(self._links(device)).requests
 
     def collect(self, device: Device, out: Emitter) -> None:
-        field = device.field
-        add = out.add
-        for spec, field_id, link, labels, scale in _plan(self._links(device))[1]:
-            value = field(field_id, link)
-            if value is not None:
-                add(spec, value * scale if scale else (1 if value else 0), *labels)
+        out.add_fields(device, _plan(self._links(device)))
