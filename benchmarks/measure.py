@@ -233,7 +233,8 @@ class LowRateResult:
     def sampler_ms_per_sample(self, gpus: int) -> float:
         """CPU of the sampling threads per sample: 60 samples rather than the idle window's 5,
         taken while the other exporter runs too, so both see the same machine."""
-        pattern = _OUR_SAMPLER_THREADS if self.name == "nvml-exporter" else _NVITOP_SAMPLER_THREADS
+        ours = self.name.startswith("nvml-exporter")
+        pattern = _OUR_SAMPLER_THREADS if ours else _NVITOP_SAMPLER_THREADS
         ns = sum(v for name, v in self.cpu_ns.items() if pattern.match(name))
         return ns / 1e6 / self.samples(gpus)
 

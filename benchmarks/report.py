@@ -415,7 +415,9 @@ def render(report: Report) -> str:
                 str(r.scrapes),
                 f"{sum(r.cpu_ns.values()) / 1e6:.0f}",
                 f"{r.percent_of_core:.2f}%",
-                f"{r.percent_without_event_polling:.2f}%" if "nvml-events" in r.cpu_ns else "-",
+                f"{r.percent_without_event_polling:.2f}%"
+                if r.name.startswith("nvml-exporter")
+                else "-",
                 f"{r.calls_per_sample(8):.2f} ({r.calls_per_sample(8) / 8:.2f})",
                 f"{r.sampler_ms_per_sample(8):.2f}",
             ]

@@ -211,19 +211,37 @@ def probe_nvitop(nvitop: str) -> dict[str, dict[str, int]]:
         return found
 
 
+# Our collectors whose metrics nvitop-exporter has no counterpart for (profiling, throttling,
+# ECC, modes, MIG, XID events): without them ours reads about what it reads.
+BEYOND_NVITOP = ("gpm", "clock_events", "ecc", "modes", "mig", "events")
+NVITOP_SCOPE = "nvml-exporter (nvitop's metrics)"
+
+
 def run_low_rate(nvitop: str | None, seconds: float, interval: float) -> list[LowRateResult]:
-    """Both exporters side by side at 8 GPUs, scraped every 15 s for `seconds`."""
+    """Both exporters side by side at 8 GPUs, scraped every 15 s for `seconds`; and ours once
+    more with only the collectors whose metrics nvitop-exporter also has."""
     spec = FleetSpec(8, 0)
     targets: list[Target] = []
     fleets: list[nvml_stub.Fleet] = []
     with (
         tempfile.TemporaryDirectory(prefix="bench-low-ours-") as ours_tmp,
+        tempfile.TemporaryDirectory(prefix="bench-low-scope-") as scope_tmp,
         tempfile.TemporaryDirectory(prefix="bench-low-nvitop-") as their_tmp,
     ):
         try:
             fleets.append(build_fleet(Path(ours_tmp), spec, []))
             targets.append(start_ours(fleets[-1].env(), Path(ours_tmp), f"{interval:g}s"))
             if nvitop is not None:
+                fleets.append(build_fleet(Path(scope_tmp), spec, []))
+                targets.append(
+                    start_ours(
+                        fleets[-1].env(),
+                        Path(scope_tmp),
+                        f"{interval:g}s",
+                        extra_args=[f"--no-collector.{name}" for name in BEYOND_NVITOP],
+                        name=NVITOP_SCOPE,
+                    )
+                )
                 fleets.append(build_fleet(Path(their_tmp), spec, []))
                 targets.append(start_nvitop(nvitop, fleets[-1].env(), Path(their_tmp)))
             time.sleep(2.0)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import venv
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +79,8 @@ def start_ours(
     interval: str = "1s",
     processes: bool = False,
     python: str = sys.executable,
+    extra_args: Sequence[str] = (),
+    name: str = "nvml-exporter",
 ) -> Target:
     """`python -m exporter --web.listen-address 127.0.0.1:0 --sampling.interval 1s`, with a
     config file switching the opt-in `processes` collector on when `processes`."""
@@ -90,6 +92,7 @@ def start_ours(
         "127.0.0.1:0",
         "--sampling.interval",
         interval,
+        *extra_args,
     ]
     if processes:
         config = workdir / "exporter.yaml"
@@ -105,11 +108,11 @@ def start_ours(
         match = _LISTENING.search(log_path.read_text(errors="replace"))
         if match:
             host, _, port = match.group(1).rpartition(":")
-            target = Target("nvml-exporter", process, host, int(port), log_path)
+            target = Target(name, process, host, int(port), log_path)
             _wait_for_metrics(target, b"nvml_up 1", deadline)
             return target
         time.sleep(0.02)
-    target = Target("nvml-exporter", process, "", 0, log_path)
+    target = Target(name, process, "", 0, log_path)
     stop(target)
     raise TargetError(f"nvml-exporter did not start:\n{target.log_tail()}")
 
