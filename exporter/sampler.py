@@ -207,9 +207,10 @@ def _where(collector: Collector, device: Device | None) -> dict[str, object]:
 class _Readers:
     """Daemon threads that read devices, normally one: reading GPUs one after another on one
     thread costs far less CPU than a thread per GPU, whose NVML calls would hand the GIL back
-    and forth on every call. When no read has finished for `stall` seconds while reads are
-    still queued (an NVML call hanging), another thread is started for them, so one stuck GPU
-    never holds up the others; surplus threads exit once idle.
+    and forth on every call. While reads are queued and no thread is idle, another is started
+    when nothing has finished for `stall` seconds (an NVML call hanging) or when, at the pace
+    so far, the queue would not be through by the deadline (slow GPUs); so one stuck or slow
+    GPU never holds up the others. Surplus threads exit once idle.
 
     Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so one NVML call
     hanging forever would keep a stopping exporter from ever exiting.
@@ -269,18 +270,33 @@ class _Readers:
         if not idle:
             self._spawn()
         pending = set(futures.values())
+        started = time.monotonic()
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             # Woken when all are done, not on each: every wake-up takes the GIL from the reader.
-            done, pending = wait_futures(pending, timeout=min(self.stall, remaining))
-            if not done and any(not f.running() for f in pending):
-                with self._lock:
-                    idle = self._idle
-                if not idle:
-                    self._spawn()
+            _, pending = wait_futures(pending, timeout=min(self.stall, remaining))
+            queued = sum(1 for f in pending if not f.running() and not f.done())
+            if queued and self._behind(len(futures) - len(pending), queued, started, deadline):
+                self._spawn()
+        for future in pending:
+            # Still queued at the deadline: dropped rather than run late, in front of the next
+            # sample's reads. (A read already running cannot be stopped.)
+            future.cancel()
         return futures
+
+    def _behind(self, finished: int, queued: int, started: float, deadline: float) -> bool:
+        """Whether the queued reads need another thread: none is idle, and either nothing has
+        finished for `stall` (a read hangs) or, at the pace so far, one thread would not get
+        through them before the deadline (slow reads)."""
+        with self._lock:
+            if self._idle:
+                return False
+        now = time.monotonic()
+        if not finished:
+            return now - started >= self.stall
+        return (now - started) / finished * queued > deadline - now
 
     def shutdown(self) -> None:
         with self._lock:
@@ -622,7 +638,11 @@ class Sampler:
         remaining = max(0.0, started + self.config.sampling.deadline - self._clock())
         futures = self._readers.run(calls, time.monotonic() + remaining) if calls else {}
         for index, future in futures.items():
-            if future.done():
+            if future.cancelled():
+                # Never started: the other GPUs' reads took the time. Nothing outstanding.
+                results[index] = DeviceResult(down_reason="timeout")
+                self._pending.pop(index, None)
+            elif future.done():
                 results[index] = future.result()
                 self._pending.pop(index, None)
             else:

@@ -217,6 +217,45 @@ def test_reads_share_one_thread_until_a_read_stalls_and_shrink_back_after() -> N
     readers.shutdown()
 
 
+def test_slow_gpus_get_more_readers_instead_of_missing_the_deadline() -> None:
+    # Every GPU answers, slowly: read one after another, 8 x 60 ms would pass the 0.3 s
+    # deadline; at the pace of the first reads the sampler adds readers and all are read.
+    sampler = simulated(
+        devices=8,
+        faults=(FaultConfig(kind="slow", function="memory", delay=0.06),),
+        interval=0.3,
+    )
+    for _ in range(3):
+        started = time.monotonic()
+        sample = samples(sampler.sample_once())
+        assert time.monotonic() - started < 0.45
+        assert set(by_gpu(sample, "nvml_gpu_up").values()) == {1}
+        assert len(by_gpu(sample, "nvml_memory_used_bytes")) == 8
+    sampler.stop(2.0)
+
+
+def test_reads_still_queued_at_the_deadline_are_dropped_not_run_late() -> None:
+    readers = _Readers(stall=10.0)  # no second thread: the queue has to wait
+    release = threading.Event()
+    ran: list[int] = []
+
+    def read(index: int) -> Callable[[], DeviceResult]:
+        def call() -> DeviceResult:
+            ran.append(index)
+            release.wait(5)
+            return DeviceResult()
+
+        return call
+
+    futures = readers.run({i: read(i) for i in range(3)}, time.monotonic() + 0.1)
+    assert not futures[0].done() and futures[1].cancelled() and futures[2].cancelled()
+    release.set()
+    futures[0].result(timeout=5)
+    time.sleep(0.05)  # the reader has moved on through the queue by now
+    assert ran == [0]  # the cancelled reads never ran
+    readers.shutdown()
+
+
 def test_unsupported_value_is_absent_and_not_an_error() -> None:
     sampler = simulated(
         devices=2, faults=(FaultConfig(kind="unsupported", function="power_usage"),)
