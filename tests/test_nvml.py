@@ -18,6 +18,7 @@ from exporter.collectors.base import Emitter
 from exporter.collectors.shared import GPM_NVDEC_IDLE
 from exporter.collectors.video import (
     CATCH_UP_EVERY,
+    CATCH_UP_SECONDS,
     DECODER_BUSY,
     DECODER_UTILIZATION,
     ENCODER_BUSY,
@@ -385,10 +386,10 @@ def _video_world() -> tuple[VideoDriver, Callable[..., Outputs]]:
         buffer.extend((200_000 * k, 0.0) for k in range(1, 301))
     collector = VideoCollector(clock=clock)
 
-    def sample(nvdec_idle: bool = False) -> Outputs:
-        """One exporter sample, one second after the previous one; `nvdec_idle` stands for the
-        gpm collector having measured the decoders at 0 in it."""
-        clock.advance(1.0)
+    def sample(nvdec_idle: bool = False, step: float = 1.0) -> Outputs:
+        """One exporter sample, `step` seconds after the previous one; `nvdec_idle` stands for
+        the gpm collector having measured the decoders at 0 in it."""
+        clock.advance(step)
         drv.now_us = round(clock.now * 1e6)
         out = Emitter()
         dev.memo = {GPM_NVDEC_IDLE: True} if nvdec_idle else {}
@@ -410,6 +411,16 @@ def test_encoder_buffer_is_read_while_a_session_is_open_else_every_tenth_sample(
     assert read_at == [0, CATCH_UP_EVERY, 12, 13, 14, 15, 15 + CATCH_UP_EVERY]
     # Without GPM in this sample the decoder is read every time.
     assert len(drv.reads[nvml.DEC_UTILIZATION_SAMPLES]) == len(sessions)
+
+
+def test_at_long_intervals_the_catch_up_comes_before_the_driver_buffer_wraps() -> None:
+    drv, sample = _video_world()
+    drv.sessions = 0
+    for _ in range(7):
+        sample(step=4.0)  # 4 s apart: ten samples would be 40 s, past the ~16 s buffer
+    read_at = [t // 1_000_000 for t in drv.reads[nvml.ENC_UTILIZATION_SAMPLES]]
+    assert read_at == [4, 16, 28]  # every CATCH_UP_SECONDS at most, not every 10th sample
+    assert CATCH_UP_SECONDS < 16
 
 
 def test_a_skipped_stretch_is_counted_once_at_the_catch_up_read() -> None:

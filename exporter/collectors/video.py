@@ -3,16 +3,17 @@
 The engines' sample buffers are read only when the engine can have been busy: the encoder
 while nvmlDeviceGetEncoderStats reports a session now or at the previous sample, the decoder
 unless GPM measured every NVDEC engine at exactly 0 over the same interval. Otherwise the ratio
-is 0 and the buffer stays unread; a catch-up read at least every CATCH_UP_EVERY samples then
-integrates the stretch, so work that started and ended between two samples (an encoder session
-shorter than the interval) still reaches the busy counter, once.
+is 0 and the buffer stays unread; a catch-up read at least every CATCH_UP_EVERY samples, and at
+least every CATCH_UP_SECONDS, then integrates the stretch, so work that started and ended
+between two samples (an encoder session shorter than the interval) still reaches the busy
+counter, once.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
@@ -20,11 +21,13 @@ from exporter.collectors.busy import BusyTracker
 from exporter.collectors.shared import gpm_nvdec_idle
 from exporter.nvml import DEC_UTILIZATION_SAMPLES, ENC_UTILIZATION_SAMPLES, Device, Handle
 
-# An idle engine's buffer is still read on every this-many-th sample. For the decoder the catch-up
-# is belt and braces (consecutive GPM intervals leave no gap, so an exact 0 over each of them
-# means nothing to catch up); it also keeps both buffers from wrapping between reads (about 16 s
-# of samples on real GPUs).
+# An idle engine's buffer is still read on every this-many-th sample, and after this many seconds
+# whatever the interval: the driver's buffer holds about 16 s of samples (100 at up to 6 a
+# second), and a catch-up must come before it wraps. For the decoder the catch-up is belt and
+# braces (consecutive GPM intervals leave no gap, so an exact 0 over each of them means nothing
+# to catch up).
 CATCH_UP_EVERY = 10
+CATCH_UP_SECONDS = 10.0
 
 ENCODER_UTILIZATION = MetricSpec(
     "nvml_encoder_utilization_ratio",
@@ -42,7 +45,7 @@ ENCODER_BUSY = MetricSpec(
     "Time the video encoder was busy.",
     unit="seconds",
     source="sum of encoder utilization samples x sample period (buffer read while a session is "
-    "open, else at least every 10th sample)",
+    "open, else at least every 10th sample and every 10 s)",
 )
 DECODER_UTILIZATION = MetricSpec(
     "nvml_decoder_utilization_ratio",
@@ -60,7 +63,7 @@ DECODER_BUSY = MetricSpec(
     "Time the video decoder was busy.",
     unit="seconds",
     source="sum of decoder utilization samples x sample period (buffer read unless GPM measured "
-    "every NVDEC engine at 0, and at least every 10th sample)",
+    "every NVDEC engine at 0, and at least every 10th sample and every 10 s)",
 )
 ENCODER_SESSIONS = MetricSpec(
     "nvml_encoder_sessions",
@@ -84,12 +87,20 @@ ENCODER_LATENCY = MetricSpec(
 
 
 @dataclass
+class _Engine:
+    """One engine's buffer reads: skipped in a row, and when it was last read."""
+
+    skipped: int = 0
+    read_at: float = float("-inf")
+
+
+@dataclass
 class _Skips:
-    """Per GPU: encoder sessions at the previous sample, and reads skipped in a row."""
+    """Per GPU: encoder sessions at the previous sample, and each engine's reads."""
 
     sessions: int | None = None
-    encoder: int = 0
-    decoder: int = 0
+    encoder: _Engine = field(default_factory=_Engine)
+    decoder: _Engine = field(default_factory=_Engine)
 
 
 class VideoCollector(Collector):
@@ -121,7 +132,7 @@ class VideoCollector(Collector):
         # session that opened and closed in between, which the catch-up read counts.
         encoder_idle = sessions == 0 and skips.sessions == 0
         skips.sessions = sessions
-        skips.encoder = self._read(
+        self._read(
             device,
             self._encoder,
             (ENCODER_UTILIZATION, ENCODER_BUSY),
@@ -131,7 +142,7 @@ class VideoCollector(Collector):
             now,
             out,
         )
-        skips.decoder = self._read(
+        self._read(
             device,
             self._decoder,
             (DECODER_UTILIZATION, DECODER_BUSY),
@@ -153,20 +164,23 @@ class VideoCollector(Collector):
         specs: tuple[MetricSpec, MetricSpec],
         instant: Callable[[Handle], int],
         idle: bool,
-        skipped: int,
+        engine: _Engine,
         now: float,
         out: Emitter,
-    ) -> int:
-        """Reads one engine's utilization, or skips it while idle; returns the reads skipped
-        in a row."""
-        if idle and skipped < CATCH_UP_EVERY - 1 and tracker.has_value(device):
+    ) -> None:
+        """Reads one engine's utilization, or skips it while idle."""
+        if (
+            idle
+            and engine.skipped < CATCH_UP_EVERY - 1
+            and now - engine.read_at < CATCH_UP_SECONDS
+            and tracker.has_value(device)
+        ):
             ratio, busy = tracker.idle(device, now)
-            skipped += 1
+            engine.skipped += 1
         else:
             samples = tracker.samples(device)
             ratio, busy = tracker.update(device, samples, partial(device.read, instant), now)
-            skipped = 0
+            engine.skipped, engine.read_at = 0, now
         if ratio is not None:
             out.add(specs[0], ratio)
             out.add(specs[1], busy)
-        return skipped
