@@ -1035,6 +1035,15 @@ class Device:
     def is_absent(self, fn: Callable[..., object], *args: object) -> bool:
         return (fn.__name__, args) in self._absent
 
+    def field_failed(self, field_id: int, scope: int = 0) -> bool:
+        """True when the field's entry in the last `fetch_fields` failed with an error that
+        counts (not unsupported, not merely without a value): asking another way in the same
+        sample would count the failure twice."""
+        result = self._fields.get((field_id, scope))
+        if result is None or result[0] == SUCCESS:
+            return False
+        return result[0] not in ABSENT_CODES and result[0] not in NO_VALUE_CODES
+
     def field_absent(self, field_id: int, scope: int = 0) -> bool:
         """True once the field's entry answered NOT_SUPPORTED (or another absent code): it is
         no longer requested, and a collector may ask for an alternative instead."""

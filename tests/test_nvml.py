@@ -15,6 +15,7 @@ from fakes import FakeClock
 
 from exporter import nvml
 from exporter.collectors.base import Emitter
+from exporter.collectors.power import PowerCollector
 from exporter.collectors.shared import GPM_NVDEC_IDLE
 from exporter.collectors.video import (
     CATCH_UP_EVERY,
@@ -342,6 +343,40 @@ def test_an_unsupported_field_is_remembered_and_no_longer_requested() -> None:
     assert not dev.errors
     dev.fetch_fields(wanted)
     assert drv.requests == [wanted, [(nvml.FI_POWER_INSTANT, 0)]]
+
+
+class PowerFieldDriver(FieldDriver):
+    def power_limit_default(self, handle: Any) -> int:
+        return 700_000
+
+    def power_limit_constraints(self, handle: Any) -> tuple[int, int]:
+        return 200_000, 700_000
+
+
+def test_a_failed_power_entry_counts_once_and_does_not_fall_back_to_the_call() -> None:
+    drv = PowerFieldDriver()
+    drv.fields = {nvml.FI_POWER_CURRENT_LIMIT: 650_000, nvml.FI_TOTAL_ENERGY_CONSUMPTION: 5}
+    failing = {nvml.FI_POWER_AVERAGE: 999}  # an error that is neither "unsupported" nor "no value"
+
+    def answer(handle: Any, requests: Any) -> list[tuple[int, float | None]]:
+        return [
+            (failing[fid], None) if fid in failing else (nvml.SUCCESS, drv.fields[fid])
+            for fid, _ in requests
+        ]
+
+    drv.field_values = answer  # type: ignore[method-assign]
+    dev = device(drv)
+    collector = PowerCollector()
+    for sample in range(1, 4):
+        dev.fetch_fields(collector.fields(dev))
+        out = Emitter()
+        collector.collect(dev, out)
+        names = {spec.name for spec, _, _ in out.samples}
+        assert "nvml_power_watts" not in names  # missing this sample, not read a second way
+        assert {"nvml_power_limit_watts", "nvml_energy_joules_total"} <= names
+        assert sum(dev.errors.values()) == sample  # one failed read per sample
+    assert drv.calls.get("power_usage", 0) == 0
+    assert dev.field_failed(nvml.FI_POWER_AVERAGE) and not dev.field_absent(nvml.FI_POWER_AVERAGE)
 
 
 class VideoDriver(ScriptedDriver):

@@ -86,16 +86,18 @@ class PowerCollector(Collector):
     def collect(self, device: Device, out: Emitter) -> None:
         drv = device.driver
         # Each from the sampler's one field-values call; the dedicated call only where the
-        # field's entry failed, so at most once per sample, and never again once unsupported.
+        # field gave nothing (unsupported, or not asked for yet), so at most once per sample.
+        # An entry that failed with an error is counted once, as any failed read, and the
+        # value is missing for this sample rather than asked for twice.
         milliwatts = device.field(FI_POWER_AVERAGE)
-        if milliwatts is None:
+        if milliwatts is None and not device.field_failed(FI_POWER_AVERAGE):
             milliwatts = device.field(FI_POWER_INSTANT)
-        if milliwatts is None:
-            milliwatts = device.read(drv.power_usage)
+            if milliwatts is None and not device.field_failed(FI_POWER_INSTANT):
+                milliwatts = device.read(drv.power_usage)
         if milliwatts is not None:
             out.add(POWER, milliwatts / 1000)
         limit = device.field(FI_POWER_CURRENT_LIMIT)
-        if limit is None:
+        if limit is None and not device.field_failed(FI_POWER_CURRENT_LIMIT):
             limit = device.read(drv.enforced_power_limit)
         if limit is not None:
             out.add(POWER_LIMIT, limit / 1000)
@@ -107,7 +109,7 @@ class PowerCollector(Collector):
             out.add(POWER_MIN_LIMIT, constraints[0] / 1000)
             out.add(POWER_MAX_LIMIT, constraints[1] / 1000)
         millijoules = device.field(FI_TOTAL_ENERGY_CONSUMPTION)
-        if millijoules is None:
+        if millijoules is None and not device.field_failed(FI_TOTAL_ENERGY_CONSUMPTION):
             millijoules = device.read(drv.total_energy)
         if millijoules is not None:
             out.add(ENERGY, millijoules / 1000)
