@@ -485,33 +485,39 @@ class PynvmlDriver:
     def samples(self, handle: Handle, sample_type: int, since_us: int) -> list[tuple[int, float]]:
         """One nvmlDeviceGetSamples call where pynvml's wrapper makes two.
 
-        pynvml asks for the size with a NULL buffer on every call. Real NVML answers that query
-        with the size of the driver's sample buffer for the type (100 utilization samples),
-        whatever `since_us` is, so the answer never changes: it is asked once per device and
-        type, and every later call passes a buffer that holds the whole driver buffer.
-        NOT_FOUND (nothing newer than `since_us`) means no samples, as before.
+        pynvml asks for the size with a NULL buffer on every call. Public code built on NVML
+        reads that answer as the size of the driver's sample buffer for the type (about 100),
+        which does not change (not checked on a GPU here): it is asked once per device and type,
+        with timestamp 0 and a floor of MIN_SAMPLE_CAPACITY, and every later call passes a
+        buffer that holds it all; an answer that does not fit, or fills the buffer exactly,
+        grows it and is asked once more. NOT_FOUND (nothing newer than `since_us`) means no
+        samples, as before.
         """
         key = (_handle_key(handle), sample_type)
-        fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetSamples")
+        fn = self._function("nvmlDeviceGetSamples")
         c_type = ctypes.c_uint(sample_type)
         c_since = ctypes.c_ulonglong(since_us)
         value_type = ctypes.c_uint(0)
         count = ctypes.c_uint(0)
         capacity = self._sample_capacity.get(key)
         if capacity is None:
-            ret = fn(handle, c_type, c_since, ctypes.byref(value_type), ctypes.byref(count), None)
-            if ret == NOT_FOUND:  # a driver that sizes by new samples: nothing new
-                return []
-            if ret != SUCCESS:
+            # Asked with timestamp 0, so even a driver that sized its answer by the samples
+            # newer than the timestamp would give the whole buffer; and never below a floor.
+            zero = ctypes.c_ulonglong(0)
+            ret = fn(handle, c_type, zero, ctypes.byref(value_type), ctypes.byref(count), None)
+            if ret not in (SUCCESS, NOT_FOUND):
                 raise pynvml.NVMLError(ret)
-            capacity = self._sample_capacity[key] = max(1, count.value)
+            capacity = max(MIN_SAMPLE_CAPACITY, count.value if ret == SUCCESS else 0)
+            self._sample_capacity[key] = capacity
         for retry in (False, True):
             array = (pynvml.c_nvmlSample_t * capacity)()
             count.value = capacity
             ret = fn(handle, c_type, c_since, ctypes.byref(value_type), ctypes.byref(count), array)
-            if ret != INSUFFICIENT_SIZE or retry:
+            full = ret == SUCCESS and count.value >= capacity
+            if retry or not (ret == INSUFFICIENT_SIZE or full):
                 break
-            # The buffer grew (a driver update under us): once more with the size it asks for.
+            # The buffer grew, or a full answer may have been cut short: once more with room to
+            # spare (the driver's buffer does not change under a running driver, so this is rare).
             capacity = self._sample_capacity[key] = max(count.value, 2 * capacity)
         if ret == NOT_FOUND:  # no sample newer than `since_us`: not an error
             return []
@@ -740,6 +746,8 @@ _UINT_NA = 0xFFFFFFFF
 _ULL_NA = 0xFFFFFFFFFFFFFFFF
 # Room for this many processes per list before the first INSUFFICIENT_SIZE.
 PROCESS_BUFFER = 64
+# Sample entries a samples buffer has room for at least (real drivers keep about 100 per type).
+MIN_SAMPLE_CAPACITY = 128
 
 
 def _process_entry(pid: int, used: int, gi: int, ci: int) -> ProcessInfo:

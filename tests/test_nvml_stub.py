@@ -20,6 +20,8 @@ import nvml_stub
 import pynvml
 import pytest
 
+from exporter.nvml import MIN_SAMPLE_CAPACITY
+
 _PRELUDE = """
 import json, sys, threading, time
 import pynvml as n
@@ -1276,7 +1278,9 @@ def test_driver_retries_once_with_the_size_the_driver_asks_for(fleet: nvml_stub.
     dev = fleet.devices[0]
     dev.sample_capacity = 2  # a buffer that has grown since its size was asked
     last = dev.gpu_utilization_samples[-1].timestamp
-    dev.gpu_utilization_samples += [nvml_stub.Sample(last + 1000 * k, 50 + k) for k in (1, 2)]
+    # More than the driver's room at least (MIN_SAMPLE_CAPACITY), so the answer does not fit.
+    more = range(1, MIN_SAMPLE_CAPACITY + 10)
+    dev.gpu_utilization_samples += [nvml_stub.Sample(last + 1000 * k, k % 100) for k in more]
     fleet.apply()
     got = run_py(
         fleet,
@@ -1287,7 +1291,7 @@ emit([d.samples(h[0], 1, 0), d.samples(h[0], 1, 0)])
     )
     rows = [[s.timestamp, float(s.value)] for s in dev.gpu_utilization_samples]
     assert got == [rows, rows]
-    # Size (2), data: INSUFFICIENT_SIZE with 5 needed, data with 5; then the size is known.
+    # Size (2, so the floor), data: INSUFFICIENT_SIZE, data with room; then the size is known.
     assert fleet.calls()["nvmlDeviceGetSamples"] == 3 + 1
 
 
