@@ -256,6 +256,18 @@ def test_reads_still_queued_at_the_deadline_are_dropped_not_run_late() -> None:
     readers.shutdown()
 
 
+def test_stopping_ends_the_event_waiter_before_nvml_shuts_down() -> None:
+    before = set(threading.enumerate())  # other tests' samplers may have left theirs
+    sampler = simulated(devices=2)
+    sampler.sample_once()
+    waiters = [t for t in set(threading.enumerate()) - before if t.name == "nvml-events"]
+    assert len(waiters) == 1
+    started = time.monotonic()
+    assert sampler.stop(5.0)
+    assert time.monotonic() - started < 2.0  # at most one wait's timeout
+    assert not any(t.is_alive() for t in waiters)
+
+
 def test_unsupported_value_is_absent_and_not_an_error() -> None:
     sampler = simulated(
         devices=2, faults=(FaultConfig(kind="unsupported", function="power_usage"),)

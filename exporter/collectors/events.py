@@ -87,6 +87,7 @@ class EventWatcher:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._failure = ""
+        self._retired: list[Handle] = []  # replaced event sets, freed by the waiter
 
     def register(self, device: Device) -> None:
         """Adds a GPU to the event set, once per handle (a re-initialised NVML gives new ones)."""
@@ -117,13 +118,21 @@ class EventWatcher:
 
     def _reset_locked(self) -> None:
         if self._event_set is not None:
-            try:
-                self._driver.free_event_set(self._event_set)
-            except Exception as exc:
-                if error_code(exc) is None:
-                    raise
+            if self._thread is not None and self._thread.is_alive():
+                # The waiter may be inside nvmlEventSetWait on it: it frees the set itself
+                # once that wait returns.
+                self._retired.append(self._event_set)
+            else:
+                self._free(self._event_set)
         self._event_set = None
         self._registered.clear()
+
+    def _free(self, event_set: Handle) -> None:
+        try:
+            self._driver.free_event_set(event_set)
+        except Exception as exc:
+            if error_code(exc) is None:
+                raise
 
     def counts(self, uuid: str) -> _GpuEvents | None:
         with self._lock:
@@ -137,8 +146,21 @@ class EventWatcher:
                 current.last_xid_time,
             )
 
-    def stop(self) -> None:
+    def stop(self, timeout: float) -> bool:
+        """Ends the waiter before NVML shuts down; False if it is still inside a wait."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
+        with self._lock:
+            for event_set in self._retired:
+                self._free(event_set)
+            self._retired.clear()
+            if self._event_set is not None:
+                self._free(self._event_set)
+                self._event_set = None
+        return True
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -150,8 +172,12 @@ class EventWatcher:
             try:
                 event = self._driver.wait_event(event_set, WAIT_MS)
             except Exception as exc:
+                event = None
                 self._wait_failed(exc)
-                continue
+            with self._lock:
+                for retired in self._retired:
+                    self._free(retired)
+                self._retired.clear()
             if event is not None:
                 self._record(event)
 
@@ -227,6 +253,13 @@ class EventsCollector(Collector):
             if self._watcher is None:
                 self._watcher = EventWatcher(device.driver)
             return self._watcher
+
+    def close(self) -> None:
+        with self._watcher_lock:
+            watcher, self._watcher = self._watcher, None
+        # One wait's timeout and a little: nvmlShutdown must not run under a waiting thread.
+        if watcher is not None and not watcher.stop(WAIT_MS / 1000 + 0.5):
+            log.warning("the GPU event waiter did not stop in time")
 
     def collect(self, device: Device, out: Emitter) -> None:
         watcher = self._watcher_for(device)
