@@ -31,9 +31,9 @@ from exporter.nvml import (
 
 log = logging.getLogger(__name__)
 
-# An event wakes the waiter at once; the timeout only bounds how long a replaced event set is
-# waited on, so a long one costs nothing and saves driver calls.
-WAIT_MS = 1000
+# An event wakes the waiter at once; the timeout bounds how long stopping waits for the waiter
+# (it must be out of the driver before nvmlShutdown), at two calls a second.
+WAIT_MS = 500
 RETRY_SECONDS = 2.0
 
 # What the common XIDs mean, per NVIDIA's XID documentation, in our words.
