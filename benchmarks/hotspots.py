@@ -33,7 +33,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _inline(calls: Mapping[int, Callable[[], Any]], deadline: float) -> dict[int, Future[Any]]:
+def _inline(
+    calls: Mapping[int, Callable[[], Any]], deadline: float, stall: float
+) -> dict[int, Future[Any]]:
     """Stands in for the reader thread: runs the reads on the caller's thread."""
     futures: dict[int, Future[Any]] = {}
     for key, call in calls.items():

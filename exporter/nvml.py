@@ -597,7 +597,7 @@ class PynvmlDriver:
         the buffer is allocated with room for PROCESS_BUFFER processes and grown, remembered
         per device, when the driver answers INSUFFICIENT_SIZE with the count it needs."""
         key = (_handle_key(handle), symbol)
-        fn = pynvml._nvmlGetFunctionPointer(symbol)
+        fn = self._function(symbol)
         capacity = self._process_capacity.get(key, PROCESS_BUFFER)
         for _ in range(3):
             array = (pynvml.c_nvmlProcessInfo_v3_t * capacity)()

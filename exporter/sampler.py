@@ -216,8 +216,7 @@ class _Readers:
     hanging forever would keep a stopping exporter from ever exiting.
     """
 
-    def __init__(self, stall: float) -> None:
-        self.stall = stall
+    def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[
             tuple[Future[DeviceResult], Callable[[], DeviceResult]] | None
         ]
@@ -257,7 +256,7 @@ class _Readers:
                 future.set_exception(exc)
 
     def run(
-        self, calls: Mapping[int, Callable[[], DeviceResult]], deadline: float
+        self, calls: Mapping[int, Callable[[], DeviceResult]], deadline: float, stall: float
     ) -> dict[int, Future[DeviceResult]]:
         """Queues the reads and waits for them until `deadline` (time.monotonic)."""
         futures: dict[int, Future[DeviceResult]] = {}
@@ -276,9 +275,10 @@ class _Readers:
             if remaining <= 0:
                 break
             # Woken when all are done, not on each: every wake-up takes the GIL from the reader.
-            _, pending = wait_futures(pending, timeout=min(self.stall, remaining))
+            _, pending = wait_futures(pending, timeout=min(stall, remaining))
             queued = sum(1 for f in pending if not f.running() and not f.done())
-            if queued and self._behind(len(futures) - len(pending), queued, started, deadline):
+            finished = len(futures) - len(pending)
+            if queued and self._behind(finished, queued, started, deadline, stall):
                 self._spawn()
         for future in pending:
             # Still queued at the deadline: dropped rather than run late, in front of the next
@@ -286,7 +286,9 @@ class _Readers:
             future.cancel()
         return futures
 
-    def _behind(self, finished: int, queued: int, started: float, deadline: float) -> bool:
+    def _behind(
+        self, finished: int, queued: int, started: float, deadline: float, stall: float
+    ) -> bool:
         """Whether the queued reads need another thread: none is idle, and either nothing has
         finished for `stall` (a read hangs) or, at the pace so far, one thread would not get
         through them before the deadline (slow reads)."""
@@ -295,7 +297,7 @@ class _Readers:
                 return False
         now = time.monotonic()
         if not finished:
-            return now - started >= self.stall
+            return now - started >= stall
         return (now - started) / finished * queued > deadline - now
 
     def shutdown(self) -> None:
@@ -484,7 +486,7 @@ class Sampler:
         self._host = dcgm.hostname()
         self.config = config
         self._collectors = self._select(config)
-        self._readers = _Readers(stall=min(config.sampling.deadline / 4, 0.25))
+        self._readers = _Readers()
         self._series: dict[tuple[int, str], tuple[SeriesCache, PlanCache]] = {}
         self._headers: dict[MetricSpec | Dcgm, Header] = {}
         self._prefixes: dict[tuple[MetricSpec, tuple[str, ...]], str] = {}
@@ -526,7 +528,6 @@ class Sampler:
         """
         self._collectors = self._select(config)
         self._headers = {}  # help texts name the interval
-        self._readers.stall = min(config.sampling.deadline / 4, 0.25)
         self.config = config
 
     # --- sampling ----------------------------------------------------------------------------
@@ -635,8 +636,11 @@ class Sampler:
                 results[device.index] = DeviceResult(down_reason="timeout")
                 continue
             calls[device.index] = functools.partial(self._read_device, device, collectors)
-        remaining = max(0.0, started + self.config.sampling.deadline - self._clock())
-        futures = self._readers.run(calls, time.monotonic() + remaining) if calls else {}
+        deadline = self.config.sampling.deadline
+        remaining = max(0.0, started + deadline - self._clock())
+        # A read silent for a quarter of the deadline (at most 0.25 s) is taken to hang.
+        stall = min(deadline / 4, 0.25)
+        futures = self._readers.run(calls, time.monotonic() + remaining, stall) if calls else {}
         for index, future in futures.items():
             if future.cancelled():
                 # Never started: the other GPUs' reads took the time. Nothing outstanding.

@@ -118,23 +118,24 @@ class Family:
         return cls(Header(name, type_, metric.documentation, metric.unit), lines)
 
 
-def render_text(families: Sequence[Family]) -> bytes:
+def _join(families: Sequence[Family], openmetrics: bool) -> bytes:
+    """Each family's header for the format, then its lines, which both formats share."""
     parts: list[str] = []
     for family in families:
         if family.lines:
-            parts.append(family.header.text)
+            parts.append(family.header.openmetrics if openmetrics else family.header.text)
             parts.extend(family.lines)
+    if openmetrics:
+        parts.append("# EOF\n")
     return "".join(parts).encode()
+
+
+def render_text(families: Sequence[Family]) -> bytes:
+    return _join(families, openmetrics=False)
 
 
 def render_openmetrics(families: Sequence[Family]) -> bytes:
-    parts: list[str] = []
-    for family in families:
-        if family.lines:
-            parts.append(family.header.openmetrics)
-            parts.extend(family.lines)
-    parts.append("# EOF\n")
-    return "".join(parts).encode()
+    return _join(families, openmetrics=True)
 
 
 class Snapshot:
