@@ -95,14 +95,19 @@ class BrokenCollector(Collector):
         raise RuntimeError("a bug in one collector")
 
 
-def test_an_exception_in_one_collector_costs_nothing_else() -> None:
+def with_broken_collector() -> Sampler:
+    """Every collector on 2 simulated GPUs, plus one that always raises."""
     registry = MappingProxyType({**COLLECTORS, "broken": BrokenCollector})
     config = dataclasses.replace(
         Config(backend="simulated"),
         simulation=SimulationConfig(devices=2),
         collectors=MappingProxyType({**dict.fromkeys(COLLECTORS, True), "broken": True}),
     )
-    sampler = Sampler(config, SimulatedDriver(config.simulation), registry=registry)
+    return Sampler(config, SimulatedDriver(config.simulation), registry=registry)
+
+
+def test_an_exception_in_one_collector_costs_nothing_else() -> None:
+    sampler = with_broken_collector()
     sampler.sample_once()
     found = samples(sampler.sample_once())
     success = {
@@ -182,7 +187,7 @@ def test_a_hanging_gpu_misses_the_deadline_and_is_not_piled_on() -> None:
 
 
 def test_reads_share_one_thread_until_a_read_stalls_and_shrink_back_after() -> None:
-    readers = _Readers(stall=0.05)
+    readers = _Readers()
     release = threading.Event()
     threads: dict[int, str] = {}
 
@@ -195,12 +200,14 @@ def test_reads_share_one_thread_until_a_read_stalls_and_shrink_back_after() -> N
 
         return call
 
-    futures = readers.run({i: read(i) for i in range(4)}, time.monotonic() + 1)
+    futures = readers.run({i: read(i) for i in range(4)}, time.monotonic() + 1, 0.05)
     assert all(f.done() for f in futures.values())
     assert set(threads.values()) == {"gpu-reader"}  # no GIL hand-offs between GPUs
 
     threads.clear()
-    futures = readers.run({0: read(0), 1: read(1, hang=True), 2: read(2)}, time.monotonic() + 1)
+    futures = readers.run(
+        {0: read(0), 1: read(1, hang=True), 2: read(2)}, time.monotonic() + 1, 0.05
+    )
     assert futures[0].done() and futures[2].done() and not futures[1].done()
     assert threads[0] == threads[1] == "gpu-reader" and threads[2] == "gpu-reader-2"
 
@@ -211,7 +218,7 @@ def test_reads_share_one_thread_until_a_read_stalls_and_shrink_back_after() -> N
         assert time.monotonic() < deadline, "surplus reader never retired"
         time.sleep(0.01)
     threads.clear()
-    futures = readers.run({i: read(i) for i in range(3)}, time.monotonic() + 1)
+    futures = readers.run({i: read(i) for i in range(3)}, time.monotonic() + 1, 0.05)
     assert all(f.done() for f in futures.values())
     assert len(set(threads.values())) == 1
     readers.shutdown()
@@ -235,7 +242,7 @@ def test_slow_gpus_get_more_readers_instead_of_missing_the_deadline() -> None:
 
 
 def test_reads_still_queued_at_the_deadline_are_dropped_not_run_late() -> None:
-    readers = _Readers(stall=10.0)  # no second thread: the queue has to wait
+    readers = _Readers()
     release = threading.Event()
     ran: list[int] = []
 
@@ -247,7 +254,8 @@ def test_reads_still_queued_at_the_deadline_are_dropped_not_run_late() -> None:
 
         return call
 
-    futures = readers.run({i: read(i) for i in range(3)}, time.monotonic() + 0.1)
+    # A stall of 10 s: no second thread, the queue has to wait.
+    futures = readers.run({i: read(i) for i in range(3)}, time.monotonic() + 0.1, 10.0)
     assert not futures[0].done() and futures[1].cancelled() and futures[2].cancelled()
     release.set()
     futures[0].result(timeout=5)
@@ -344,13 +352,7 @@ def test_snapshot_renders_each_body_once() -> None:
 
 
 def test_collector_failures_are_logged_once_and_counted(caplog: pytest.LogCaptureFixture) -> None:
-    registry = MappingProxyType({**COLLECTORS, "broken": BrokenCollector})
-    config = dataclasses.replace(
-        Config(backend="simulated"),
-        simulation=SimulationConfig(devices=2),
-        collectors=MappingProxyType({**dict.fromkeys(COLLECTORS, True), "broken": True}),
-    )
-    sampler = Sampler(config, SimulatedDriver(config.simulation), registry=registry)
+    sampler = with_broken_collector()
     with caplog.at_level(logging.INFO):
         for _ in range(3):
             found = samples(sampler.sample_once())

@@ -477,6 +477,18 @@ class Device:
             yield (total, None), FieldValue(ull, sum(getattr(nv, attr) for nv in self.nvlinks))
 
 
+def _clock_table(*rows: tuple[int, int, int, int]) -> dict[tuple[int, int], int]:
+    """(clock type, current, application, boost MHz) rows -> nvmlDeviceGetClock's answers; the
+    default application clock is the application clock."""
+    clocks: dict[tuple[int, int], int] = {}
+    for ctype, current, app, boost in rows:
+        clocks[(ctype, CLOCK_ID_CURRENT)] = current
+        clocks[(ctype, CLOCK_ID_APP_TARGET)] = app
+        clocks[(ctype, CLOCK_ID_APP_DEFAULT)] = app
+        clocks[(ctype, CLOCK_ID_BOOST_MAX)] = boost
+    return clocks
+
+
 def make_device(index: int, name: str = "NVIDIA H200", architecture: int = ARCH_HOPPER) -> Device:
     """A plausible HGX H200 GPU whose values are derived from `index` so devices differ."""
     i = index
@@ -484,17 +496,12 @@ def make_device(index: int, name: str = "NVIDIA H200", architecture: int = ARCH_
         Process(pid=4000 + 10 * i, used_gpu_memory=(i + 1) * _GIB),
         Process(pid=4001 + 10 * i, used_gpu_memory=512 * _MIB, name="trainer"),
     ]
-    clocks: dict[tuple[int, int], int] = {}
-    for ctype, current, app, boost in (
+    clocks = _clock_table(
         (CLOCK_GRAPHICS, 1980 - 15 * i, 1755, 1980),
         (CLOCK_SM, 1980 - 15 * i, 1755, 1980),
         (CLOCK_MEM, 2619, 2619, 2619),
         (CLOCK_VIDEO, 1545 - 10 * i, 1545, 1755),
-    ):
-        clocks[(ctype, CLOCK_ID_CURRENT)] = current
-        clocks[(ctype, CLOCK_ID_APP_TARGET)] = app
-        clocks[(ctype, CLOCK_ID_APP_DEFAULT)] = app
-        clocks[(ctype, CLOCK_ID_BOOST_MAX)] = boost
+    )
     util = (10 + 9 * i) % 101
     return Device(
         index=i,
@@ -635,17 +642,12 @@ def make_pcie_device(index: int) -> Device:
     """
     i = index
     dev = make_device(i, "NVIDIA L40S", ARCH_ADA)
-    clocks: dict[tuple[int, int], int] = {}
-    for ctype, current, app, boost in (
+    clocks = _clock_table(
         (CLOCK_GRAPHICS, 2520 - 15 * i, 2175, 2520),
         (CLOCK_SM, 2520 - 15 * i, 2175, 2520),
         (CLOCK_MEM, 9001, 9001, 9001),
         (CLOCK_VIDEO, 1965 - 10 * i, 1965, 1965),
-    ):
-        clocks[(ctype, CLOCK_ID_CURRENT)] = current
-        clocks[(ctype, CLOCK_ID_APP_TARGET)] = app
-        clocks[(ctype, CLOCK_ID_APP_DEFAULT)] = app
-        clocks[(ctype, CLOCK_ID_BOOST_MAX)] = boost
+    )
     dev.uuid = f"GPU-{0x1A40C500 + i:08x}-5d2e-4b7a-8c1f-{0xA0B1C2D3E4 + i:012x}"
     dev.serial = f"132352{i:07d}"
     dev.vbios_version = "95.02.66.00.02"
