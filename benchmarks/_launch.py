@@ -10,6 +10,9 @@
   which NVML functions the program calls that the loaded library lacks (FunctionNotFound) or
   that fail, with the error, as JSON in PATH. Only for a separate probe run: the wrappers cost
   CPU, so measured runs never set it.
+- With NVML_BENCH_COUNT=PATH, every C function pynvml hands out is wrapped to count its calls,
+  and the counts per symbol are written as JSON to PATH four times a second. For a real GPU,
+  where there is no stand-in to count them; about half a microsecond per call.
 
 Standalone on purpose (no imports from this repository): it also runs under the interpreter of
 the separate environment nvitop-exporter is installed in.
@@ -85,6 +88,51 @@ def _probe(path: str) -> None:
     Path(path).write_text("{}")
 
 
+class _Counted:
+    """A C function that counts its calls; attributes (restype) pass through to it."""
+
+    def __init__(self, name: str, function: Any, counts: dict[str, int]) -> None:
+        object.__setattr__(self, "_function", function)
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_counts", counts)
+
+    def __call__(self, *args: Any) -> Any:
+        self._counts[self._name] += 1
+        return self._function(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._function, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._function, name, value)
+
+
+def _count(path: str) -> None:
+    import pynvml  # type: ignore[import-not-found,unused-ignore]
+
+    counts: dict[str, int] = {}
+    counted: dict[str, _Counted] = {}
+    lookup = pynvml._nvmlGetFunctionPointer
+
+    def counting_lookup(name: str) -> Any:
+        wrapper = counted.get(name)
+        if wrapper is None:
+            counts.setdefault(name, 0)
+            wrapper = counted[name] = _Counted(name, lookup(name), counts)
+        return wrapper
+
+    pynvml._nvmlGetFunctionPointer = counting_lookup
+
+    def write_counts() -> None:
+        tmp = Path(path + ".tmp")
+        while True:
+            tmp.write_text(json.dumps(dict(counts)))
+            tmp.replace(path)
+            threading.Event().wait(0.25)
+
+    threading.Thread(target=write_counts, name="nvml-counts", daemon=True).start()
+
+
 def main() -> None:
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
@@ -94,6 +142,9 @@ def main() -> None:
     probe = os.environ.get("NVML_BENCH_PROBE")
     if probe:
         _probe(probe)
+    count = os.environ.get("NVML_BENCH_COUNT")
+    if count:
+        _count(count)
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

@@ -1,6 +1,6 @@
 """Where one sample's and one render's CPU goes, measured inside one process.
 
-    python -m benchmarks.hotspots [--fleet 8x0] [--samples 30] [--pause 1] [--cprofile 25]
+    python -m benchmarks.hotspots [--fleet 8x0 | --real] [--samples 30] [--pause 1] [--cprofile 25]
 
 Runs the exporter's Sampler (NVML backend, default collectors; the `processes` collector too
 when the fleet has processes) against the stand-in in a child process, with every device read
@@ -8,7 +8,8 @@ done inline on the calling thread, so that thread CPU time (time.thread_time) ca
 phase: the NVML reads and collectors, the one nvmlDeviceGetFieldValues call, merging samples
 into metric families, and each collector. Then it times rendering each body format. This is a
 diagnostic for the exporter's hot paths; unlike `python -m benchmarks` it leaves out the
-hand-offs between the sampler and its reader thread, which the full benchmark includes.
+hand-offs between the sampler and its reader thread, which the full benchmark includes. With
+`--real` it reads the GPUs of this machine through NVIDIA's library instead of a stand-in fleet.
 
 It patches the exporter's internals (Sampler._readers.run and a few methods) at run time, so when
 those change this tool may need to follow.
@@ -137,10 +138,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="top N functions")
     parser.add_argument("--pause", type=float, default=0.0, help="seconds between samples")
+    parser.add_argument("--real", action="store_true", help="this machine's GPUs, no stand-in")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--processes", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.child or args.real:
         child(args.samples, args.processes, args.cprofile, args.pause)
         return
 

@@ -9,6 +9,7 @@ CPU, not the 10 ms ticks of /proc/PID/stat).
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import signal
 import socket
@@ -98,7 +99,8 @@ def start_ours(
         config = workdir / "exporter.yaml"
         config.write_text("collectors: {processes: true}\n")
         command += ["--config.file", str(config)]
-    env = {**env, "PYTHONPATH": str(REPO)}
+    # Ahead of, not instead of, a PYTHONPATH the caller set (wheels carried to a GPU machine).
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))}
     log_path = workdir / "nvml-exporter.log"
     process = _spawn(command, env, REPO, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -54,6 +54,9 @@ class SamplingConfig:
     interval: float = 1.0
     # Deadline for reading all devices in one sample; None means "the interval".
     timeout: float | None = None
+    # How often the counters a driver answers slowly are read (nvml.SLOW_FIELDS); 0: every
+    # sample.
+    slow_fields_interval: float = 10.0
 
     @property
     def deadline(self) -> float:
@@ -312,6 +315,13 @@ def _parse_interval(value: object, path: str) -> float:
     return _positive_duration(value, path, minimum=0.05, maximum=3600)
 
 
+def _parse_slow_fields_interval(value: object, path: str) -> float:
+    seconds = parse_duration(value, path)
+    if not 0 <= seconds <= 300:
+        raise _Invalid(path, f"must be between 0s and 300s, got {value!r}")
+    return seconds
+
+
 def _parse_web(raw: object, path: str) -> WebConfig:
     return _section(
         WebConfig,
@@ -337,6 +347,7 @@ def _parse_sampling(raw: object, path: str) -> SamplingConfig:
         {
             "interval": _parse_interval,
             "timeout": _optional(lambda v, p: _positive_duration(v, p, minimum=0.01, maximum=3600)),
+            "slow_fields_interval": _parse_slow_fields_interval,
         },
     )
     if sampling.timeout is not None:
@@ -573,7 +584,7 @@ def apply_overrides(config: Config, overrides: Overrides) -> Config:
             timeout = sampling.timeout
             if timeout is not None and timeout > interval:
                 timeout = None
-            sampling = SamplingConfig(interval=interval, timeout=timeout)
+            sampling = dataclasses.replace(sampling, interval=interval, timeout=timeout)
         if overrides.log_level is not None:
             log = dataclasses.replace(
                 log, level=_choice(overrides.log_level, "--log.level", LOG_LEVELS)

@@ -95,6 +95,27 @@ FI_PCIE_COUNT_TX_BYTES, FI_PCIE_COUNT_RX_BYTES = 197, 198
 FI_CLOCKS_EVENT_SW_THERM_SLOWDOWN = 269
 FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN = 270
 FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN = 271
+
+# Fields a driver answers slowly: on an H200 with driver 580, each of the first five costs 0.15
+# to 4.1 ms of CPU (energy 4.1 ms; the thermal and power-brake timers ~0.56 ms each; the PCIe
+# replay counter ~0.18 ms) where most fields cost ~5 us (benchmarks/data/h200-costs.json). All
+# are counters that rarely need second resolution, so they join the batch only every
+# `sampling.slow_fields_interval` (default SLOW_FIELD_SECONDS) and their last answer stands in
+# between. NVLink's error counters are here on the same reasoning, their cost unmeasured (that
+# GPU had no NVLink).
+SLOW_FIELDS = frozenset(
+    {
+        FI_TOTAL_ENERGY_CONSUMPTION,
+        FI_PERF_POLICY_THERMAL,
+        FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN,
+        FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN,
+        FI_PCIE_REPLAY_COUNTER,
+        FI_NVLINK_ERROR_DL_REPLAY,
+        FI_NVLINK_ERROR_DL_RECOVERY,
+        FI_NVLINK_ERROR_DL_CRC,
+    }
+)
+SLOW_FIELD_SECONDS = 10.0
 ARCHITECTURES = {
     2: "kepler",
     3: "maxwell",
@@ -215,7 +236,7 @@ class NvmlEvent:
 
 
 EVENT_SINGLE_BIT_ECC, EVENT_DOUBLE_BIT_ECC, EVENT_PSTATE = 0x1, 0x2, 0x4
-EVENT_XID, EVENT_CLOCK = 0x8, 0x10
+EVENT_XID = 0x8
 
 
 # One entry of nvmlDeviceGetFieldValues: its own return code, and the value when it is SUCCESS.
@@ -855,8 +876,11 @@ class Device:
         handle: Handle,
         identity: DeviceIdentity,
         system: System = System("", ""),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.driver = driver
+        # The sampler's monotonic clock, for what is read less often than every sample.
+        self.clock = clock
         self.handle = handle
         self.identity = identity
         self.system = system
@@ -864,9 +888,14 @@ class Device:
         self._cached: dict[tuple[str, tuple[object, ...]], object] = {}
         self._recent: dict[tuple[str, tuple[object, ...]], tuple[float, object]] = {}
         self._fields: dict[FieldRequest, FieldResult] = {}
-        # Request lists as the collectors ask -> what is asked of NVML: no duplicates, nothing
-        # known to be absent.
-        self._field_plans: dict[tuple[FieldRequest, ...], tuple[FieldRequest, ...]] = {}
+        # SLOW_FIELDS' entries from the last batch that asked for them, and when that was.
+        self._slow_fields: dict[FieldRequest, FieldResult] = {}
+        self._slow_read_at = float("-inf")
+        # Request lists as the collectors ask -> what is asked of NVML (no duplicates, nothing
+        # known to be absent), split into the fields asked every time and SLOW_FIELDS.
+        self._field_plans: dict[
+            tuple[FieldRequest, ...], tuple[tuple[FieldRequest, ...], tuple[FieldRequest, ...]]
+        ] = {}
         # Failing calls already logged; a call is logged again only after it worked again.
         self._failing: set[tuple[str, int]] = set()
         # Errors by name, read by the sampler around each collector to attribute them to it.
@@ -989,26 +1018,42 @@ class Device:
     ) -> T | None:
         """Like `read`, re-read at most every `max_age` seconds: for settings an admin changes."""
         key = (fn.__name__, args)
-        now = time.monotonic()
+        now = self.clock()
         entry = self._recent.get(key)
         if entry is None or now - entry[0] >= max_age:
             entry = self._recent[key] = (now, self.read(fn, *args, **kwargs))
         return entry[1]  # type: ignore[return-value]
 
-    def fetch_fields(self, requests: Sequence[FieldRequest]) -> None:
-        """Reads every field the collectors want in one nvmlDeviceGetFieldValues call."""
+    def fetch_fields(
+        self, requests: Sequence[FieldRequest], slow_every: float = SLOW_FIELD_SECONDS
+    ) -> None:
+        """Reads every field the collectors want in one nvmlDeviceGetFieldValues call;
+        SLOW_FIELDS once `slow_every` seconds have passed, their last entries standing until
+        then."""
         key = tuple(requests)
-        wanted = self._field_plans.get(key)
-        if wanted is None:
+        plan = self._field_plans.get(key)
+        if plan is None:
             if len(self._field_plans) > 16:  # request lists differ only by mode changes
                 self._field_plans.clear()
-            wanted = tuple(r for r in dict.fromkeys(key) if ("field", r) not in self._absent)
-            self._field_plans[key] = wanted
+            wanted = [r for r in dict.fromkeys(key) if ("field", r) not in self._absent]
+            plan = self._field_plans[key] = (
+                tuple(r for r in wanted if r[0] not in SLOW_FIELDS),
+                tuple(r for r in wanted if r[0] in SLOW_FIELDS),
+            )
+        every, slow = plan
+        now = self.clock()
+        if slow and (
+            now - self._slow_read_at >= slow_every or any(r not in self._slow_fields for r in slow)
+        ):
+            asked, self._slow_read_at = every + slow, now
+            self._slow_fields = {}
+        else:
+            asked = every
         self._fields = {}
-        if not wanted:
+        if not asked:
             return
         try:
-            results = self.driver.field_values(self.handle, wanted)
+            results = self.driver.field_values(self.handle, asked)
         except Exception as exc:
             code = error_code(exc)
             if code is None:
@@ -1019,17 +1064,29 @@ class Device:
                 raise DeviceLost(error_name(code)) from exc
             # The whole call failed (an old driver without it, say): each field inherits the
             # outcome, so its collector sees it exactly as if its own entry had failed.
-            results = [(code, None)] * len(wanted)
-        self._fields = dict(zip(wanted, results, strict=True))
+            results = [(code, None)] * len(asked)
+        self._fields = dict(zip(asked, results, strict=True))
+        if len(asked) > len(every):
+            self._slow_fields = {r: self._fields[r] for r in slow}
+
+    def _field_entry(self, request: FieldRequest) -> tuple[FieldResult | None, bool]:
+        """The entry for a field and whether it was read in the last batch (a slow field's
+        entry from an earlier batch has had its error policy applied already)."""
+        result = self._fields.get(request)
+        if result is not None:
+            return result, True
+        return self._slow_fields.get(request), False
 
     def field(self, field_id: int, scope: int = 0) -> float | None:
-        """A value from the last `fetch_fields`, with the error policy applied to its entry."""
-        result = self._fields.get((field_id, scope))
+        """A value from the last `fetch_fields` (or, for SLOW_FIELDS, the last that read
+        them), with the error policy applied to its entry once."""
+        result, fresh = self._field_entry((field_id, scope))
         if result is None:
             return None
         code, value = result
         if code != SUCCESS:
-            self._apply_policy(("field", (field_id, scope)), code, None)
+            if fresh:
+                self._apply_policy(("field", (field_id, scope)), code, None)
             return None
         return value
 
@@ -1037,8 +1094,8 @@ class Device:
         """The raw (code, value) entries of the last `fetch_fields`, None where a field was not
         asked for (or is known to be absent); entries that failed need `field()` for the error
         policy."""
-        fields = self._fields
-        return [fields.get(request) for request in requests]
+        fields, slow = self._fields, self._slow_fields
+        return [fields.get(request) or slow.get(request) for request in requests]
 
     def is_absent(self, fn: Callable[..., object], *args: object) -> bool:
         return (fn.__name__, args) in self._absent
@@ -1047,7 +1104,7 @@ class Device:
         """True when the field's entry in the last `fetch_fields` failed with an error that
         counts (not unsupported, not merely without a value): asking another way in the same
         sample would count the failure twice."""
-        result = self._fields.get((field_id, scope))
+        result, _ = self._field_entry((field_id, scope))
         if result is None or result[0] == SUCCESS:
             return False
         return result[0] not in ABSENT_CODES and result[0] not in NO_VALUE_CODES
@@ -1214,7 +1271,9 @@ class Session:
             log.warning("GPU could not be opened", extra={"gpu": index, "reason": reason})
             if self.selection is not None and not self.selection.selects(index, "", ""):
                 return None
-            device = Device(self.driver, None, DeviceIdentity(index=index, uuid=""), self.system)
+            device = Device(
+                self.driver, None, DeviceIdentity(index=index, uuid=""), self.system, self._clock
+            )
             device.down_reason = reason
             return device
 
@@ -1222,7 +1281,9 @@ class Session:
         drv = self.driver
         handle = drv.device_handle(index)
         uuid = drv.uuid(handle)
-        device = Device(drv, handle, DeviceIdentity(index=index, uuid=uuid), self.system)
+        device = Device(
+            drv, handle, DeviceIdentity(index=index, uuid=uuid), self.system, self._clock
+        )
         pci_bus_id = device.read(drv.pci_bus_id) or ""
         if self.selection is not None and not self.selection.selects(index, uuid, pci_bus_id):
             return None

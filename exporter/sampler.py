@@ -566,7 +566,7 @@ class Sampler:
                 except Exception as exc:
                     failed.add(collector.name)
                     self._log_collector_failure(collector, device, exc)
-            device.fetch_fields(requests)
+            device.fetch_fields(requests, self.config.sampling.slow_fields_interval)
         except DeviceLost as lost:
             return DeviceResult(down_reason=lost.reason)
         except SessionLost as lost:

@@ -65,6 +65,14 @@ def test_durations_in_prometheus_style(text: object, seconds: float) -> None:
     assert parse_duration(text, "x") == pytest.approx(seconds)
 
 
+def test_slow_fields_can_be_read_every_sample() -> None:
+    assert load_config(None).sampling.slow_fields_interval == 10.0
+    config = parse_config({"sampling": {"slow_fields_interval": "0s"}})
+    assert config.sampling.slow_fields_interval == 0.0
+    merged = apply_overrides(config, Overrides(interval="250ms"))
+    assert merged.sampling.slow_fields_interval == 0.0
+
+
 @pytest.mark.parametrize(
     ("address", "host", "port"),
     [(":9471", None, 9471), ("127.0.0.1:0", "127.0.0.1", 0), ("[::1]:9471", "::1", 9471)],

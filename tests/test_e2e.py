@@ -57,8 +57,12 @@ def test_simulated_node_shows_eight_gpus_with_plausible_values(
     )
 
 
-def test_energy_counter_grows_with_power(exporter: Callable[..., ExporterProcess]) -> None:
-    proc = exporter("--simulate", "2", "--sampling.interval", "200ms")
+def test_energy_counter_grows_with_power(
+    exporter: Callable[..., ExporterProcess], tmp_path: Path
+) -> None:
+    config = tmp_path / "exporter.yaml"
+    config.write_text("sampling: {slow_fields_interval: 0s}\n")  # not the default 10 s
+    proc = exporter("--simulate", "2", "--sampling.interval", "200ms", "--config.file", str(config))
     first = proc.get().values("nvml_energy_joules_total")
     time.sleep(1.0)
     second = proc.get()

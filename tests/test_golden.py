@@ -57,9 +57,11 @@ def render() -> str:
         wall_clock=lambda: 1_764_000_000.0,
     )
     sampler.sample_once()
-    clock.advance(85)
+    clock.advance(80)
     sampler.sample_once()
-    clock.advance(5)  # the busy counters integrate the driver samples of these 5 s
+    # The busy counters integrate the driver samples of these 10 s, and the energy counter is
+    # read again: both every 10 s.
+    clock.advance(10)
     return sampler.sample_once().body(Format.TEXT, compressed=False).decode()
 
 

@@ -126,9 +126,10 @@ def test_simulated_gpm_is_consistent_with_utilization() -> None:
             assert sm <= v["nvml_gpm_graphics_activity_ratio"] <= 1, key
 
 
-def _decoder_reads(model: str, gpm: bool, samples: int) -> tuple[list[int], list[str]]:
+def _decoder_reads(model: str, gpm: bool, samples: int) -> tuple[list[int], list[int], list[str]]:
     """Runs the simulated fleet (2 GPUs) for `samples` one-second samples; returns, per GPU,
-    how often its decoder buffer was read, and the decoder series of the last sample."""
+    how often its decoder's value was asked for and its buffer read, and the decoder series of
+    the last sample."""
     config = dataclasses.replace(
         Config(backend="simulated"),
         simulation=SimulationConfig(devices=2, model=model),
@@ -136,15 +137,20 @@ def _decoder_reads(model: str, gpm: bool, samples: int) -> tuple[list[int], list
     )
     clock = FakeClock()
     driver = SimulatedDriver(config.simulation, clock=clock)
-    reads = [0, 0]
-    real = driver.samples
+    asked, reads = [0, 0], [0, 0]
+    real_samples, real_instant = driver.samples, driver.decoder_utilization
 
-    def counting(handle: int, sample_type: int, since_us: int) -> list[tuple[int, float]]:
+    def counting_samples(handle: int, sample_type: int, since_us: int) -> list[tuple[int, float]]:
         if sample_type == DEC_UTILIZATION_SAMPLES:
             reads[handle] += 1
-        return real(handle, sample_type, since_us)
+        return real_samples(handle, sample_type, since_us)
 
-    driver.samples = counting  # type: ignore[method-assign]
+    def counting_instant(handle: int) -> int:
+        asked[handle] += 1
+        return real_instant(handle)
+
+    driver.samples = counting_samples  # type: ignore[method-assign]
+    driver.decoder_utilization = counting_instant  # type: ignore[method-assign]
     sampler = Sampler(config, driver, clock=clock)
     for _ in range(samples):
         clock.advance(1)
@@ -154,13 +160,14 @@ def _decoder_reads(model: str, gpm: bool, samples: int) -> tuple[list[int], list
         for line in text.splitlines()
         if line.startswith(("nvml_decoder_utilization_ratio", "nvml_decoder_busy_seconds"))
     ]
-    return reads, decoder
+    return asked, reads, decoder
 
 
-def test_decoder_buffer_is_read_every_tenth_sample_while_gpm_sees_the_decoders_idle() -> None:
+def test_decoder_value_is_not_asked_for_while_gpm_sees_the_decoders_idle() -> None:
     # The simulated H200's seven NVDEC engines idle under LLM inference, as GPM measures.
-    reads, decoder = _decoder_reads("NVIDIA H200", gpm=True, samples=25)
-    # The first sample, then every tenth: samples 0, 10 and 20.
+    asked, reads, decoder = _decoder_reads("NVIDIA H200", gpm=True, samples=25)
+    assert asked == [1, 1]  # the first sample, before GPM has an interval to tell
+    # The buffer, for the counter, as every engine's: samples 0, 10 and 20.
     assert reads == [3, 3]
     assert len(decoder) == 4 and all(line.endswith(" 0.0") for line in decoder)
 
@@ -168,21 +175,26 @@ def test_decoder_buffer_is_read_every_tenth_sample_while_gpm_sees_the_decoders_i
 @pytest.mark.parametrize(
     ("model", "gpm"), [("NVIDIA H200", False), ("NVIDIA A100-SXM4-80GB", True)]
 )
-def test_decoder_buffer_is_read_every_sample_where_gpm_cannot_tell(model: str, gpm: bool) -> None:
+def test_decoder_value_is_asked_for_every_sample_where_gpm_cannot_tell(
+    model: str, gpm: bool
+) -> None:
     # The gpm collector off, or a GPU before Hopper, without GPM.
-    reads, decoder = _decoder_reads(model, gpm=gpm, samples=25)
-    assert reads == [25, 25]
+    asked, reads, decoder = _decoder_reads(model, gpm=gpm, samples=25)
+    assert asked == [25, 25]
+    assert reads == [3, 3]
     assert len(decoder) == 4 and all(line.endswith(" 0.0") for line in decoder)
 
 
 @pytest.mark.slow
-def test_stand_in_decoders_idle_by_gpm_and_an_idle_encoder_save_their_buffer_reads(
+def test_stand_in_decoders_idle_by_gpm_and_an_idle_encoder_are_not_asked(
     tmp_path: Path,
 ) -> None:
     with nvml_stub.Fleet(tmp_path, num_devices=2) as fleet:
         # GPU 0 decodes nothing (its NVDEC engines at 0 in GPM); GPU 1 decodes at 2 %.
         assert fleet.devices[0].gpm_metrics[nvml_stub.GPM_NVDEC_0_UTIL] == 0
         assert fleet.devices[1].gpm_metrics[nvml_stub.GPM_NVDEC_0_UTIL] == 2
+        fleet.devices[1].decoder_utilization = 2
+        fleet.apply()
         proc = start_exporter(["--sampling.interval", "200ms"], env=fleet.env())
         try:
             time.sleep(2.5)
@@ -194,8 +206,10 @@ def test_stand_in_decoders_idle_by_gpm_and_an_idle_encoder_save_their_buffer_rea
     assert samples >= 10
     ratios = {dict(k)["gpu"]: v for k, v in scrape.values("nvml_decoder_utilization_ratio").items()}
     assert ratios == {"0": 0.0, "1": 0.02}
-    # Per sample: both GPUs' GPU and memory buffers, and GPU 1's decoder buffer. The idle
-    # buffers (both encoders, GPU 0's decoder) at the first sample and every tenth after.
-    # Each buffer's size is asked once.
-    idle_reads = 3 * ((samples + 9) // 10)
-    assert calls["nvmlDeviceGetSamples"] == 5 * samples + idle_reads + 8
+    # GPU 1's decoder every sample, GPU 0's and both idle encoders' at the first only.
+    assert calls["nvmlDeviceGetDecoderUtilization"] == samples + 1
+    assert calls["nvmlDeviceGetEncoderUtilization"] == 2
+    assert calls["nvmlDeviceGetUtilizationRates"] == 2 * samples
+    # Every buffer (GPU, memory, encoder, decoder, on each GPU) at the first sample and every
+    # tenth after; each buffer's size is asked once.
+    assert calls["nvmlDeviceGetSamples"] == 8 * ((samples + 9) // 10) + 8

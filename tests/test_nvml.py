@@ -15,11 +15,10 @@ from fakes import FakeClock
 
 from exporter import nvml
 from exporter.collectors.base import Emitter
+from exporter.collectors.busy import BUFFER_READ_EVERY, BUFFER_READ_SECONDS
 from exporter.collectors.power import PowerCollector
 from exporter.collectors.shared import GPM_NVDEC_IDLE
 from exporter.collectors.video import (
-    CATCH_UP_EVERY,
-    CATCH_UP_SECONDS,
     DECODER_BUSY,
     DECODER_UTILIZATION,
     ENCODER_BUSY,
@@ -345,6 +344,59 @@ def test_an_unsupported_field_is_remembered_and_no_longer_requested() -> None:
     assert drv.requests == [wanted, [(nvml.FI_POWER_INSTANT, 0)]]
 
 
+def _clocked(drv: ScriptedDriver) -> tuple[Device, FakeClock]:
+    dev = device(drv)
+    clock = FakeClock()
+    dev.clock = clock
+    return dev, clock
+
+
+def test_slow_fields_join_the_batch_every_ten_seconds_and_stand_in_between() -> None:
+    drv = FieldDriver()
+    drv.fields = {nvml.FI_POWER_AVERAGE: 300_000, nvml.FI_TOTAL_ENERGY_CONSUMPTION: 7_000}
+    dev, clock = _clocked(drv)
+    wanted = [(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0), (nvml.FI_POWER_AVERAGE, 0)]
+    assert nvml.FI_TOTAL_ENERGY_CONSUMPTION in nvml.SLOW_FIELDS
+    seen = []
+    for _ in range(12):
+        dev.fetch_fields(wanted)
+        seen.append(dev.field(nvml.FI_TOTAL_ENERGY_CONSUMPTION))
+        drv.fields[nvml.FI_TOTAL_ENERGY_CONSUMPTION] += 1_000
+        clock.advance(1.0)
+    asked = [len(r) for r in drv.requests]
+    assert asked == [2] + [1] * 9 + [2] + [1]
+    assert nvml.SLOW_FIELD_SECONDS == 10.0
+    # The last answer stands until the next read: one call per sample all along.
+    assert seen == [7_000] * 10 + [17_000] * 2
+
+
+def test_a_failed_slow_field_counts_once_per_read_not_once_per_sample() -> None:
+    drv = FieldDriver()
+    dev, clock = _clocked(drv)
+
+    def answer(handle: Any, requests: Any) -> list[tuple[int, float | None]]:
+        return [(999, None) for _ in requests]  # neither "unsupported" nor "no value"
+
+    drv.field_values = answer  # type: ignore[method-assign]
+    for _ in range(12):
+        dev.fetch_fields([(nvml.FI_PCIE_REPLAY_COUNTER, 0)])
+        assert dev.field(nvml.FI_PCIE_REPLAY_COUNTER) is None
+        assert dev.field_failed(nvml.FI_PCIE_REPLAY_COUNTER)
+        clock.advance(1.0)
+    assert sum(dev.errors.values()) == 2
+
+
+def test_a_slow_field_new_to_the_request_list_is_read_at_once() -> None:
+    drv = FieldDriver()
+    drv.fields = {nvml.FI_PERF_POLICY_THERMAL: 5, nvml.FI_TOTAL_ENERGY_CONSUMPTION: 9}
+    dev, clock = _clocked(drv)
+    dev.fetch_fields([(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0)])
+    clock.advance(1.0)
+    dev.fetch_fields([(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0), (nvml.FI_PERF_POLICY_THERMAL, 0)])
+    assert dev.field(nvml.FI_PERF_POLICY_THERMAL) == 5
+    assert dev.field(nvml.FI_TOTAL_ENERGY_CONSUMPTION) == 9
+
+
 class PowerFieldDriver(FieldDriver):
     def power_limit_default(self, handle: Any) -> int:
         return 700_000
@@ -383,7 +435,8 @@ class VideoDriver(ScriptedDriver):
     """An encoder and a decoder with driver sample buffers that fill as `now` advances.
 
     `buffers[type]` holds (timestamp in microseconds, percent); a read returns the samples newer
-    than its `since` and no newer than `now`. `sessions` is what nvmlDeviceGetEncoderStats says.
+    than its `since` and no newer than `now`, and the instantaneous value is the newest sample
+    so far. `sessions` is what nvmlDeviceGetEncoderStats says.
     """
 
     def __init__(self) -> None:
@@ -395,6 +448,8 @@ class VideoDriver(ScriptedDriver):
             nvml.DEC_UTILIZATION_SAMPLES: [],
         }
         self.reads: dict[int, list[int]] = {t: [] for t in self.buffers}
+        self.asked: dict[int, list[int]] = {t: [] for t in self.buffers}
+        self.instant_supported = True
 
     def encoder_stats(self, handle: Any) -> EncoderStats:
         return EncoderStats(self.sessions, 30 if self.sessions else 0, 0)
@@ -403,10 +458,18 @@ class VideoDriver(ScriptedDriver):
         self.reads[sample_type].append(self.now_us)
         return [(t, v) for t, v in self.buffers[sample_type] if since_us < t <= self.now_us]
 
-    def encoder_utilization(self, handle: Any) -> int:
-        raise AssertionError("the sample buffer is supported")
+    def _instant(self, sample_type: int) -> int:
+        if not self.instant_supported:
+            raise NvmlError(nvml.NOT_SUPPORTED)
+        self.asked[sample_type].append(self.now_us)
+        newest = [v for t, v in self.buffers[sample_type] if t <= self.now_us]
+        return round(newest[-1]) if newest else 0
 
-    decoder_utilization = encoder_utilization
+    def encoder_utilization(self, handle: Any) -> int:
+        return self._instant(nvml.ENC_UTILIZATION_SAMPLES)
+
+    def decoder_utilization(self, handle: Any) -> int:
+        return self._instant(nvml.DEC_UTILIZATION_SAMPLES)
 
 
 Outputs = dict[tuple[str, tuple[str, ...]], float]
@@ -416,10 +479,11 @@ def _video_world() -> tuple[VideoDriver, Callable[..., Outputs]]:
     drv = VideoDriver()
     dev = device(drv)
     clock = FakeClock(start=0.0)
+    dev.clock = clock
     # A driver sample every 200 ms for a minute, idle unless a test says otherwise.
     for buffer in drv.buffers.values():
         buffer.extend((200_000 * k, 0.0) for k in range(1, 301))
-    collector = VideoCollector(clock=clock)
+    collector = VideoCollector()
 
     def sample(nvdec_idle: bool = False, step: float = 1.0) -> Outputs:
         """One exporter sample, `step` seconds after the previous one; `nvdec_idle` stands for
@@ -434,70 +498,85 @@ def _video_world() -> tuple[VideoDriver, Callable[..., Outputs]]:
     return drv, sample
 
 
-def test_encoder_buffer_is_read_while_a_session_is_open_else_every_tenth_sample() -> None:
+def _seconds(stamps: list[int]) -> list[int]:
+    return [t // 1_000_000 for t in stamps]
+
+
+def test_encoder_value_is_asked_for_only_while_a_session_is_open() -> None:
     drv, sample = _video_world()
     sessions = [0] * 12 + [1] * 3 + [0] * 11
     for open_sessions in sessions:
         drv.sessions = open_sessions
         sample()
-    read_at = [t // 1_000_000 - 1 for t in drv.reads[nvml.ENC_UTILIZATION_SAMPLES]]
-    # First sample; catch-up; the three samples with a session and the one after it (the
-    # session may have run until just before it); catch-up ten samples after the last read.
-    assert read_at == [0, CATCH_UP_EVERY, 12, 13, 14, 15, 15 + CATCH_UP_EVERY]
-    # Without GPM in this sample the decoder is read every time.
-    assert len(drv.reads[nvml.DEC_UTILIZATION_SAMPLES]) == len(sessions)
+    # The first sample (no value yet), the three samples with a session and the one after it
+    # (the session may have run until just before it).
+    assert _seconds(drv.asked[nvml.ENC_UTILIZATION_SAMPLES]) == [1, 13, 14, 15, 16]
+    # The buffer, for the counter: the first sample and every tenth after it, sessions or not.
+    assert _seconds(drv.reads[nvml.ENC_UTILIZATION_SAMPLES]) == [1, 11, 21]
+    assert BUFFER_READ_EVERY == 10
+    # Without GPM in this sample the decoder's value is asked for every time.
+    assert len(drv.asked[nvml.DEC_UTILIZATION_SAMPLES]) == len(sessions)
 
 
-def test_at_long_intervals_the_catch_up_comes_before_the_driver_buffer_wraps() -> None:
+def test_at_long_intervals_the_buffer_is_read_before_it_wraps() -> None:
     drv, sample = _video_world()
-    drv.sessions = 0
     for _ in range(7):
         sample(step=4.0)  # 4 s apart: ten samples would be 40 s, past the ~16 s buffer
-    read_at = [t // 1_000_000 for t in drv.reads[nvml.ENC_UTILIZATION_SAMPLES]]
-    assert read_at == [4, 16, 28]  # every CATCH_UP_SECONDS at most, not every 10th sample
-    assert CATCH_UP_SECONDS < 16
+    # Every BUFFER_READ_SECONDS at most, not every 10th sample.
+    assert _seconds(drv.reads[nvml.ENC_UTILIZATION_SAMPLES]) == [4, 16, 28]
+    assert BUFFER_READ_SECONDS < 14
 
 
-def test_a_skipped_stretch_is_counted_once_at_the_catch_up_read() -> None:
+def test_a_session_between_two_samples_is_counted_once_by_the_next_buffer_read() -> None:
     drv, sample = _video_world()
     enc = drv.buffers[nvml.ENC_UTILIZATION_SAMPLES]
-    # A session from 3 s to 4 s at 80 %, and another in the last second before the catch-up
-    # read at 11 s, at 25 %; both opened and closed between two exporter samples.
+    # A session from 3 s to 4 s at 80 %, and another in the last second before the buffer read
+    # at 11 s, at 25 %; both opened and closed between two exporter samples.
     enc[:] = [(t, 80.0 if 3e6 < t <= 4e6 else 25.0 if 10e6 < t <= 11e6 else v) for t, v in enc]
     first = sample()
     assert first[(ENCODER_UTILIZATION.name, ())] == 0.0
-    for _ in range(CATCH_UP_EVERY - 1):
-        skipped = sample()
-        assert skipped[(ENCODER_UTILIZATION.name, ())] == 0.0
-        assert skipped[(ENCODER_BUSY.name, ())] == 0.0
-    caught_up = sample()  # at 11 s
-    assert caught_up[(ENCODER_BUSY.name, ())] == pytest.approx(0.8 * 1.0 + 0.25 * 1.0)
-    # The gauge is the last interval's, not the average over the stretch.
-    assert caught_up[(ENCODER_UTILIZATION.name, ())] == pytest.approx(0.25)
-    for _ in range(2 * CATCH_UP_EVERY):
+    for _ in range(BUFFER_READ_EVERY - 1):
+        between = sample()
+        assert between[(ENCODER_UTILIZATION.name, ())] == 0.0
+        assert between[(ENCODER_BUSY.name, ())] == 0.0
+    read = sample()  # at 11 s
+    assert read[(ENCODER_BUSY.name, ())] == pytest.approx(0.8 * 1.0 + 0.25 * 1.0)
+    # No session at either end of the interval: the gauge stays 0 without a call.
+    assert read[(ENCODER_UTILIZATION.name, ())] == 0.0
+    for _ in range(2 * BUFFER_READ_EVERY):
         later = sample()
-        assert later[(ENCODER_BUSY.name, ())] == caught_up[(ENCODER_BUSY.name, ())]
-        assert later[(ENCODER_UTILIZATION.name, ())] == 0.0
+        assert later[(ENCODER_BUSY.name, ())] == read[(ENCODER_BUSY.name, ())]
     assert len(drv.reads[nvml.ENC_UTILIZATION_SAMPLES]) == 4
+    assert len(drv.asked[nvml.ENC_UTILIZATION_SAMPLES]) == 1
 
 
-def test_an_engine_without_any_value_yet_is_read_and_not_reported_idle() -> None:
+def test_without_the_instantaneous_value_the_buffer_is_read_every_sample() -> None:
     drv, sample = _video_world()
+    drv.instant_supported = False
+    drv.sessions = 1
     drv.buffers[nvml.ENC_UTILIZATION_SAMPLES].clear()  # nothing sampled yet
     for _ in range(3):
         got = sample()
         assert (ENCODER_UTILIZATION.name, ()) not in got
     assert len(drv.reads[nvml.ENC_UTILIZATION_SAMPLES]) == 3
+    enc = drv.buffers[nvml.ENC_UTILIZATION_SAMPLES]
+    enc.extend((t, 30.0) for t in range(3_200_000, 5_000_001, 200_000))
+    got = sample()
+    # The buffer's first answer starts the counter; the next one gives the average.
+    got = sample()
+    assert got[(ENCODER_UTILIZATION.name, ())] == pytest.approx(0.3)
+    assert got[(ENCODER_BUSY.name, ())] == pytest.approx(0.3 * 1.0)
+    assert len(drv.reads[nvml.ENC_UTILIZATION_SAMPLES]) == 5
 
 
-def test_decoder_buffer_is_skipped_while_gpm_measures_the_decoders_idle() -> None:
+def test_decoder_value_is_not_asked_for_while_gpm_measures_the_decoders_idle() -> None:
     drv, sample = _video_world()
     dec = drv.buffers[nvml.DEC_UTILIZATION_SAMPLES]
     dec[:] = [(t, 40.0 if t > 14e6 else v) for t, v in dec]  # decoding from 14 s on
     idle_until = 13  # what GPM saw: nothing through 13 s
-    got = [sample(nvdec_idle=k + 1 <= idle_until) for k in range(16)]
-    read_at = [t // 1_000_000 for t in drv.reads[nvml.DEC_UTILIZATION_SAMPLES]]
-    # The first sample (no value yet), the catch-up, then every sample once GPM sees work.
-    assert read_at == [1, 1 + CATCH_UP_EVERY, 14, 15, 16]
-    assert [g[(DECODER_UTILIZATION.name, ())] for g in got[-3:]] == [0.0, 0.4, 0.4]
-    assert got[-1][(DECODER_BUSY.name, ())] == pytest.approx(0.4 * 2)
+    got = [sample(nvdec_idle=k + 1 <= idle_until) for k in range(21)]
+    # The first sample (no value yet), then every sample once GPM sees work.
+    assert _seconds(drv.asked[nvml.DEC_UTILIZATION_SAMPLES]) == [1, *range(14, 22)]
+    assert [g[(DECODER_UTILIZATION.name, ())] for g in got[12:15]] == [0.0, 0.0, 0.4]
+    assert _seconds(drv.reads[nvml.DEC_UTILIZATION_SAMPLES]) == [1, 11, 21]
+    assert got[-1][(DECODER_BUSY.name, ())] == pytest.approx(0.4 * 7)

@@ -23,7 +23,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ExporterPr
     first scrape costs ~5 s however short the interval; after that the tests only query.
     """
     assert find_prometheus(), "Prometheus is required: apt-get install prometheus (see .ci/run)"
-    proc = start_exporter(["--simulate"])
+    # Energy every sample: a simulated GPU's counter starts at 0 with the exporter, and the
+    # rate checks below should not wait for the default 10 s cadence.
+    config = tmp_path_factory.mktemp("exporter") / "exporter.yaml"
+    config.write_text("sampling: {slow_fields_interval: 0s}\n")
+    proc = start_exporter(["--simulate", "--config.file", str(config)])
     try:
         with prometheus_server([proc.address], tmp_path_factory.mktemp("prom")) as prom:
             prom.wait_for_query('up{job="nvml"} == 1', lambda r: len(r) == 1)

@@ -47,11 +47,6 @@ def _fan(dev: nvml_stub.Device, labels: Labels) -> float:
     return dev.fan_speeds[int(labels["fan"])] / 100
 
 
-def _latest(samples: list[nvml_stub.Sample]) -> float:
-    """The first read of the sample buffer reports its newest sample."""
-    return max(samples, key=lambda s: s.timestamp).value / 100
-
-
 def _field(field_id: int) -> Expectation:
     return lambda dev, labels: dev.field_value(field_id)
 
@@ -65,19 +60,18 @@ def _scaled(value: float | None, scale: float) -> float | None:
 
 
 # What each GPU metric must equal, from the stand-in's raw NVML values. Counters fed by sample
-# buffers start at 0 and stay there while the stand-in's buffers do not grow.
+# buffers start at 0 and stay there while the stand-in's buffers do not grow. An encoder
+# without a session reads 0 without being asked (the stand-in's idle encoders answer 0 anyway).
 EXPECTED: dict[str, Expectation] = {
     "nvml_gpu_info": lambda dev, labels: 1.0,
     "nvml_gpu_up": lambda dev, labels: 1.0,
-    "nvml_gpu_utilization_ratio": lambda dev, labels: _latest(dev.gpu_utilization_samples),
+    "nvml_gpu_utilization_ratio": lambda dev, labels: dev.utilization_gpu / 100,
     "nvml_gpu_busy_seconds_total": lambda dev, labels: 0.0,
-    "nvml_memory_controller_utilization_ratio": lambda dev, labels: _latest(
-        dev.memory_utilization_samples
-    ),
+    "nvml_memory_controller_utilization_ratio": lambda dev, labels: dev.utilization_memory / 100,
     "nvml_memory_controller_busy_seconds_total": lambda dev, labels: 0.0,
-    "nvml_encoder_utilization_ratio": lambda dev, labels: _latest(dev.encoder_utilization_samples),
+    "nvml_encoder_utilization_ratio": lambda dev, labels: dev.encoder_utilization / 100,
     "nvml_encoder_busy_seconds_total": lambda dev, labels: 0.0,
-    "nvml_decoder_utilization_ratio": lambda dev, labels: _latest(dev.decoder_utilization_samples),
+    "nvml_decoder_utilization_ratio": lambda dev, labels: dev.decoder_utilization / 100,
     "nvml_decoder_busy_seconds_total": lambda dev, labels: 0.0,
     "nvml_encoder_sessions": lambda dev, labels: dev.encoder_session_count,
     "nvml_encoder_average_fps": lambda dev, labels: dev.encoder_average_fps,
@@ -175,12 +169,10 @@ def test_every_gpu_metric_equals_the_stand_in_value_after_conversion(
     }
     # A PCIe card: no NVLink, ECC off, retired pages instead of row remapping, a fan.
     fleet.devices[7] = nvml_stub.make_pcie_device(7)
-    # An encoding session, so the encoder's buffer is read (an idle encoder's reads 0).
+    # An encoding session, so the encoder's value is asked for (an idle encoder's reads 0).
     encoding = fleet.devices[4]
     encoding.encoder_session_count = 1
-    encoding.encoder_utilization_samples = [
-        nvml_stub.Sample(s.timestamp, 37) for s in encoding.encoder_utilization_samples
-    ]
+    encoding.encoder_utilization = 37
     fleet.apply()
     proc = start(fleet)
     running.append(proc)
@@ -475,16 +467,11 @@ def test_short_bursts_between_samples_show_their_true_average_through_the_counte
     window_seconds = 18 * period_us / 1e6
     average = (scrape.values("nvml_gpu_busy_seconds_total")[key] - before) / window_seconds
     assert average == pytest.approx(1 / 6, abs=0.02)
-    assert scrape.values("nvml_gpu_utilization_ratio")[key] == pytest.approx(1 / 6, abs=0.02)
+    # The gauge is the driver's instantaneous value, which saw only the idle gaps.
+    assert scrape.values("nvml_gpu_utilization_ratio")[key] == 0
 
 
-def _encoder_reads(calls: dict[str, int], samples: int) -> int:
-    """nvmlDeviceGetSamples calls for the encoder on a one-GPU fleet without GPM: the GPU,
-    memory and decoder buffers are read every sample, and each type's size is asked once."""
-    return calls["nvmlDeviceGetSamples"] - 3 * samples - 4
-
-
-def test_idle_encoder_is_read_every_tenth_sample_and_a_session_between_samples_counts_once(
+def test_a_session_between_samples_reaches_the_encoder_counter_once(
     tmp_path: Path, running: list[ExporterProcess]
 ) -> None:
     with nvml_stub.Fleet(tmp_path, num_devices=1) as fleet:
@@ -505,11 +492,11 @@ def test_idle_encoder_is_read_every_tenth_sample_and_a_session_between_samples_c
         fleet.apply()
         proc.wait_for(
             lambda: proc.get().values("nvml_encoder_busy_seconds_total")[key] > before,
-            timeout=5,  # the catch-up read comes within 10 samples of 200 ms
+            timeout=5,  # the buffer is read within 10 samples of 200 ms
         )
         counted = proc.get().values("nvml_encoder_busy_seconds_total")[key] - before
         assert counted == pytest.approx(0.6 * 6 * period_us / 1e6, rel=1e-9)
-        time.sleep(2.5)  # more catch-up reads: nothing is counted twice
+        time.sleep(2.5)  # more buffer reads: nothing is counted twice
         scrape = proc.get()
         assert scrape.values("nvml_encoder_busy_seconds_total")[key] - before == counted
         assert scrape.values("nvml_encoder_utilization_ratio")[key] == 0
@@ -518,11 +505,14 @@ def test_idle_encoder_is_read_every_tenth_sample_and_a_session_between_samples_c
     samples = calls["nvmlDeviceGetMemoryInfo_v2"]
     assert samples >= 20
     assert calls["nvmlDeviceGetEncoderStats"] == samples
-    # The first sample and every tenth after it.
-    assert _encoder_reads(calls, samples) == (samples + 9) // 10
+    # No session at either end of any interval: asked for at the first sample only.
+    assert calls["nvmlDeviceGetEncoderUtilization"] == 1
+    # Every buffer (GPU, memory, encoder, decoder) at the first sample and every tenth after;
+    # each buffer's size is asked once.
+    assert calls["nvmlDeviceGetSamples"] == 4 * ((samples + 9) // 10) + 4
 
 
-def test_encoder_with_a_session_is_read_every_sample(
+def test_encoder_with_a_session_is_asked_for_every_sample(
     tmp_path: Path, running: list[ExporterProcess]
 ) -> None:
     with nvml_stub.Fleet(tmp_path, num_devices=1) as fleet:
@@ -533,10 +523,7 @@ def test_encoder_with_a_session_is_read_every_sample(
         running.append(proc)
         key = frozenset({("gpu", "0"), ("uuid", dev.uuid)})
         time.sleep(0.5)
-        last = max(s.timestamp for s in dev.encoder_utilization_samples)
-        dev.encoder_utilization_samples += [
-            nvml_stub.Sample(last + 166_667 * (k + 1), 45) for k in range(3)
-        ]
+        dev.encoder_utilization = 45
         fleet.apply()
         proc.wait_for(lambda: proc.get().values("nvml_encoder_utilization_ratio")[key] == 0.45)
         assert proc.get().values("nvml_encoder_sessions")[key] == 2
@@ -544,4 +531,4 @@ def test_encoder_with_a_session_is_read_every_sample(
     calls = fleet.calls()
     samples = calls["nvmlDeviceGetMemoryInfo_v2"]
     assert samples >= 3
-    assert _encoder_reads(calls, samples) == samples
+    assert calls["nvmlDeviceGetEncoderUtilization"] == samples

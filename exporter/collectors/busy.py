@@ -1,15 +1,21 @@
-"""Utilization that does not miss short bursts: NVML's utilization samples, integrated.
+"""Utilization as a gauge and as a busy-time counter that misses no burst.
 
-NVML's instantaneous utilization describes only the driver's last sample period (1/6 s to 1 s),
-so a kernel burst between two exporter samples can vanish. The driver keeps a buffer of those
-per-period samples; reading every sample newer than the last one seen gives the true average
-over the interval, and summing value x period gives a busy-time counter whose `rate()` is the
-exact average utilization over any window.
+The gauge is the driver's instantaneous value (nvmlDeviceGetUtilizationRates and the encoder
+and decoder calls: its last sample period, 1/6 s to 1 s), what nvidia-smi and dcgm-exporter
+show. A kernel burst between two exporter samples can escape it, so the counter comes from the
+driver's buffer of per-period samples instead: every sample newer than the last one read,
+value x period, summed, so that `rate()` of it is the exact average over any window.
+
+The buffer is read on every BUFFER_READ_EVERY-th sample, and after BUFFER_READ_SECONDS at the
+latest, rather than every sample because, on an H200 with driver 580, one nvmlDeviceGetSamples
+call costs 2.3 to 2.7 ms of CPU whatever it returns, against about 3 us for the instantaneous
+value (benchmarks/data/h200-costs.json): read every second it would be the exporter's largest
+cost. The buffer holds 14 to 16 s (72 samples, 5 a second, on the H200), so a read every 10 s
+still sees every sample; the counter lags by up to that much.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from exporter.nvml import Device
@@ -17,18 +23,22 @@ from exporter.nvml import Device
 # A gap this long between two driver samples means samples were lost (the buffer wrapped
 # while the exporter was stalled); count at most this much for one sample.
 MAX_SAMPLE_PERIOD_US = 2_000_000
+BUFFER_READ_EVERY = 10
+BUFFER_READ_SECONDS = 10.0
 
 
 @dataclass
 class _Track:
-    last_timestamp_us: int | None = None
-    ratio: float | None = None
+    ratio: float | None = None  # the gauge's value at the last update
     busy_seconds: float = 0.0
+    # The driver's buffer: the newest sample counted, when it was last read, and whether it
+    # ever answered (a device without one counts the instantaneous value instead).
+    last_timestamp_us: int | None = None
+    buffer_read_at: float | None = None
+    unread: int = 0  # samples since the buffer was last read
+    buffered: bool = False
+    # Without a buffer: when the instantaneous value last counted towards busy time.
     last_instant_time: float | None = None
-    # When the last update or idle() happened, and whether it was idle(): the next read then
-    # covers several intervals, of which only the last is the gauge's.
-    last_update: float | None = None
-    skipped: bool = False
 
 
 class BusyTracker:
@@ -38,92 +48,83 @@ class BusyTracker:
         self._sample_type = sample_type
         self._tracks: dict[str, _Track] = {}
 
-    def forget(self, uuid: str) -> None:
-        self._tracks.pop(uuid, None)
-
-    def samples(self, device: Device) -> list[tuple[int, float]] | None:
-        """New driver samples since the last call; None when the device has no sample buffer."""
-        track = self._tracks.setdefault(device.uuid, _Track())
-        since = track.last_timestamp_us or 0
-        return device.read_as((self._sample_type,), device.driver.samples, self._sample_type, since)
-
-    def update(
-        self,
-        device: Device,
-        samples: list[tuple[int, float]] | None,
-        instant_percent: Callable[[], int | None],
-        now: float,
-    ) -> tuple[float | None, float]:
-        """Returns (average ratio over the interval, busy seconds so far)."""
-        track = self._tracks.setdefault(device.uuid, _Track())
-        window_us = None
-        if track.skipped and track.last_update is not None:
-            window_us = max(1, round((now - track.last_update) * 1e6))
-        if samples is None:
-            self._from_instant(track, instant_percent(), now)
-        elif samples:
-            self._from_samples(track, sorted(samples), window_us)
-        track.last_update, track.skipped = now, False
-        return track.ratio, track.busy_seconds
-
     def has_value(self, device: Device) -> bool:
-        """Whether a read gave the device's signal a value yet: only then may idle() stand in
-        for a read (before, the signal may be unsupported, or its buffer not yet filled)."""
+        """Whether a read gave the signal a value yet: only then may `idle` stand in for a
+        read (before, the signal may be unsupported)."""
         track = self._tracks.get(device.uuid)
         return track is not None and track.ratio is not None
 
-    def idle(self, device: Device, now: float) -> tuple[float | None, float]:
-        """For an interval the signal is known to have been idle, without reading it: the ratio
-        is 0 and the counter unchanged. The sample buffer is left unread, so the next read
-        integrates the whole skipped stretch from where the last read stopped: what the
-        engine did in between is counted once, late rather than never."""
+    def update(
+        self, device: Device, instant_percent: int | None, now: float
+    ) -> tuple[float | None, float]:
+        """(gauge ratio, busy seconds so far) from this sample's instantaneous value, None
+        where the device has none; the buffer then stands in for it and is read every time."""
         track = self._tracks.setdefault(device.uuid, _Track())
-        track.ratio = 0.0
-        if track.last_instant_time is not None:
-            # Without a buffer the skipped interval counts as idle, not at the next reading.
-            track.last_instant_time = now
-        track.last_update, track.skipped = now, True
+        average = self._read_buffer(device, track, now, every_time=instant_percent is None)
+        if instant_percent is not None:
+            track.ratio = instant_percent / 100
+            if not track.buffered:
+                self._count_instant(track, track.ratio, now)
+        elif average is not None:
+            track.ratio = average
+        elif not track.buffered:
+            track.ratio = None
         return track.ratio, track.busy_seconds
 
+    def idle(self, device: Device, now: float) -> tuple[float | None, float]:
+        """For an interval the signal is known to have been idle, without asking for its
+        value: the gauge is 0. The buffer is still read when due, so work that started and
+        ended between two samples reaches the counter."""
+        track = self._tracks.setdefault(device.uuid, _Track())
+        self._read_buffer(device, track, now, every_time=False)
+        track.ratio = 0.0
+        if not track.buffered:
+            self._count_instant(track, 0.0, now)
+        return track.ratio, track.busy_seconds
+
+    def _read_buffer(
+        self, device: Device, track: _Track, now: float, every_time: bool
+    ) -> float | None:
+        """Counts the buffer's new samples when a read is due; their average, if any."""
+        due = (
+            every_time
+            or track.buffer_read_at is None
+            or track.unread >= BUFFER_READ_EVERY - 1
+            or now - track.buffer_read_at >= BUFFER_READ_SECONDS
+        )
+        if not due:
+            track.unread += 1
+            return None
+        since = track.last_timestamp_us or 0
+        samples = device.read_as(
+            (self._sample_type,), device.driver.samples, self._sample_type, since
+        )
+        if samples is None:
+            return None
+        track.buffered, track.buffer_read_at, track.unread = True, now, 0
+        return self._integrate(track, sorted(samples)) if samples else None
+
     @staticmethod
-    def _from_samples(
-        track: _Track, samples: list[tuple[int, float]], window_us: int | None = None
-    ) -> None:
-        """Integrates new samples into the counter. The ratio averages all of them, or, after
-        skipped intervals, only the last `window_us` of them: the last interval's share."""
+    def _integrate(track: _Track, samples: list[tuple[int, float]]) -> float | None:
+        """Adds the samples' busy time to the counter; returns their average ratio."""
         if track.last_timestamp_us is None:
             # The buffer's history covers an unknown window: start counting from here.
             track.last_timestamp_us = samples[-1][0]
-            track.ratio = samples[-1][1] / 100
-            return
+            return samples[-1][1] / 100
         previous = track.last_timestamp_us
-        start = samples[-1][0] - window_us if window_us is not None else None
-        weighted = total = recent_weighted = recent_total = 0.0
+        weighted = total = 0.0
         for timestamp, percent in samples:
             period = min(max(0, timestamp - previous), MAX_SAMPLE_PERIOD_US)
             weighted += percent * period
             total += period
-            if start is not None:
-                inside = max(0, timestamp - max(timestamp - period, start))
-                recent_weighted += percent * inside
-                recent_total += inside
             previous = timestamp
         track.last_timestamp_us = previous
-        if total > 0:
-            track.busy_seconds += weighted / 100 / 1e6
-            track.ratio = weighted / total / 100
-        if recent_total > 0:
-            track.ratio = recent_weighted / recent_total / 100
+        track.busy_seconds += weighted / 100 / 1e6
+        return weighted / total / 100 if total > 0 else None
 
     @staticmethod
-    def _from_instant(track: _Track, percent: int | None, now: float) -> None:
-        """Fallback without a sample buffer: the instantaneous value stands for the interval."""
-        if percent is None:
-            track.ratio = None
-            track.last_instant_time = None
-            return
-        ratio = percent / 100
+    def _count_instant(track: _Track, ratio: float, now: float) -> None:
+        """Without a buffer, the instantaneous value stands for the interval since the last."""
         if track.last_instant_time is not None:
             track.busy_seconds += ratio * max(0.0, now - track.last_instant_time)
         track.last_instant_time = now
-        track.ratio = ratio

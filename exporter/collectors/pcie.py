@@ -48,7 +48,7 @@ REPLAYS = MetricSpec(
     "nvml_pcie_replays_total",
     "counter",
     "PCIe link-level replays (retransmissions); growth points at a marginal link or riser.",
-    source="field NVML_FI_DEV_PCIE_REPLAY_COUNTER",
+    source="field NVML_FI_DEV_PCIE_REPLAY_COUNTER (every 10 s)",
     dcgm=(Dcgm("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "Total PCIe retries.", type="counter"),),
 )
 LINK_GENERATION = MetricSpec(
@@ -111,11 +111,12 @@ class PcieCollector(Collector):
             total = device.field(field_id)
             if total is not None:
                 out.add(counter, total)
-                continue
-            # Older GPUs only have the throughput call, which blocks ~20 ms per direction.
-            kib_per_second = device.read(drv.pcie_throughput, direction)
-            if kib_per_second is not None:
-                out.add(gauge, kib_per_second * 1024)
+            elif device.field_absent(field_id):
+                # Older GPUs only have the throughput call, which blocks ~20 ms per direction
+                # (0.7 ms of it on the CPU, on an H200).
+                kib_per_second = device.read(drv.pcie_throughput, direction)
+                if kib_per_second is not None:
+                    out.add(gauge, kib_per_second * 1024)
         replays = device.field(FI_PCIE_REPLAY_COUNTER)
         if replays is not None:
             out.add(REPLAYS, replays)

@@ -8,6 +8,7 @@ from exporter.nvml import (
     FI_POWER_CURRENT_LIMIT,
     FI_POWER_INSTANT,
     FI_TOTAL_ENERGY_CONSUMPTION,
+    SLOW_FIELD_SECONDS,
     Device,
     FieldRequest,
 )
@@ -61,7 +62,7 @@ ENERGY = MetricSpec(
     "Energy consumed since the driver was last loaded.",
     unit="joules",
     source="field NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION (nvmlDeviceGetTotalEnergyConsumption "
-    "where the field is unsupported), mJ / 1000",
+    "where the field is unsupported), mJ / 1000, read every 10 s",
     dcgm=(
         Dcgm(
             "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
@@ -110,6 +111,7 @@ class PowerCollector(Collector):
             out.add(POWER_MAX_LIMIT, constraints[1] / 1000)
         millijoules = device.field(FI_TOTAL_ENERGY_CONSUMPTION)
         if millijoules is None and not device.field_failed(FI_TOTAL_ENERGY_CONSUMPTION):
-            millijoules = device.read(drv.total_energy)
+            # As slow as the field (nvml.SLOW_FIELDS), so no more often than its default.
+            millijoules = device.recent(SLOW_FIELD_SECONDS, drv.total_energy)
         if millijoules is not None:
             out.add(ENERGY, millijoules / 1000)

@@ -1,22 +1,25 @@
-"""How busy the GPU and its memory controller were, averaged over the whole interval."""
+"""How busy the GPU and its memory controller are: gauges, and counters that miss no burst."""
 
 from __future__ import annotations
-
-import time
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
 from exporter.collectors.busy import BusyTracker
 from exporter.nvml import GPU_UTILIZATION_SAMPLES, MEMORY_UTILIZATION_SAMPLES, Device
 
-_SAMPLES = "nvmlDeviceGetSamples ({}_UTILIZATION_SAMPLES) averaged over the interval; "
-_FALLBACK = "nvmlDeviceGetUtilizationRates .{} where samples are unsupported"
+_INSTANT = "nvmlDeviceGetUtilizationRates .{} (the driver's last sample period, 1/6 s to 1 s); "
+_BUFFER = "the average of nvmlDeviceGetSamples ({}_UTILIZATION_SAMPLES) where that is unsupported"
+_COUNTER = (
+    "sum of nvmlDeviceGetSamples ({}_UTILIZATION_SAMPLES) x sample period, read every 10 s "
+    "(instantaneous x interval where the buffer is unsupported)"
+)
 
 GPU_UTILIZATION = MetricSpec(
     "nvml_gpu_utilization_ratio",
     "gauge",
-    "Fraction of the last sampling interval in which a kernel was running.",
+    "Fraction of the driver's last sample period (1/6 s to 1 s) in which a kernel was running, "
+    "as nvidia-smi shows it; rate(nvml_gpu_busy_seconds_total) gives the exact average.",
     unit="ratio",
-    source=_SAMPLES.format("GPU") + _FALLBACK.format("gpu"),
+    source=_INSTANT.format("gpu") + _BUFFER.format("GPU"),
     dcgm=(Dcgm("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", "percent", 100),),
 )
 GPU_BUSY = MetricSpec(
@@ -24,14 +27,14 @@ GPU_BUSY = MetricSpec(
     "counter",
     "Time a kernel was running; rate() gives the exact average utilization over any window.",
     unit="seconds",
-    source="sum of GPU utilization samples x sample period (instantaneous x interval fallback)",
+    source=_COUNTER.format("GPU"),
 )
 MEMORY_CONTROLLER_UTILIZATION = MetricSpec(
     "nvml_memory_controller_utilization_ratio",
     "gauge",
-    "Fraction of the last sampling interval in which device memory was read or written.",
+    "Fraction of the driver's last sample period in which device memory was read or written.",
     unit="ratio",
-    source=_SAMPLES.format("MEMORY") + _FALLBACK.format("memory"),
+    source=_INSTANT.format("memory") + _BUFFER.format("MEMORY"),
     dcgm=(Dcgm("DCGM_FI_DEV_MEM_COPY_UTIL", "Memory utilization (in %).", "percent", 100),),
 )
 MEMORY_CONTROLLER_BUSY = MetricSpec(
@@ -39,7 +42,7 @@ MEMORY_CONTROLLER_BUSY = MetricSpec(
     "counter",
     "Time device memory was being read or written; rate() gives the average utilization.",
     unit="seconds",
-    source="sum of memory utilization samples x sample period",
+    source=_COUNTER.format("MEMORY"),
 )
 
 
@@ -52,21 +55,18 @@ class UtilizationCollector(Collector):
         self._memory = BusyTracker(MEMORY_UTILIZATION_SAMPLES)
 
     def collect(self, device: Device, out: Emitter) -> None:
-        now = time.monotonic()
-        gpu_samples = self._gpu.samples(device)
-        memory_samples = self._memory.samples(device)
-        rates = None
-        if gpu_samples is None or memory_samples is None:
-            rates = device.read(device.driver.utilization)
-        ratio, busy = self._gpu.update(
-            device, gpu_samples, lambda: rates.gpu if rates else None, now
-        )
-        if ratio is not None:
-            out.add(GPU_UTILIZATION, ratio)
-            out.add(GPU_BUSY, busy)
-        ratio, busy = self._memory.update(
-            device, memory_samples, lambda: rates.memory if rates else None, now
-        )
-        if ratio is not None:
-            out.add(MEMORY_CONTROLLER_UTILIZATION, ratio)
-            out.add(MEMORY_CONTROLLER_BUSY, busy)
+        now = device.clock()
+        rates = device.read(device.driver.utilization)
+        for tracker, percent, gauge, counter in (
+            (self._gpu, None if rates is None else rates.gpu, GPU_UTILIZATION, GPU_BUSY),
+            (
+                self._memory,
+                None if rates is None else rates.memory,
+                MEMORY_CONTROLLER_UTILIZATION,
+                MEMORY_CONTROLLER_BUSY,
+            ),
+        ):
+            ratio, busy = tracker.update(device, percent, now)
+            if ratio is not None:
+                out.add(gauge, ratio)
+                out.add(counter, busy)
