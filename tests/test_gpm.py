@@ -24,6 +24,7 @@ from exporter.snapshot import Format
 # metric id -> (exported name, extra labels, scale)
 BY_ID = {mid: (spec.name, extra, scale) for mid, spec, extra, scale in _METRICS}
 EXTRA_LABELS = {spec.name: spec.labels[3:] for _, spec, _, _ in _METRICS}
+GRAPHICS_UTIL = 1  # NVML_GPM_METRIC_GRAPHICS_UTIL
 
 
 def gpm_series(scrape: Scrape) -> dict[tuple[str, str, str, tuple[str, ...]], float]:
@@ -213,3 +214,35 @@ def test_stand_in_decoders_idle_by_gpm_and_an_idle_encoder_are_not_asked(
     # Every buffer (GPU, memory, encoder, decoder, on each GPU) at the first sample and every
     # tenth after; each buffer's size is asked once.
     assert calls["nvmlDeviceGetSamples"] == 8 * ((samples + 9) // 10) + 8
+
+
+def test_graphics_activity_is_computed_over_ten_second_windows_and_held_between() -> None:
+    config = dataclasses.replace(
+        Config(backend="simulated"), simulation=SimulationConfig(devices=1, seed=3)
+    )
+    clock = FakeClock()
+    driver = SimulatedDriver(config.simulation, clock=clock)
+    asked: list[list[int]] = []
+    real = driver.gpm_metrics
+
+    def counting(first: object, second: object, ids: list[int]) -> list[tuple[int, float | None]]:
+        asked.append(list(ids))
+        return real(first, second, ids)
+
+    driver.gpm_metrics = counting  # type: ignore[method-assign,assignment]
+    sampler = Sampler(config, driver, clock=clock)
+    graphics, sm = [], []
+    for _ in range(25):
+        clock.advance(1)
+        families = {f.name: f for f in sampler.sample_once().families}
+        series = families.get("nvml_gpm_graphics_activity_ratio")
+        graphics.append(series.lines[0] if series else None)
+        sm.append(families.get("nvml_gpm_sm_activity_ratio"))
+    slow = [i for i, ids in enumerate(asked) if ids == [GRAPHICS_UTIL]]
+    # The first window closes with the first pair, so the metric is there from the second
+    # sample on; then every tenth interval.
+    assert len(slow) == 3 and len(asked) == 3 + 24
+    assert all(GRAPHICS_UTIL not in ids for ids in asked if ids != [GRAPHICS_UTIL])
+    assert graphics[0] is None and all(line is not None for line in graphics[1:])
+    assert len(set(graphics[2:11])) == 1 and graphics[11] != graphics[10]
+    assert sm[0] is None and all(f is not None for f in sm[1:])

@@ -3,14 +3,23 @@
 What dcgm-exporter calls profiling metrics (SM activity and occupancy, tensor core activity,
 DRAM bandwidth), unprivileged: keep one GPM sample per GPU (and per MIG GPU instance) from the
 previous interval, take a new one each interval, and compute every metric over the pair in one
-nvmlGpmMetricsGet call. Two samples per GPU are allocated once and reused in turn.
+nvmlGpmMetricsGet call.
+
+Except graphics activity (NVML_GPM_METRIC_GRAPHICS_UTIL), which NVML computes slowly: on an H200
+with driver 580 asking for it costs ~1.35 ms of CPU, every other metric together ~0.04 ms
+(benchmarks/data/h200-costs.json). It is computed over a window of SLOW_WINDOW_SAMPLES intervals
+or SLOW_WINDOW_SECONDS, whichever ends first, from the sample that opened the window, and holds
+its value until the next window closes: an average over the last ~10 s, as dcgm-exporter's
+profiling metrics are averages over its collection interval. Three samples per GPU are
+allocated once and reused in turn: the previous interval's, the window's first, and the new one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
 from exporter.collectors.shared import GPM_NVDEC_IDLE, mig_instances
@@ -21,6 +30,9 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 # A GPU or GPU instance not read for this many samples is gone; its samples are freed.
 FORGET_AFTER = 3
+SLOW_METRICS = frozenset({1})  # NVML_GPM_METRIC_GRAPHICS_UTIL
+SLOW_WINDOW_SAMPLES = 10
+SLOW_WINDOW_SECONDS = 10.0
 
 INSTANCE_LABELS = ("gpu_instance", "mig_profile", "mig_uuid")
 # dcgm-exporter's names for the MIG labels it has.
@@ -47,7 +59,8 @@ def _dcgm(name: str, help_: str, unit: str = "ratio", scale: float = 1.0, **matc
 
 GRAPHICS = _spec(
     "nvml_gpm_graphics_activity_ratio",
-    "Fraction of time any graphics or compute engine was active.",
+    "Fraction of time any graphics or compute engine was active, over the last ~10 s window "
+    "(every 10th interval or 10 s; NVML computes it slowly).",
     _dcgm("DCGM_FI_PROF_GR_ENGINE_ACTIVE", "Ratio of time the graphics engine is active."),
 )
 SM = _spec(
@@ -161,14 +174,29 @@ _METRICS: tuple[tuple[int, MetricSpec, tuple[str, ...], float], ...] = (
 )
 
 
-@dataclass
-class _Pair:
-    """Two GPM samples used in turn: `previous` holds last interval's, `current` is refilled."""
+Held = tuple[MetricSpec, float, tuple[str, ...]]
 
-    previous: Handle
-    current: Handle
-    primed: bool = False
+
+@dataclass
+class _Samples:
+    """One GPU's (or GPU instance's) GPM sample buffers and what they hold."""
+
+    buffers: tuple[Handle, Handle, Handle]
+    previous: Handle | None = None  # last interval's sample
+    window: Handle | None = None  # the sample that opened the slow metrics' window
+    window_at: float = 0.0
+    window_intervals: int = 0
+    held: list[Held] = field(default_factory=list)  # the slow metrics' last values
     unseen: int = 0
+
+    def free_buffer(self) -> Handle:
+        """A buffer holding neither the previous sample nor the window's first."""
+        return next(b for b in self.buffers if b is not self.previous and b is not self.window)
+
+    def reset(self) -> None:
+        """After a failed sample: metrics need two good samples in a row again."""
+        self.previous = self.window = None
+        self.held = []
 
 
 class GpmCollector(Collector):
@@ -178,7 +206,7 @@ class GpmCollector(Collector):
     def __init__(self) -> None:
         # (GPU uuid, GPU instance or None) -> its samples; touched by that GPU's worker only,
         # except for freeing, which happens under the lock.
-        self._pairs: dict[tuple[str, int | None], _Pair] = {}
+        self._samples: dict[tuple[str, int | None], _Samples] = {}
         self._drivers: dict[tuple[str, int | None], Driver] = {}
         self._lock = threading.Lock()
         # Metrics a GPU answered NOT_SUPPORTED for: not asked for again.
@@ -207,43 +235,76 @@ class GpmCollector(Collector):
     ) -> None:
         drv = device.driver
         key = (device.uuid, gpu_instance)
-        pair = self._pairs.get(key)
-        if pair is None:
-            first = device.read_system(drv.gpm_sample_alloc)
-            second = device.read_system(drv.gpm_sample_alloc) if first is not None else None
-            if first is None or second is None:
-                return
-            pair = _Pair(first, second)
+        samples = self._samples.get(key)
+        if samples is None:
+            buffers: list[Handle] = []
+            for _ in range(3):
+                buffer = device.read_system(drv.gpm_sample_alloc)
+                if buffer is None:
+                    _free_buffers(drv, buffers)
+                    return
+                buffers.append(buffer)
+            samples = _Samples((buffers[0], buffers[1], buffers[2]))
             with self._lock:
-                self._pairs[key] = pair
+                self._samples[key] = samples
                 self._drivers[key] = drv
-        pair.unseen = 0
+        samples.unseen = 0
+        current = samples.free_buffer()
         if gpu_instance is None:
-            taken = device.read_as((), drv.gpm_sample_get, pair.current)
+            taken = device.read_as((), drv.gpm_sample_get, current)
         else:
-            taken = device.read_as(("mig",), drv.gpm_mig_sample_get, gpu_instance, pair.current)
+            taken = device.read_as(("mig",), drv.gpm_mig_sample_get, gpu_instance, current)
         if not taken:
-            pair.primed = False  # a pair needs two good samples in a row
+            samples.reset()
             return
-        if pair.primed:
-            self._emit(device, pair, labels, out)
-        pair.previous, pair.current = pair.current, pair.previous
-        pair.primed = True
+        now = device.clock()
+        if samples.previous is not None:
+            samples.window_intervals += 1
+        if samples.window is not None and (
+            not samples.held  # the first window closes at once, so the metric is there
+            or samples.window_intervals >= SLOW_WINDOW_SAMPLES
+            or now - samples.window_at >= SLOW_WINDOW_SECONDS
+        ):
+            samples.held = self._metrics(device, samples.window, current, labels, slow=True)
+            samples.window = None
+        if samples.window is None:
+            samples.window, samples.window_at, samples.window_intervals = current, now, 0
+        fast = (
+            self._metrics(device, samples.previous, current, labels, slow=False)
+            if samples.previous is not None
+            else []
+        )
+        for spec, value, values in (*samples.held, *fast):
+            out.add(spec, value, *values)
+        samples.previous = current
 
-    def _emit(
-        self, device: Device, pair: _Pair, labels: tuple[str, str, str], out: Emitter
-    ) -> None:
+    def _metrics(
+        self,
+        device: Device,
+        first: Handle,
+        second: Handle,
+        labels: tuple[str, str, str],
+        slow: bool,
+    ) -> list[Held]:
+        """The fast or the slow metrics over two samples, as (spec, value, label values)."""
         absent = self._absent.setdefault(device.uuid, set())
-        wanted = [entry for entry in _METRICS if entry[0] not in absent]
+        wanted = [
+            entry
+            for entry in _METRICS
+            if entry[0] not in absent and (entry[0] in SLOW_METRICS) == slow
+        ]
+        if not wanted:
+            return []
         ids = [metric_id for metric_id, _, _, _ in wanted]
-        results = device.read_system(device.driver.gpm_metrics, pair.previous, pair.current, ids)
+        results = device.read_system(device.driver.gpm_metrics, first, second, ids)
         if results is None:
-            return
+            return []
+        found: list[Held] = []
         whole_gpu = labels[0] == ""
         nvdec_busy: bool | None = None  # None: no NVDEC engine measured
         for (metric_id, spec, extra, scale), (code, value) in zip(wanted, results, strict=True):
             if code == SUCCESS and value is not None:
-                out.add(spec, value * scale, *labels, *extra)
+                found.append((spec, value * scale, (*labels, *extra)))
             elif code in ABSENT_CODES and whole_gpu:
                 # The chip lacks it; MIG instances may lack what the GPU has, so only the
                 # whole GPU's answer decides.
@@ -254,31 +315,35 @@ class GpmCollector(Collector):
         if whole_gpu and nvdec_busy is False:
             # For the video collector: its decoder samples would say nothing new.
             device.memo[GPM_NVDEC_IDLE] = True
+        return found
 
     def collect_global(self, out: Emitter) -> None:
         """Frees the samples of GPUs and instances that went away."""
         with self._lock:
             gone = []
-            for key, pair in self._pairs.items():
-                pair.unseen += 1
-                if pair.unseen > FORGET_AFTER:
+            for key, samples in self._samples.items():
+                samples.unseen += 1
+                if samples.unseen > FORGET_AFTER:
                     gone.append(key)
             for key in gone:
                 self._free(key)
 
     def close(self) -> None:
         with self._lock:
-            for key in list(self._pairs):
+            for key in list(self._samples):
                 self._free(key)
 
     def _free(self, key: tuple[str, int | None]) -> None:
-        pair = self._pairs.pop(key)
-        drv = self._drivers.pop(key)
-        for sample in (pair.previous, pair.current):
-            try:
-                drv.gpm_sample_free(sample)
-            except Exception as exc:
-                # After the driver went away, there is nothing left to free.
-                if error_code(exc) is None:
-                    raise
-                log.debug("freeing a GPM sample failed", extra={"reason": str(exc)})
+        samples = self._samples.pop(key)
+        _free_buffers(self._drivers.pop(key), samples.buffers)
+
+
+def _free_buffers(drv: Driver, buffers: Sequence[Handle]) -> None:
+    for buffer in buffers:
+        try:
+            drv.gpm_sample_free(buffer)
+        except Exception as exc:
+            # After the driver went away, there is nothing left to free.
+            if error_code(exc) is None:
+                raise
+            log.debug("freeing a GPM sample failed", extra={"reason": str(exc)})
