@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nvml_stub
+from nvml_stub.costs import CostProfile
 
 _SPEC = re.compile(r"^(?P<gpus>\d+)x(?P<procs>\d+)(?:m(?P<mig>\d+))?$")
 _MIB = 1 << 20
@@ -86,9 +87,15 @@ def host_processes(count: int) -> Iterator[list[int]]:
             child.wait()
 
 
-def build_fleet(directory: Path, spec: FleetSpec, pids: Sequence[int]) -> nvml_stub.Fleet:
-    """A stand-in fleet of HGX H200s with `pids` spread over the GPUs and MIG as specified."""
-    fleet = nvml_stub.Fleet(directory, num_devices=spec.gpus)
+def build_fleet(
+    directory: Path, spec: FleetSpec, pids: Sequence[int], costs: CostProfile | None = None
+) -> nvml_stub.Fleet:
+    """A stand-in fleet of HGX H200s with `pids` spread over the GPUs and MIG as specified.
+
+    With `costs` (e.g. nvml_stub.costs.H200_DRIVER_580) each NVML call burns the thread CPU a
+    real driver's does, so the exporters' CPU figures include the driver's share.
+    """
+    fleet = nvml_stub.Fleet(directory, num_devices=spec.gpus, costs=costs)
     for device in fleet.devices:
         device.processes = []
         device.process_samples = []

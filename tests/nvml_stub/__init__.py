@@ -6,6 +6,8 @@ per-symbol call counters the library keeps in a shared file mapping (env NVML_ST
 Values are in NVML's raw units, so a test can compare an exporter's output with the model exactly.
 make_device() models an HGX H200 (NVLink, ECC on, MIG-capable, GPM, row remapping);
 make_pcie_device() an L40S PCIe card without NVLink, ECC counters, MIG or GPM, that retires pages.
+Calls cost next to nothing unless the fleet carries a cost profile (costs.py, e.g.
+H200_DRIVER_580): then each call burns the CPU time a real driver's call costs its thread.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
+
+from .costs import CostProfile, config_lines
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SONAME = "libnvidia-ml.so.1"
@@ -747,10 +751,11 @@ class _Event:
 
 
 class Fleet:
-    """The GPUs a subprocess sees through the stand-in library, plus injected faults.
+    """The GPUs a subprocess sees through the stand-in library, plus injected faults and costs.
 
     Mutating `devices` (or the system-level attributes) takes effect after `apply()`; the
-    fault and event methods apply immediately. The library picks the change up on its next call.
+    fault, event and cost methods apply immediately. The library picks the change up on its next
+    call.
     """
 
     def __init__(
@@ -762,10 +767,15 @@ class Fleet:
         architecture: int = ARCH_HOPPER,
         omit: Iterable[str] = (),
         device_factory: Callable[[int], Device] | None = None,
+        costs: CostProfile | None = None,
     ) -> None:
         """`device_factory(index)` builds each device (e.g. make_pcie_device) instead of
         make_device(index, name, architecture); devices can also be replaced later, then apply().
+        `costs` makes calls cost what that profile says; see set_costs().
         """
+        self._costs: CostProfile | None = None
+        self._cost_lines: tuple[str, ...] = ()
+        self._set_costs(costs)  # first: a bad profile must not leave a directory behind
         self._owned_directory = directory is None
         self.directory = (
             Path(tempfile.mkdtemp(prefix="nvml-stub-")) if directory is None else directory
@@ -850,6 +860,27 @@ class Fleet:
             self._delays.pop(key, None)
         self.apply()
 
+    # ---- costs ----
+
+    @property
+    def costs(self) -> CostProfile | None:
+        return self._costs
+
+    def set_costs(self, profile: CostProfile | None) -> None:
+        """From the next call on, each call burns the thread CPU (and waits the wall time) that
+        `profile` gives it; None makes calls free again. Applies immediately."""
+        self._set_costs(profile)
+        self.apply()
+
+    def _set_costs(self, profile: CostProfile | None) -> None:
+        lines: tuple[str, ...] = ()
+        if profile is not None:
+            unknown = sorted(set(profile.symbols) - set(SYMBOLS))
+            if unknown:
+                raise ValueError(f"cost profile {profile.name!r}: unknown NVML symbols {unknown}")
+            lines = tuple(config_lines(profile))
+        self._costs, self._cost_lines = profile, lines
+
     def queue_event(
         self,
         device: int,
@@ -910,6 +941,7 @@ class Fleet:
         for kind, rules in (("fault", self._faults), ("delay", self._delays)):
             for (function, device), value in sorted(rules.items(), key=_rule_order):
                 yield f"{kind} {function} {'*' if device is None else device} {value}"
+        yield from self._cost_lines
         for e in self._events:
             yield (
                 f"event {e.seq} {e.device} {e.event_type} {e.data} "

@@ -23,6 +23,14 @@
  *   event SEQ DEV TYPE DATA GI CI   queued event, SEQ strictly increasing
  *   fault SYMBOL DEV RC             SYMBOL ("*" = all) returns RC; first match wins
  *   delay SYMBOL DEV MS             SYMBOL sleeps MS before answering
+ *   cost SYMBOL CPU_US WALL_US      each call of SYMBOL burns CPU_US of the calling thread's
+ *                                   CPU time, then sleeps until WALL_US have passed
+ *   fieldcost ID CPU_US             nvmlDeviceGetFieldValues burns CPU_US more per entry for
+ *                                   field ID (0 <= ID < COSTED_IDS)
+ *   gpmcost METRIC CPU_US           nvmlGpmMetricsGet burns CPU_US more per entry for METRIC
+ *
+ * Without cost lines every call answers at once. With them, the stand-in charges what a real
+ * driver's RPCs to the GPU cost the calling thread (see costs.py), so a benchmark sees it.
  *
  * Struct layouts follow the ctypes definitions in pynvml.py; each versioned
  * struct's version constant is derived from sizeof() below, so a layout slip
@@ -85,6 +93,10 @@ static const char *const sym_names[SYM_COUNT] = {
 /* Field ids of the ECC error counters: NVML_FI_DEV_ECC_SBE_VOL_TOTAL .. NVML_FI_DEV_ECC_DBE_AGG_CBU. */
 #define FI_ECC_FIRST_COUNTER 3
 #define FI_ECC_LAST_COUNTER 28
+
+/* Field and GPM metric ids a cost line can name: above pynvml's NVML_FI_MAX (308) and
+ * NVML_GPM_METRIC_MAX (477), small enough for a flat array per config. */
+#define COSTED_IDS 512
 
 #define STRUCT_VERSION(type, ver) ((unsigned int)(sizeof(type) | ((ver) << 24)))
 
@@ -414,6 +426,18 @@ struct rule_index {
     uint32_t *list;
 };
 
+struct cost {
+    uint64_t cpu_ns;
+    uint64_t wall_ns; /* never below cpu_ns */
+};
+
+/* Arrays indexed by symbol slot and by id, so that charging a call costs a load or two. */
+struct costs {
+    struct cost sym[SYM_COUNT];
+    uint64_t field_cpu_ns[COSTED_IDS];
+    uint64_t gpm_cpu_ns[COSTED_IDS];
+};
+
 struct config {
     char *buf;
     kvlist global;
@@ -442,6 +466,7 @@ struct config {
     uint32_t *event_order;   /* events by seq, file order among equal seqs */
     struct rule_index faults_ix;
     struct rule_index delays_ix;
+    struct costs *costs; /* NULL without cost lines: the common case stays a pointer test */
 };
 
 static void free_config(struct config *c) {
@@ -477,6 +502,7 @@ static void free_config(struct config *c) {
     free(c->faults.v);
     free(c->delays.v);
     free(c->pnames.v);
+    free(c->costs);
     free(c->buf);
     free(c);
 }
@@ -538,6 +564,38 @@ static void add_rule(void *vec, char **p) {
     r->sym = s;
     r->dev = dev;
     r->value = value;
+}
+
+static uint64_t us_to_ns(const char *s) {
+    double us = s ? strtod(s, NULL) : 0.0;
+    return us > 0.0 ? (uint64_t)(us * 1000.0 + 0.5) : 0;
+}
+
+static struct costs *costs_of(struct config *c) {
+    if (!c->costs && !(c->costs = calloc(1, sizeof(*c->costs))))
+        abort();
+    return c->costs;
+}
+
+static void add_cost(struct config *c, char *kind, char **p) {
+    if (strcmp(kind, "cost") == 0) {
+        int s = sym_index(next_tok(p));
+        uint64_t cpu = us_to_ns(next_tok(p));
+        uint64_t wall = us_to_ns(next_tok(p));
+        if (s >= 0) {
+            costs_of(c)->sym[s].cpu_ns = cpu;
+            costs_of(c)->sym[s].wall_ns = wall > cpu ? wall : cpu;
+        }
+        return;
+    }
+    unsigned long long id = num(next_tok(p));
+    uint64_t cpu = us_to_ns(next_tok(p));
+    if (id >= COSTED_IDS)
+        return;
+    if (strcmp(kind, "fieldcost") == 0)
+        costs_of(c)->field_cpu_ns[id] = cpu;
+    else
+        costs_of(c)->gpm_cpu_ns[id] = cpu;
 }
 
 static void parse_line(struct config *c, char *line) {
@@ -619,6 +677,9 @@ static void parse_line(struct config *c, char *line) {
         add_rule(&c->faults, &p);
     } else if (strcmp(kind, "delay") == 0) {
         add_rule(&c->delays, &p);
+    } else if (strcmp(kind, "cost") == 0 || strcmp(kind, "fieldcost") == 0 ||
+               strcmp(kind, "gpmcost") == 0) {
+        add_cost(c, kind, &p);
     } else if (strcmp(kind, "pname") == 0) {
         struct pname *r = PUSH(c->pnames);
         r->pid = (unsigned int)num(next_tok(&p));
@@ -850,6 +911,32 @@ static void sleep_ms(long long ms) {
     }
 }
 
+/*
+ * Spins rather than sleeps for the CPU part: a driver's ioctl keeps the calling thread on the
+ * CPU, and that thread CPU time is what the benchmark compares. Only the rest of the wall time
+ * (a driver waiting on the GPU) is slept, to an absolute deadline so that time spent preempted
+ * during the spin is not slept again. Callers hold no lock, so other threads keep answering.
+ */
+static void spend(struct cost k) {
+    if (k.cpu_ns == 0 && k.wall_ns == 0)
+        return;
+    unsigned long long deadline = now_ns(CLOCK_MONOTONIC) + k.wall_ns;
+    unsigned long long busy_until = now_ns(CLOCK_THREAD_CPUTIME_ID) + k.cpu_ns;
+    while (now_ns(CLOCK_THREAD_CPUTIME_ID) < busy_until) {
+    }
+    if (k.wall_ns > k.cpu_ns) {
+        struct timespec at = {.tv_sec = (time_t)(deadline / 1000000000ULL),
+                              .tv_nsec = (long)(deadline % 1000000000ULL)};
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &at, NULL) == EINTR) {
+        }
+    }
+}
+
+static struct cost sym_cost(const struct config *c, enum sym s) {
+    struct cost none = {0, 0};
+    return c->costs ? c->costs->sym[s] : none;
+}
+
 /* The first rule, in file order, for symbol s (or "*") and device dev (or "*"). */
 static const struct rule *match_rule(const struct rule *rules, const struct rule_index *ri, int s, int dev) {
     for (uint32_t k = ri->start[s]; k < ri->start[s + 1]; k++) {
@@ -875,9 +962,12 @@ struct call {
 };
 
 /*
- * Counts the call, applies any configured delay without holding a lock (so a
- * blocked call stalls only its own thread), then takes the config read lock
- * and applies init state and faults. On success the lock is held until end().
+ * Counts the call, charges its modelled cost and applies any configured delay
+ * without holding a lock (so a costly or blocked call stalls only its own
+ * thread), then takes the config read lock and applies init state and faults.
+ * On success the lock is held until end(). A call that then fails has been
+ * charged all the same: the stand-in cannot tell how far a real driver would
+ * have got, and charging keeps an injected fault from making a run look cheap.
  */
 static nvmlReturn_t begin(struct call *c, enum sym s, int dev) {
     pthread_once(&once, setup);
@@ -886,7 +976,11 @@ static nvmlReturn_t begin(struct call *c, enum sym s, int dev) {
     pthread_rwlock_rdlock(&cfg_lock);
     const struct rule *d = match_rule(cfg->delays.v, &cfg->delays_ix, s, dev);
     long long ms = d ? d->value : 0;
+    struct cost owed = {0, 0};
+    if (s != SYM_nvmlDeviceGetSamples) /* it charges only its reads; see there */
+        owed = sym_cost(cfg, s);
     pthread_rwlock_unlock(&cfg_lock);
+    spend(owed);
     if (ms > 0) {
         sleep_ms(ms);
         maybe_reload();
@@ -1493,17 +1587,26 @@ static void set_value(nvmlValue_t *out, unsigned int type, const char *text) {
     }
 }
 
+/* Per-entry cost of a request, charged after end() so that no lock is held while spinning. */
+static uint64_t entry_cpu_ns(const uint64_t *table, unsigned int id) {
+    return table && id < COSTED_IDS ? table[id] : 0;
+}
+
 /*
  * Unknown or unconfigured fields fail in their own entry; the call itself still succeeds.
- * With ECC off the ECC counter fields fail that way too, whatever the config lists.
+ * With ECC off the ECC counter fields fail that way too, whatever the config lists. Every
+ * entry asked is charged its field's cost, served or not: a driver asks the GPU to find out.
  */
 HANDLE_FN(nvmlDeviceGetFieldValues, int count, nvmlFieldValue_t *values)
     if (count < 0 || (count > 0 && !values))
         return end(NVML_ERROR_INVALID_ARGUMENT);
     int64_t now_us = (int64_t)(now_ns(CLOCK_REALTIME) / 1000);
     int no_ecc_counters = ecc_counters_unsupported(&c);
+    const uint64_t *field_costs = c.cfg->costs ? c.cfg->costs->field_cpu_ns : NULL;
+    struct cost owed = {0, 0};
     for (int i = 0; i < count; i++) {
         nvmlFieldValue_t *v = &values[i];
+        owed.cpu_ns += entry_cpu_ns(field_costs, v->fieldId);
         const struct field *f = c.ent->mig < 0 ? find_field(&c, v->fieldId, v->scopeId) : NULL;
         if (no_ecc_counters && is_ecc_counter_field(v->fieldId))
             f = NULL;
@@ -1519,7 +1622,10 @@ HANDLE_FN(nvmlDeviceGetFieldValues, int count, nvmlFieldValue_t *values)
         v->valueType = f->type;
         set_value(&v->value, f->type, f->value);
     }
-    return end(NVML_SUCCESS);
+    end(NVML_SUCCESS);
+    owed.wall_ns = owed.cpu_ns;
+    spend(owed);
+    return NVML_SUCCESS;
 }
 
 /* ---- processes and samples ---- */
@@ -1601,6 +1707,9 @@ HANDLE_FN(nvmlDeviceGetProcessUtilization, nvmlProcessUtilizationSample_t *sampl
  * newer samples; the stand-in answers it, with the count needed, so that a caller sized from
  * a smaller capacity (a driver whose buffer grew) can be tested. Every sampling type the device
  * lists as samples_supported.TYPE is served from its own "sample" lines; MIG handles have none.
+ * Only a read with a buffer is charged the symbol's cost: on an H200 (driver 580, called
+ * through ctypes) a read took ~2.5 ms of CPU whether or not any sample was newer, while the
+ * NULL-buffer size query took ~3.5 us, so it does not reach the GPU.
  */
 #define DEFAULT_SAMPLE_CAPACITY 100
 
@@ -1635,7 +1744,10 @@ HANDLE_FN(nvmlDeviceGetSamples, unsigned int type, unsigned long long last_seen,
     else if (n > *count)
         rc = NVML_ERROR_INSUFFICIENT_SIZE;
     *count = n;
-    return end(rc);
+    struct cost owed = sym_cost(c.cfg, SYM_nvmlDeviceGetSamples);
+    end(rc);
+    spend(owed);
+    return rc;
 }
 
 /* ---- events ---- */
@@ -1859,8 +1971,11 @@ EXPORT nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *mg) {
         mg->sample1->gi != mg->sample2->gi || mg->numMetrics > GPM_METRIC_MAX)
         return end(NVML_ERROR_INVALID_ARGUMENT);
     long long gi = mg->sample1->gi;
+    const uint64_t *metric_costs = c.cfg->costs ? c.cfg->costs->gpm_cpu_ns : NULL;
+    struct cost owed = {0, 0};
     for (unsigned int i = 0; i < mg->numMetrics; i++) {
         nvmlGpmMetric_t *m = &mg->metrics[i];
+        owed.cpu_ns += entry_cpu_ns(metric_costs, m->metricId);
         m->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
         m->value = 0.0;
         m->metricInfo.shortName = NULL;
@@ -1875,5 +1990,8 @@ EXPORT nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *mg) {
             }
         }
     }
-    return end(NVML_SUCCESS);
+    end(NVML_SUCCESS);
+    owed.wall_ns = owed.cpu_ns;
+    spend(owed);
+    return NVML_SUCCESS;
 }
