@@ -409,6 +409,128 @@ def side_by_side(out: Path, window: float, with_load: bool, with_nvitop: bool) -
             stop(target)
 
 
+# What nvidia-smi -q -x says against what we exported, side by side: (quantity, XML path under
+# <gpu>, our metric, its labels beyond gpu and uuid, tolerance as a fraction: 0 for settings,
+# more for values that move in the seconds between the scrape and nvidia-smi).
+_COMPARED: tuple[tuple[str, str, str, dict[str, str], float], ...] = (
+    ("memory total", "fb_memory_usage/total", "nvml_memory_total_bytes", {}, 0.0),
+    ("memory reserved", "fb_memory_usage/reserved", "nvml_memory_reserved_bytes", {}, 0.002),
+    ("memory used", "fb_memory_usage/used", "nvml_memory_used_bytes", {}, 0.05),
+    ("BAR1 total", "bar1_memory_usage/total", "nvml_bar1_memory_total_bytes", {}, 0.0),
+    ("GPU temperature", "temperature/gpu_temp", "nvml_temperature_celsius", {}, 0.1),
+    ("memory temperature", "temperature/memory_temp", "nvml_memory_temperature_celsius", {}, 0.1),
+    (
+        "power draw (1 s average)",
+        "gpu_power_readings/average_power_draw",
+        "nvml_power_watts",
+        {},
+        0.1,
+    ),
+    ("power limit", "gpu_power_readings/current_power_limit", "nvml_power_limit_watts", {}, 0.0),
+    (
+        "default power limit",
+        "gpu_power_readings/default_power_limit",
+        "nvml_power_default_limit_watts",
+        {},
+        0.0,
+    ),
+    (
+        "minimum power limit",
+        "gpu_power_readings/min_power_limit",
+        "nvml_power_min_limit_watts",
+        {},
+        0.0,
+    ),
+    (
+        "maximum power limit",
+        "gpu_power_readings/max_power_limit",
+        "nvml_power_max_limit_watts",
+        {},
+        0.0,
+    ),
+    ("SM clock", "clocks/sm_clock", "nvml_clock_hertz", {"clock": "sm"}, 0.1),
+    ("memory clock", "clocks/mem_clock", "nvml_clock_hertz", {"clock": "memory"}, 0.0),
+    ("video clock", "clocks/video_clock", "nvml_clock_hertz", {"clock": "video"}, 0.1),
+    ("GPU utilization", "utilization/gpu_util", "nvml_gpu_utilization_ratio", {}, 0.05),
+    (
+        "memory utilization",
+        "utilization/memory_util",
+        "nvml_memory_controller_utilization_ratio",
+        {},
+        0.2,
+    ),
+    (
+        "PCIe link generation",
+        "pci/pci_gpu_link_info/pcie_gen/current_link_gen",
+        "nvml_pcie_link_generation",
+        {},
+        0.0,
+    ),
+    (
+        "PCIe link width",
+        "pci/pci_gpu_link_info/link_widths/current_link_width",
+        "nvml_pcie_link_width",
+        {},
+        0.0,
+    ),
+    ("PCIe replays", "pci/replay_counter", "nvml_pcie_replays_total", {}, 0.0),
+    ("encoder sessions", "encoder_stats/session_count", "nvml_encoder_sessions", {}, 0.0),
+)
+_UNITS = {"MiB": float(1 << 20), "W": 1.0, "C": 1.0, "MHz": 1e6, "%": 0.01, "x": 1.0}
+
+
+def _smi_value(text: str | None) -> float | None:
+    if text is None:
+        return None
+    number, _, unit = text.strip().partition(" ")
+    number, unit = (number[:-1], "x") if number.endswith("x") else (number, unit)
+    try:
+        return float(number) * _UNITS.get(unit, 1.0)
+    except ValueError:
+        return None
+
+
+def _scraped(text: str, name: str, labels: Mapping[str, str]) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+def compare(out: Path) -> str:
+    """A markdown table of nvidia-smi's values against our scrape, for each window run."""
+    import xml.etree.ElementTree as ET
+
+    rows = ["| window | quantity | nvidia-smi | nvml-exporter | agree |", "|---|---|---:|---:|---|"]
+    for tag in ("idle", "load"):
+        xml, scraped = out / f"smi-{tag}.xml", out / f"scrape-ours-{tag}.txt"
+        if not xml.exists() or not scraped.exists():
+            continue
+        gpu = ET.parse(xml).getroot().find("gpu")
+        text = scraped.read_text()
+        for label, path, name, labels, tolerance in _COMPARED:
+            node = gpu.find(path) if gpu is not None else None
+            theirs = _smi_value(node.text if node is not None else None)
+            ours = _scraped(text, name, {"gpu": "0", **labels})
+            if theirs is None or ours is None:
+                agree = "-"
+            else:
+                slack = max(abs(theirs) * tolerance, 1.0 if name.endswith("celsius") else 0.0)
+                # nvidia-smi rounds memory to MiB and utilization to whole percent.
+                slack = max(slack, (1 << 20) if name.endswith("bytes") else 0.0)
+                slack = max(slack, 0.01 if name.endswith("ratio") else 0.0)
+                agree = "yes" if abs(theirs - ours) <= slack else "**no**"
+            rows.append(
+                f"| {tag} | {label} | {theirs:g} | {ours:g} | {agree} |"
+                if theirs is not None and ours is not None
+                else f"| {tag} | {label} | {theirs} | {ours} | {agree} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -416,9 +538,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-load", action="store_true", help="skip the loaded window")
     parser.add_argument("--no-nvitop", action="store_true", help="ours alone")
     parser.add_argument("--probe-only", action="store_true", help="answers and costs only")
+    parser.add_argument(
+        "--compare", action="store_true", help="only compare an earlier run's scrapes in --out"
+    )
     # A dry run of this tool against the stand-in, before a GPU machine's minutes are spent.
     parser.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare(args.out), end="")
+        return 0
     if not args.dry_run and any(k.startswith("NVML_STUB") for k in os.environ):
         print("realgpu: the stand-in is configured; this needs NVIDIA's library", file=sys.stderr)
         return 2
@@ -429,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_only:
         return 0
     side_by_side(args.out, args.window, not args.no_load, not args.no_nvitop)
+    (args.out / "compare.md").write_text(compare(args.out))
     return 0
 
 

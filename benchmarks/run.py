@@ -8,9 +8,11 @@ an idle window (CPU and NVML calls per sample), a closed-loop scrape load with 1
 keep-alive connections, plain and gzip (latency percentiles, throughput, CPU per scrape), and
 resident memory after warm-up and after the scrapes (at least 10,000 on the 8-GPU fleet). Then
 both run side by side at 8 GPUs, scraped every 15 s for 60 s, for the cost of being scraped
-rarely. A probe run records what nvitop-exporter asks of the stand-in and does not get.
+rarely; and once more with the stand-in charging each call the CPU time it took on a real
+H200 (tests/nvml_stub/costs.py). A probe run records what nvitop-exporter asks of the stand-in
+and does not get.
 
-Everything is bounded in time (about 9 minutes by default, 2 with --quick). The benchmark
+Everything is bounded in time (about 10 minutes by default, 3 with --quick). The benchmark
 prints figures and judges targets; it exits non-zero only when it cannot run.
 """
 
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 import nvml_stub
+from nvml_stub.costs import H200_DRIVER_580, CostProfile
 
 from benchmarks import load
 from benchmarks.fleets import FleetSpec, build_fleet, host_processes, parse_fleets
@@ -217,9 +220,12 @@ BEYOND_NVITOP = ("gpm", "clock_events", "ecc", "modes", "mig", "events")
 NVITOP_SCOPE = "nvml-exporter (nvitop's metrics)"
 
 
-def run_low_rate(nvitop: str | None, seconds: float, interval: float) -> list[LowRateResult]:
+def run_low_rate(
+    nvitop: str | None, seconds: float, interval: float, costs: CostProfile | None = None
+) -> list[LowRateResult]:
     """Both exporters side by side at 8 GPUs, scraped every 15 s for `seconds`; and ours once
-    more with only the collectors whose metrics nvitop-exporter also has."""
+    more with only the collectors whose metrics nvitop-exporter also has. With `costs`, the
+    stand-in charges each call that profile's CPU time."""
     spec = FleetSpec(8, 0)
     targets: list[Target] = []
     fleets: list[nvml_stub.Fleet] = []
@@ -229,10 +235,10 @@ def run_low_rate(nvitop: str | None, seconds: float, interval: float) -> list[Lo
         tempfile.TemporaryDirectory(prefix="bench-low-nvitop-") as their_tmp,
     ):
         try:
-            fleets.append(build_fleet(Path(ours_tmp), spec, []))
+            fleets.append(build_fleet(Path(ours_tmp), spec, [], costs))
             targets.append(start_ours(fleets[-1].env(), Path(ours_tmp), f"{interval:g}s"))
             if nvitop is not None:
-                fleets.append(build_fleet(Path(scope_tmp), spec, []))
+                fleets.append(build_fleet(Path(scope_tmp), spec, [], costs))
                 targets.append(
                     start_ours(
                         fleets[-1].env(),
@@ -242,7 +248,7 @@ def run_low_rate(nvitop: str | None, seconds: float, interval: float) -> list[Lo
                         name=NVITOP_SCOPE,
                     )
                 )
-                fleets.append(build_fleet(Path(their_tmp), spec, []))
+                fleets.append(build_fleet(Path(their_tmp), spec, [], costs))
                 targets.append(start_nvitop(nvitop, fleets[-1].env(), Path(their_tmp)))
             time.sleep(2.0)
             return low_rate(targets, fleets, seconds, LOW_RATE_EVERY_S, interval, _log)
@@ -304,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
             report.low_rate = run_low_rate(nvitop, low_rate_s, settings.interval)
         except (TargetError, OSError, http.client.HTTPException) as error:
             notes.append(f"low-rate run failed: {error}")
+        _log(f"the same with the stand-in charging {H200_DRIVER_580.name}'s costs")
+        try:
+            report.low_rate_costed = run_low_rate(
+                nvitop, low_rate_s, settings.interval, H200_DRIVER_580
+            )
+        except (TargetError, OSError, http.client.HTTPException) as error:
+            notes.append(f"low-rate run with driver costs failed: {error}")
 
     if not any(case.ours for case in report.cases):
         _log("nvml-exporter could not be measured on any fleet")
