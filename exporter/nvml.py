@@ -888,9 +888,10 @@ class Device:
         self._cached: dict[tuple[str, tuple[object, ...]], object] = {}
         self._recent: dict[tuple[str, tuple[object, ...]], tuple[float, object]] = {}
         self._fields: dict[FieldRequest, FieldResult] = {}
-        # SLOW_FIELDS' entries from the last batch that asked for them, and when that was.
+        # SLOW_FIELDS' answers from the last batch that asked for them, and when that was.
         self._slow_fields: dict[FieldRequest, FieldResult] = {}
         self._slow_read_at = float("-inf")
+        self.slow_fields_interval = SLOW_FIELD_SECONDS
         # Request lists as the collectors ask -> what is asked of NVML (no duplicates, nothing
         # known to be absent), split into the fields asked every time and SLOW_FIELDS.
         self._field_plans: dict[
@@ -1042,8 +1043,12 @@ class Device:
             )
         every, slow = plan
         now = self.clock()
+        self.slow_fields_interval = slow_every
+        # A little early rather than a whole sample late: the clock is read when the device's
+        # turn comes, a few ms after the tick.
         if slow and (
-            now - self._slow_read_at >= slow_every or any(r not in self._slow_fields for r in slow)
+            now - self._slow_read_at >= slow_every * 0.95
+            or any(r not in self._slow_fields for r in slow)
         ):
             asked, self._slow_read_at = every + slow, now
             self._slow_fields = {}
@@ -1067,11 +1072,12 @@ class Device:
             results = [(code, None)] * len(asked)
         self._fields = dict(zip(asked, results, strict=True))
         if len(asked) > len(every):
-            self._slow_fields = {r: self._fields[r] for r in slow}
+            # Only answers stand in: a field that failed is asked again at the next sample.
+            self._slow_fields = {r: self._fields[r] for r in slow if self._fields[r][0] == SUCCESS}
 
     def _field_entry(self, request: FieldRequest) -> tuple[FieldResult | None, bool]:
-        """The entry for a field and whether it was read in the last batch (a slow field's
-        entry from an earlier batch has had its error policy applied already)."""
+        """The entry for a field and whether it was read in the last batch (or is a slow
+        field's answer from an earlier one)."""
         result = self._fields.get(request)
         if result is not None:
             return result, True

@@ -27,7 +27,7 @@ from prometheus_client import ProcessCollector
 from exporter import __version__, dcgm
 from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec, Services
 from exporter.collectors.base import IDENTITY_LABELS, FieldPlan, Sample, field_value
-from exporter.config import Config
+from exporter.config import Config, SamplingConfig
 from exporter.nvml import (
     SUCCESS,
     Device,
@@ -315,7 +315,7 @@ class _PlanState:
     lines: list[str | None]
     prefixes: list[str]
     complete: bool  # a line for every series
-    failed: bool  # some entry failed, and the error policy must see it every sample
+    failed: bool  # some entry failed: rendered again next sample, so the error policy sees it
 
 
 class _SeriesEmitter(Emitter):
@@ -388,7 +388,7 @@ class _SeriesEmitter(Emitter):
         for index, (series, result) in enumerate(zip(plan.series, results, strict=True)):
             if result is None or result[0] != SUCCESS:
                 if result is not None:
-                    device.field(*series.request)  # the error policy sees it every sample
+                    device.field(*series.request)  # the error policy sees each failed read
                     state.failed = True
                 state.lines.append(None)
                 state.complete = False
@@ -400,11 +400,18 @@ class _SeriesEmitter(Emitter):
         return state
 
 
-def _header(spec: MetricSpec | Dcgm, suffix: str) -> Header:
+def _header(spec: MetricSpec | Dcgm, sampling: SamplingConfig) -> Header:
+    interval = f"{sampling.interval:g}s"
+    suffix = f" Sampled every {interval}."
     if isinstance(spec, Dcgm):
         return Header(spec.name, spec.type, spec.help + suffix)
     if not spec.per_device or spec.type == "info":
         suffix = ""
+    elif spec.cadence:
+        slow = sampling.slow_fields_interval
+        suffix = " " + spec.cadence.format(
+            interval=interval, slow=f"{slow:g}s" if slow > 0 else "sample"
+        )
     return Header(spec.name, spec.type, spec.help + suffix, spec.unit)
 
 
@@ -541,8 +548,7 @@ class Sampler:
     def _header(self, spec: MetricSpec | Dcgm) -> Header:
         header = self._headers.get(spec)
         if header is None:
-            suffix = f" Sampled every {self.config.sampling.interval:g}s."
-            header = self._headers[spec] = _header(spec, suffix)
+            header = self._headers[spec] = _header(spec, self.config.sampling)
         return header
 
     def _read_device(self, device: Device, collectors: Sequence[Collector]) -> DeviceResult:

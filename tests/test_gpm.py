@@ -13,6 +13,7 @@ from conftest import Scrape, start_exporter
 from fakes import FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter import nvml
 from exporter.collectors import COLLECTOR_DEFAULTS
 from exporter.collectors.gpm import _METRICS
 from exporter.config import Config, SimulationConfig
@@ -25,6 +26,7 @@ from exporter.snapshot import Format
 BY_ID = {mid: (spec.name, extra, scale) for mid, spec, extra, scale in _METRICS}
 EXTRA_LABELS = {spec.name: spec.labels[3:] for _, spec, _, _ in _METRICS}
 GRAPHICS_UTIL = 1  # NVML_GPM_METRIC_GRAPHICS_UTIL
+SLOW_WINDOW = 10  # samples
 
 
 def gpm_series(scrape: Scrape) -> dict[tuple[str, str, str, tuple[str, ...]], float]:
@@ -246,3 +248,40 @@ def test_graphics_activity_is_computed_over_ten_second_windows_and_held_between(
     assert graphics[0] is None and all(line is not None for line in graphics[1:])
     assert len(set(graphics[2:11])) == 1 and graphics[11] != graphics[10]
     assert sm[0] is None and all(f is not None for f in sm[1:])
+
+
+def test_gpm_samples_rotate_without_refilling_one_still_needed_and_recover_from_a_failure() -> None:
+    config = dataclasses.replace(
+        Config(backend="simulated"), simulation=SimulationConfig(devices=1, seed=5)
+    )
+    clock = FakeClock()
+    driver = SimulatedDriver(config.simulation, clock=clock)
+    filled: dict[int, int] = {}  # id of a sample buffer -> the sample that last filled it
+    pairs: list[tuple[int, int, int, bool]] = []  # (sample, first's fill, second's fill, slow)
+    now = [0]
+    real_get, real_metrics = driver.gpm_sample_get, driver.gpm_metrics
+
+    def sample_get(handle: object, sample: object) -> bool:
+        if now[0] == 15:
+            raise nvml.NvmlError(nvml.UNKNOWN)
+        filled[id(sample)] = now[0]
+        return real_get(handle, sample)
+
+    def metrics(first: object, second: object, ids: list[int]) -> list[tuple[int, float | None]]:
+        pairs.append((now[0], filled[id(first)], filled[id(second)], ids == [GRAPHICS_UTIL]))
+        return real_metrics(first, second, ids)
+
+    driver.gpm_sample_get = sample_get  # type: ignore[method-assign]
+    driver.gpm_metrics = metrics  # type: ignore[method-assign,assignment]
+    sampler = Sampler(config, driver, clock=clock)
+    present = []
+    for index in range(30):
+        now[0] = index
+        clock.advance(1)
+        names = {f.name for f in sampler.sample_once().families}
+        present.append("nvml_gpm_sm_activity_ratio" in names)
+    for sample, first, second, slow in pairs:
+        assert second == sample  # the new sample, just taken
+        assert 1 <= sample - first <= (SLOW_WINDOW if slow else 1)
+    # The failed sample and the one after it (a pair needs two good samples) have no GPM.
+    assert present == [False] + [True] * 14 + [False, False] + [True] * 13

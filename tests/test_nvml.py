@@ -16,6 +16,7 @@ from fakes import FakeClock
 from exporter import nvml
 from exporter.collectors.base import Emitter
 from exporter.collectors.busy import BUFFER_READ_EVERY, BUFFER_READ_SECONDS
+from exporter.collectors.pcie import PcieCollector
 from exporter.collectors.power import PowerCollector
 from exporter.collectors.shared import GPM_NVDEC_IDLE
 from exporter.collectors.video import (
@@ -370,20 +371,28 @@ def test_slow_fields_join_the_batch_every_ten_seconds_and_stand_in_between() -> 
     assert seen == [7_000] * 10 + [17_000] * 2
 
 
-def test_a_failed_slow_field_counts_once_per_read_not_once_per_sample() -> None:
+def test_a_failed_slow_field_is_asked_again_next_sample_and_an_answer_then_stands() -> None:
     drv = FieldDriver()
     dev, clock = _clocked(drv)
+    fails = [True, True, False]
 
     def answer(handle: Any, requests: Any) -> list[tuple[int, float | None]]:
-        return [(999, None) for _ in requests]  # neither "unsupported" nor "no value"
+        drv.requests.append(list(requests))
+        # An error that is neither "unsupported" nor "no value", then an answer.
+        failing = fails.pop(0) if fails else False
+        return [(999, None) if failing else (nvml.SUCCESS, 42) for _ in requests]
 
     drv.field_values = answer  # type: ignore[method-assign]
-    for _ in range(12):
+    seen = []
+    for _ in range(6):
         dev.fetch_fields([(nvml.FI_PCIE_REPLAY_COUNTER, 0)])
-        assert dev.field(nvml.FI_PCIE_REPLAY_COUNTER) is None
-        assert dev.field_failed(nvml.FI_PCIE_REPLAY_COUNTER)
+        seen.append(dev.field(nvml.FI_PCIE_REPLAY_COUNTER))
         clock.advance(1.0)
+    # Each failed read counts once and is retried at the next sample; the answer then stands
+    # without another call until the interval has passed.
+    assert seen == [None, None, 42, 42, 42, 42]
     assert sum(dev.errors.values()) == 2
+    assert len(drv.requests) == 3
 
 
 def test_a_slow_field_new_to_the_request_list_is_read_at_once() -> None:
@@ -400,6 +409,20 @@ def test_a_slow_field_new_to_the_request_list_is_read_at_once() -> None:
 class PowerFieldDriver(FieldDriver):
     def power_limit_default(self, handle: Any) -> int:
         return 700_000
+
+    def total_energy(self, handle: Any) -> int:
+        return int(self._answer("total_energy", 9_000))
+
+    def pcie_throughput(self, handle: Any, counter: int) -> int:
+        return int(self._answer("pcie_throughput", 100))
+
+    def enforced_power_limit(self, handle: Any) -> int:
+        return 700_000
+
+    def pcie_link_generation(self, handle: Any) -> int:
+        return 5
+
+    pcie_link_width = pcie_max_link_generation = pcie_max_link_width = pcie_link_generation
 
     def power_limit_constraints(self, handle: Any) -> tuple[int, int]:
         return 200_000, 700_000
@@ -522,9 +545,23 @@ def test_at_long_intervals_the_buffer_is_read_before_it_wraps() -> None:
     drv, sample = _video_world()
     for _ in range(7):
         sample(step=4.0)  # 4 s apart: ten samples would be 40 s, past the ~16 s buffer
-    # Every BUFFER_READ_SECONDS at most, not every 10th sample.
-    assert _seconds(drv.reads[nvml.ENC_UTILIZATION_SAMPLES]) == [4, 16, 28]
+    # Never BUFFER_READ_SECONDS or more apart (the next sample would be too late), not every
+    # 10th sample.
+    assert _seconds(drv.reads[nvml.ENC_UTILIZATION_SAMPLES]) == [4, 12, 20, 28]
     assert BUFFER_READ_SECONDS < 14
+
+
+def test_at_nine_second_intervals_every_sample_reads_and_no_busy_time_is_lost() -> None:
+    drv, sample = _video_world()
+    drv.sessions = 1
+    enc = drv.buffers[nvml.ENC_UTILIZATION_SAMPLES]
+    enc[:] = [(t, 100.0) for t, _ in enc]
+    first = sample(step=9.0)[(ENCODER_BUSY.name, ())]
+    last = first
+    for _ in range(5):
+        last = sample(step=9.0)[(ENCODER_BUSY.name, ())]
+    assert len(drv.reads[nvml.ENC_UTILIZATION_SAMPLES]) == 6
+    assert last - first == pytest.approx(5 * 9.0)
 
 
 def test_a_session_between_two_samples_is_counted_once_by_the_next_buffer_read() -> None:
@@ -562,10 +599,11 @@ def test_without_the_instantaneous_value_the_buffer_is_read_every_sample() -> No
     enc = drv.buffers[nvml.ENC_UTILIZATION_SAMPLES]
     enc.extend((t, 30.0) for t in range(3_200_000, 5_000_001, 200_000))
     got = sample()
-    # The buffer's first answer starts the counter; the next one gives the average.
-    got = sample()
+    # After empty reads every sample is new: from 3.2 s, its period taken as the next one's.
     assert got[(ENCODER_UTILIZATION.name, ())] == pytest.approx(0.3)
     assert got[(ENCODER_BUSY.name, ())] == pytest.approx(0.3 * 1.0)
+    got = sample()
+    assert got[(ENCODER_BUSY.name, ())] == pytest.approx(0.3 * 2.0)
     assert len(drv.reads[nvml.ENC_UTILIZATION_SAMPLES]) == 5
 
 
@@ -580,3 +618,74 @@ def test_decoder_value_is_not_asked_for_while_gpm_measures_the_decoders_idle() -
     assert [g[(DECODER_UTILIZATION.name, ())] for g in got[12:15]] == [0.0, 0.0, 0.4]
     assert _seconds(drv.reads[nvml.DEC_UTILIZATION_SAMPLES]) == [1, 11, 21]
     assert got[-1][(DECODER_BUSY.name, ())] == pytest.approx(0.4 * 7)
+
+
+def test_a_failed_buffer_read_is_retried_next_sample_and_counts_nothing_twice() -> None:
+    drv, sample = _video_world()
+    drv.sessions = 1
+    enc = drv.buffers[nvml.ENC_UTILIZATION_SAMPLES]
+    enc[:] = [(t, 50.0) for t, _ in enc]
+    real = drv.samples
+    failures = iter([False, True])  # the first read works, the second (at 11 s) fails
+
+    def flaky(handle: Any, sample_type: int, since_us: int) -> list[tuple[int, float]]:
+        if sample_type == nvml.ENC_UTILIZATION_SAMPLES and next(failures, False):
+            raise NvmlError(nvml.UNKNOWN)
+        return real(handle, sample_type, since_us)
+
+    drv.samples = flaky  # type: ignore[method-assign]
+    start = sample()[(ENCODER_BUSY.name, ())]  # at 1 s: the count starts here
+    for _ in range(BUFFER_READ_EVERY - 1):
+        sample()
+    failed = sample()  # at 11 s: the read fails
+    assert failed[(ENCODER_BUSY.name, ())] == start
+    retried = sample()  # at 12 s: read again, from where the last good read stopped
+    assert retried[(ENCODER_BUSY.name, ())] - start == pytest.approx(0.5 * 11.0)
+
+
+def test_energy_falls_back_to_its_call_only_where_the_field_is_unsupported() -> None:
+    drv = PowerFieldDriver()
+    drv.fields = {nvml.FI_POWER_AVERAGE: 300_000, nvml.FI_POWER_CURRENT_LIMIT: 700_000}
+    dev, clock = _clocked(drv)
+    collector = PowerCollector()
+    energy = []
+    for _ in range(12):
+        dev.fetch_fields(collector.fields(dev))
+        out = Emitter()
+        collector.collect(dev, out)
+        energy += [v for spec, _, v in out.samples if spec.name == "nvml_energy_joules_total"]
+        clock.advance(1.0)
+    # Unsupported as a field: the call, as seldom as the field would have been read.
+    assert energy == [9.0] * 12
+    assert drv.calls["total_energy"] == 2
+
+
+def test_energy_without_a_value_this_sample_is_not_read_another_way() -> None:
+    drv = PowerFieldDriver()
+    dev, _ = _clocked(drv)
+
+    def answer(handle: Any, requests: Any) -> list[tuple[int, float | None]]:
+        return [(nvml.NO_DATA, None) for _ in requests]
+
+    drv.field_values = answer  # type: ignore[method-assign]
+    collector = PowerCollector()
+    dev.fetch_fields(collector.fields(dev))
+    collector.collect(dev, Emitter())
+    assert drv.calls.get("total_energy", 0) == 0
+
+
+@pytest.mark.parametrize(("code", "throughput_calls"), [(nvml.NOT_SUPPORTED, 2), (nvml.NO_DATA, 0)])
+def test_pcie_throughput_only_where_the_byte_counters_are_unsupported(
+    code: int, throughput_calls: int
+) -> None:
+    drv = PowerFieldDriver()
+    dev = device(drv)
+
+    def answer(handle: Any, requests: Any) -> list[tuple[int, float | None]]:
+        return [(code, None) for _ in requests]
+
+    drv.field_values = answer  # type: ignore[method-assign]
+    collector = PcieCollector()
+    dev.fetch_fields(collector.fields(dev))
+    collector.collect(dev, Emitter())
+    assert drv.calls.get("pcie_throughput", 0) == throughput_calls

@@ -47,6 +47,9 @@ class MetricSpec:
     dcgm: tuple[Dcgm, ...] = ()  # the dcgm-exporter fields it replaces
     dcgm_note: str = ""  # for the docs, where the relation is not one field
     per_device: bool = True  # carries the identity labels
+    # How fresh the value is, where not read every sample: replaces the HELP suffix "Sampled
+    # every {interval}."; {interval} and {slow} (sampling.slow_fields_interval) are filled in.
+    cadence: str = ""
 
     @property
     def label_names(self) -> tuple[str, ...]:

@@ -4,14 +4,16 @@ The gauge is the driver's instantaneous value (nvmlDeviceGetUtilizationRates and
 and decoder calls: its last sample period, 1/6 s to 1 s), what nvidia-smi and dcgm-exporter
 show. A kernel burst between two exporter samples can escape it, so the counter comes from the
 driver's buffer of per-period samples instead: every sample newer than the last one read,
-value x period, summed, so that `rate()` of it is the exact average over any window.
+value x period, summed, so that `rate()` of it is the exact average over a window.
 
-The buffer is read on every BUFFER_READ_EVERY-th sample, and after BUFFER_READ_SECONDS at the
-latest, rather than every sample because, on an H200 with driver 580, one nvmlDeviceGetSamples
-call costs 2.3 to 2.7 ms of CPU whatever it returns, against about 3 us for the instantaneous
-value (benchmarks/data/h200-costs.json): read every second it would be the exporter's largest
-cost. The buffer holds 14 to 16 s (72 samples, 5 a second, on the H200), so a read every 10 s
-still sees every sample; the counter lags by up to that much.
+The buffer is read on every BUFFER_READ_EVERY-th sample, and whenever the next sample would
+come more than BUFFER_READ_SECONDS after the last read, rather than every sample because, on
+an H200 with driver 580, one nvmlDeviceGetSamples call costs 2.3 to 2.7 ms of CPU whatever it
+returns, against about 3 us for the instantaneous value (benchmarks/data/h200-costs.json):
+read every second it would be the exporter's largest cost. The buffer holds 14 to 16 s (72
+samples, 5 a second, on the H200), so reads at most 10 s apart see every sample (at sampling
+intervals up to 10 s; longer ones lose samples however often they read). The counter lags by
+up to 10 s, so rate() wants windows of 30 s or more.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class _Track:
     buffer_read_at: float | None = None
     unread: int = 0  # samples since the buffer was last read
     buffered: bool = False
+    # When the previous sample (update or idle) ran: the step to the next one is about as long.
+    last_sample_at: float | None = None
     # Without a buffer: when the instantaneous value last counted towards busy time.
     last_instant_time: float | None = None
 
@@ -65,10 +69,9 @@ class BusyTracker:
             track.ratio = instant_percent / 100
             if not track.buffered:
                 self._count_instant(track, track.ratio, now)
-        elif average is not None:
+        else:
+            # The buffer's average over what it returned, or no gauge this sample.
             track.ratio = average
-        elif not track.buffered:
-            track.ratio = None
         return track.ratio, track.busy_seconds
 
     def idle(self, device: Device, now: float) -> tuple[float | None, float]:
@@ -86,11 +89,14 @@ class BusyTracker:
         self, device: Device, track: _Track, now: float, every_time: bool
     ) -> float | None:
         """Counts the buffer's new samples when a read is due; their average, if any."""
+        step = 0.0 if track.last_sample_at is None else now - track.last_sample_at
+        track.last_sample_at = now
         due = (
             every_time
             or track.buffer_read_at is None
             or track.unread >= BUFFER_READ_EVERY - 1
-            or now - track.buffer_read_at >= BUFFER_READ_SECONDS
+            # Read now if waiting for the next sample would leave the buffer unread too long.
+            or now + step - track.buffer_read_at > BUFFER_READ_SECONDS
         )
         if not due:
             track.unread += 1
@@ -102,7 +108,12 @@ class BusyTracker:
         if samples is None:
             return None
         track.buffered, track.buffer_read_at, track.unread = True, now, 0
-        return self._integrate(track, sorted(samples)) if samples else None
+        if not samples:
+            if track.last_timestamp_us is None:
+                # Nothing in the buffer yet: the next read's samples are all new.
+                track.last_timestamp_us = 0
+            return None
+        return self._integrate(track, sorted(samples))
 
     @staticmethod
     def _integrate(track: _Track, samples: list[tuple[int, float]]) -> float | None:
@@ -112,6 +123,11 @@ class BusyTracker:
             track.last_timestamp_us = samples[-1][0]
             return samples[-1][1] / 100
         previous = track.last_timestamp_us
+        if previous == 0:
+            # After an empty first read: every sample is new, the first one's period taken to
+            # be its successor's.
+            spacing = samples[1][0] - samples[0][0] if len(samples) > 1 else 0
+            previous = samples[0][0] - spacing
         weighted = total = 0.0
         for timestamp, percent in samples:
             period = min(max(0, timestamp - previous), MAX_SAMPLE_PERIOD_US)

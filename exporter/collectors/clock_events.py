@@ -66,7 +66,10 @@ EVENT_SECONDS = MetricSpec(
     labels=("reason",),
     unit="seconds",
     source="fields NVML_FI_DEV_PERF_POLICY_* and NVML_FI_DEV_CLOCKS_EVENT_REASON_*_DURATION "
-    "(ns / 1e9); thermal, hw_thermal_slowdown and hw_power_brake_slowdown every 10 s",
+    "(ns / 1e9); thermal, hw_thermal_slowdown and hw_power_brake_slowdown every "
+    "sampling.slow_fields_interval",
+    cadence="Sampled every {interval}; thermal, hw_thermal_slowdown and "
+    "hw_power_brake_slowdown every {slow}.",
     dcgm=(
         _violation(
             "DCGM_FI_DEV_POWER_VIOLATION",

@@ -28,12 +28,14 @@ ECC_ENABLED = MetricSpec(
     "gauge",
     "1 if ECC is on for device memory.",
     source="nvmlDeviceGetEccMode current (at most every 30 s)",
+    cadence="Read every 30s.",
 )
 ECC_PENDING = MetricSpec(
     "nvml_ecc_pending_enabled",
     "gauge",
     "1 if ECC will be on after the next reset.",
     source="nvmlDeviceGetEccMode pending (at most every 30 s)",
+    cadence="Read every 30s.",
 )
 
 

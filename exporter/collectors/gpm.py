@@ -40,7 +40,12 @@ _DCGM_MIG = (("gpu_instance", "GPU_I_ID"), ("mig_profile", "GPU_I_PROFILE"))
 
 
 def _spec(
-    name: str, help_: str, *dcgm: Dcgm, labels: tuple[str, ...] = (), unit: str = "ratio"
+    name: str,
+    help_: str,
+    *dcgm: Dcgm,
+    labels: tuple[str, ...] = (),
+    unit: str = "ratio",
+    cadence: str = "",
 ) -> MetricSpec:
     return MetricSpec(
         name,
@@ -50,6 +55,7 @@ def _spec(
         unit=unit,
         source="nvmlGpmSampleGet / nvmlGpmMigSampleGet, nvmlGpmMetricsGet",
         dcgm=dcgm,
+        cadence=cadence,
     )
 
 
@@ -59,9 +65,9 @@ def _dcgm(name: str, help_: str, unit: str = "ratio", scale: float = 1.0, **matc
 
 GRAPHICS = _spec(
     "nvml_gpm_graphics_activity_ratio",
-    "Fraction of time any graphics or compute engine was active, over the last ~10 s window "
-    "(every 10th interval or 10 s; NVML computes it slowly).",
+    "Fraction of time any graphics or compute engine was active.",
     _dcgm("DCGM_FI_PROF_GR_ENGINE_ACTIVE", "Ratio of time the graphics engine is active."),
+    cadence="Averaged over windows of 10 samples or 10s, as NVML computes it slowly.",
 )
 SM = _spec(
     "nvml_gpm_sm_activity_ratio",
@@ -187,6 +193,7 @@ class _Samples:
     window_at: float = 0.0
     window_intervals: int = 0
     held: list[Held] = field(default_factory=list)  # the slow metrics' last values
+    first_window_closed: bool = False
     unseen: int = 0
 
     def free_buffer(self) -> Handle:
@@ -197,6 +204,7 @@ class _Samples:
         """After a failed sample: metrics need two good samples in a row again."""
         self.previous = self.window = None
         self.held = []
+        self.first_window_closed = False
 
 
 class GpmCollector(Collector):
@@ -206,8 +214,8 @@ class GpmCollector(Collector):
     def __init__(self) -> None:
         # (GPU uuid, GPU instance or None) -> its samples; touched by that GPU's worker only,
         # except for freeing, which happens under the lock.
-        self._samples: dict[tuple[str, int | None], _Samples] = {}
-        self._drivers: dict[tuple[str, int | None], Driver] = {}
+        self._samples: dict[tuple[str, int | None, str], _Samples] = {}
+        self._drivers: dict[tuple[str, int | None, str], Driver] = {}
         self._lock = threading.Lock()
         # Metrics a GPU answered NOT_SUPPORTED for: not asked for again.
         self._absent: dict[str, set[int]] = {}
@@ -234,7 +242,8 @@ class GpmCollector(Collector):
         out: Emitter,
     ) -> None:
         drv = device.driver
-        key = (device.uuid, gpu_instance)
+        # By the instance's UUID too: a repartitioned GPU may reuse a GPU instance id.
+        key = (device.uuid, gpu_instance, labels[2])
         samples = self._samples.get(key)
         if samples is None:
             buffers: list[Handle] = []
@@ -261,12 +270,13 @@ class GpmCollector(Collector):
         if samples.previous is not None:
             samples.window_intervals += 1
         if samples.window is not None and (
-            not samples.held  # the first window closes at once, so the metric is there
+            not samples.first_window_closed  # closes at once, so the metric is there early
             or samples.window_intervals >= SLOW_WINDOW_SAMPLES
             or now - samples.window_at >= SLOW_WINDOW_SECONDS
         ):
+            # Whatever the answer, the window closes: a failure is not retried every sample.
             samples.held = self._metrics(device, samples.window, current, labels, slow=True)
-            samples.window = None
+            samples.window, samples.first_window_closed = None, True
         if samples.window is None:
             samples.window, samples.window_at, samples.window_intervals = current, now, 0
         fast = (
@@ -333,7 +343,7 @@ class GpmCollector(Collector):
             for key in list(self._samples):
                 self._free(key)
 
-    def _free(self, key: tuple[str, int | None]) -> None:
+    def _free(self, key: tuple[str, int | None, str]) -> None:
         samples = self._samples.pop(key)
         _free_buffers(self._drivers.pop(key), samples.buffers)
 

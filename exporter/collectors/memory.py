@@ -55,6 +55,7 @@ BAR1_TOTAL = MetricSpec(
     "Size of the BAR1 aperture through which the host maps device memory.",
     unit="bytes",
     source="nvmlDeviceGetBAR1MemoryInfo .bar1Total (every 10 s)",
+    cadence="Read every 10s.",
     dcgm=(Dcgm("DCGM_FI_DEV_BAR1_TOTAL", "Total BAR1 of the GPU (in MiB).", "MiB", 1 / MIB),),
 )
 BAR1_USED = MetricSpec(
@@ -63,6 +64,7 @@ BAR1_USED = MetricSpec(
     "BAR1 aperture in use, as of a read at most 10 s old.",
     unit="bytes",
     source="nvmlDeviceGetBAR1MemoryInfo .bar1Used (every 10 s)",
+    cadence="Read every 10s.",
     dcgm=(Dcgm("DCGM_FI_DEV_BAR1_USED", "Used BAR1 of the GPU (in MiB).", "MiB", 1 / MIB),),
 )
 BAR1_FREE = MetricSpec(
@@ -71,6 +73,7 @@ BAR1_FREE = MetricSpec(
     "BAR1 aperture free, as of a read at most 10 s old.",
     unit="bytes",
     source="nvmlDeviceGetBAR1MemoryInfo .bar1Free (every 10 s)",
+    cadence="Read every 10s.",
     dcgm=(Dcgm("DCGM_FI_DEV_BAR1_FREE", "Free BAR1 of the GPU (in MiB).", "MiB", 1 / MIB),),
 )
 

@@ -13,12 +13,14 @@ PERSISTENCE = MetricSpec(
     "gauge",
     "1 if persistence mode keeps the driver loaded while no process uses the GPU.",
     source="nvmlDeviceGetPersistenceMode (at most every 30 s)",
+    cadence="Read every 30s.",
 )
 COMPUTE_MODE = MetricSpec(
     "nvml_compute_mode",
     "gauge",
     "Compute mode: 0 default (shared), 2 prohibited, 3 exclusive process.",
     source="nvmlDeviceGetComputeMode (at most every 30 s)",
+    cadence="Read every 30s.",
     dcgm_note="DCGM_FI_DEV_COMPUTE_MODE (not a default counter)",
 )
 MIG_ENABLED = MetricSpec(
@@ -26,6 +28,7 @@ MIG_ENABLED = MetricSpec(
     "gauge",
     "1 if Multi-Instance GPU mode is on.",
     source="nvmlDeviceGetMigMode current (at most every 30 s)",
+    cadence="Read every 30s.",
     dcgm_note="DCGM_FI_DEV_MIG_MODE (not a default counter)",
 )
 MIG_PENDING = MetricSpec(
@@ -33,6 +36,7 @@ MIG_PENDING = MetricSpec(
     "gauge",
     "1 if Multi-Instance GPU mode will be on after the next reset.",
     source="nvmlDeviceGetMigMode pending (at most every 30 s)",
+    cadence="Read every 30s.",
 )
 
 

@@ -57,7 +57,9 @@ ERRORS = MetricSpec(
     "NVLink data-link errors: crc (corrupted flits), replay (retransmissions), recovery "
     "(link retraining).",
     labels=("link", "error"),
-    source="fields NVML_FI_DEV_NVLINK_ERROR_DL_CRC, _REPLAY, _RECOVERY per link (every 10 s)",
+    source="fields NVML_FI_DEV_NVLINK_ERROR_DL_CRC, _REPLAY, _RECOVERY per link (every "
+    "sampling.slow_fields_interval)",
+    cadence="Read every {slow}.",
     dcgm=(
         Dcgm(
             "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL",

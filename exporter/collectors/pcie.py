@@ -48,7 +48,8 @@ REPLAYS = MetricSpec(
     "nvml_pcie_replays_total",
     "counter",
     "PCIe link-level replays (retransmissions); growth points at a marginal link or riser.",
-    source="field NVML_FI_DEV_PCIE_REPLAY_COUNTER (every 10 s)",
+    source="field NVML_FI_DEV_PCIE_REPLAY_COUNTER (every sampling.slow_fields_interval)",
+    cadence="Read every {slow}.",
     dcgm=(Dcgm("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "Total PCIe retries.", type="counter"),),
 )
 LINK_GENERATION = MetricSpec(
@@ -56,6 +57,7 @@ LINK_GENERATION = MetricSpec(
     "gauge",
     "Current PCIe link generation (it drops when the link idles).",
     source="nvmlDeviceGetCurrPcieLinkGeneration (at most every 10 s)",
+    cadence="Read every 10s.",
     dcgm=(Dcgm("DCGM_FI_DEV_PCIE_LINK_GEN", "PCIe current link generation."),),
 )
 LINK_WIDTH = MetricSpec(
@@ -63,6 +65,7 @@ LINK_WIDTH = MetricSpec(
     "gauge",
     "Current PCIe link width in lanes.",
     source="nvmlDeviceGetCurrPcieLinkWidth (at most every 10 s)",
+    cadence="Read every 10s.",
     dcgm=(Dcgm("DCGM_FI_DEV_PCIE_LINK_WIDTH", "PCIe current link width."),),
 )
 LINK_MAX_GENERATION = MetricSpec(

@@ -8,7 +8,6 @@ from exporter.nvml import (
     FI_POWER_CURRENT_LIMIT,
     FI_POWER_INSTANT,
     FI_TOTAL_ENERGY_CONSUMPTION,
-    SLOW_FIELD_SECONDS,
     Device,
     FieldRequest,
 )
@@ -62,7 +61,8 @@ ENERGY = MetricSpec(
     "Energy consumed since the driver was last loaded.",
     unit="joules",
     source="field NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION (nvmlDeviceGetTotalEnergyConsumption "
-    "where the field is unsupported), mJ / 1000, read every 10 s",
+    "where the field is unsupported), mJ / 1000, every sampling.slow_fields_interval",
+    cadence="Read every {slow}.",
     dcgm=(
         Dcgm(
             "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
@@ -110,8 +110,9 @@ class PowerCollector(Collector):
             out.add(POWER_MIN_LIMIT, constraints[0] / 1000)
             out.add(POWER_MAX_LIMIT, constraints[1] / 1000)
         millijoules = device.field(FI_TOTAL_ENERGY_CONSUMPTION)
-        if millijoules is None and not device.field_failed(FI_TOTAL_ENERGY_CONSUMPTION):
-            # As slow as the field (nvml.SLOW_FIELDS), so no more often than its default.
-            millijoules = device.recent(SLOW_FIELD_SECONDS, drv.total_energy)
+        if millijoules is None and device.field_absent(FI_TOTAL_ENERGY_CONSUMPTION):
+            # Only where the field is unsupported, never mixed with it (an older cached
+            # answer would make the counter go back); as slow as the field would be.
+            millijoules = device.recent(device.slow_fields_interval, drv.total_energy)
         if millijoules is not None:
             out.add(ENERGY, millijoules / 1000)

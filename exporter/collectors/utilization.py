@@ -9,15 +9,15 @@ from exporter.nvml import GPU_UTILIZATION_SAMPLES, MEMORY_UTILIZATION_SAMPLES, D
 _INSTANT = "nvmlDeviceGetUtilizationRates .{} (the driver's last sample period, 1/6 s to 1 s); "
 _BUFFER = "the average of nvmlDeviceGetSamples ({}_UTILIZATION_SAMPLES) where that is unsupported"
 _COUNTER = (
-    "sum of nvmlDeviceGetSamples ({}_UTILIZATION_SAMPLES) x sample period, read every 10 s "
-    "(instantaneous x interval where the buffer is unsupported)"
+    "sum of nvmlDeviceGetSamples ({}_UTILIZATION_SAMPLES) x sample period, read every 10th "
+    "sample or 10 s (instantaneous x interval where the buffer is unsupported)"
 )
 
 GPU_UTILIZATION = MetricSpec(
     "nvml_gpu_utilization_ratio",
     "gauge",
     "Fraction of the driver's last sample period (1/6 s to 1 s) in which a kernel was running, "
-    "as nvidia-smi shows it; rate(nvml_gpu_busy_seconds_total) gives the exact average.",
+    "as nvidia-smi shows it; rate(nvml_gpu_busy_seconds_total[1m]) gives the exact average.",
     unit="ratio",
     source=_INSTANT.format("gpu") + _BUFFER.format("GPU"),
     dcgm=(Dcgm("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", "percent", 100),),
@@ -25,9 +25,10 @@ GPU_UTILIZATION = MetricSpec(
 GPU_BUSY = MetricSpec(
     "nvml_gpu_busy_seconds_total",
     "counter",
-    "Time a kernel was running; rate() gives the exact average utilization over any window.",
+    "Time a kernel was running; rate() over 30 s or more gives the exact average utilization.",
     unit="seconds",
     source=_COUNTER.format("GPU"),
+    cadence="Counted from the driver's sample buffer every 10th sample or 10s.",
 )
 MEMORY_CONTROLLER_UTILIZATION = MetricSpec(
     "nvml_memory_controller_utilization_ratio",
@@ -43,6 +44,7 @@ MEMORY_CONTROLLER_BUSY = MetricSpec(
     "Time device memory was being read or written; rate() gives the average utilization.",
     unit="seconds",
     source=_COUNTER.format("MEMORY"),
+    cadence="Counted from the driver's sample buffer every 10th sample or 10s.",
 )
 
 

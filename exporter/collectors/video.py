@@ -4,8 +4,9 @@ Each engine's gauge is the driver's instantaneous value, asked for only when the
 busy: the encoder while nvmlDeviceGetEncoderStats reports a session now or at the previous
 sample, the decoder unless GPM measured every NVDEC engine at exactly 0 over the same interval;
 otherwise it is 0 without a call. The busy counters come from the engines' sample buffers,
-read every 10 s whatever the gauge did (see busy.py), so work that started and ended between
-two samples (an encoder session shorter than the interval) still reaches them, once.
+read every 10th sample or 10 s whatever the gauge did (see busy.py), so work that started and
+ended between two samples (an encoder session shorter than the interval) still reaches them,
+once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from exporter.nvml import DEC_UTILIZATION_SAMPLES, ENC_UTILIZATION_SAMPLES, Devi
 ENCODER_UTILIZATION = MetricSpec(
     "nvml_encoder_utilization_ratio",
     "gauge",
-    "Fraction of the last sampling interval the video encoder (NVENC) was busy.",
+    "Fraction of the driver's last sample period the video encoder (NVENC) was busy; 0 "
+    "without an open encoder session.",
     unit="ratio",
     source="nvmlDeviceGetEncoderUtilization; 0 where no encoder session was open at this or "
     "the previous sample; the average of nvmlDeviceGetSamples (ENC_UTILIZATION_SAMPLES) where "
@@ -32,12 +34,15 @@ ENCODER_BUSY = MetricSpec(
     "counter",
     "Time the video encoder was busy.",
     unit="seconds",
-    source="sum of nvmlDeviceGetSamples (ENC_UTILIZATION_SAMPLES) x sample period, read every 10 s",
+    source="sum of nvmlDeviceGetSamples (ENC_UTILIZATION_SAMPLES) x sample period, read every "
+    "10th sample or 10 s",
+    cadence="Counted from the driver's sample buffer every 10th sample or 10s.",
 )
 DECODER_UTILIZATION = MetricSpec(
     "nvml_decoder_utilization_ratio",
     "gauge",
-    "Fraction of the last sampling interval the video decoder (NVDEC) was busy.",
+    "Fraction of the driver's last sample period the video decoder (NVDEC) was busy; 0 "
+    "where GPM measured the decoders idle.",
     unit="ratio",
     source="nvmlDeviceGetDecoderUtilization; 0 where GPM measured every NVDEC engine idle; "
     "the average of nvmlDeviceGetSamples (DEC_UTILIZATION_SAMPLES) where the call is "
@@ -49,7 +54,9 @@ DECODER_BUSY = MetricSpec(
     "counter",
     "Time the video decoder was busy.",
     unit="seconds",
-    source="sum of nvmlDeviceGetSamples (DEC_UTILIZATION_SAMPLES) x sample period, read every 10 s",
+    source="sum of nvmlDeviceGetSamples (DEC_UTILIZATION_SAMPLES) x sample period, read every "
+    "10th sample or 10 s",
+    cadence="Counted from the driver's sample buffer every 10th sample or 10s.",
 )
 ENCODER_SESSIONS = MetricSpec(
     "nvml_encoder_sessions",
