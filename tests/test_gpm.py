@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import nvml
 from exporter.collectors import COLLECTOR_DEFAULTS
-from exporter.collectors.gpm import _METRICS
+from exporter.collectors.base import Emitter
+from exporter.collectors.gpm import _METRICS, FORGET_AFTER, GpmCollector
 from exporter.config import Config, SimulationConfig
 from exporter.nvml import DEC_UTILIZATION_SAMPLES
 from exporter.sampler import Sampler
@@ -285,3 +287,40 @@ def test_gpm_samples_rotate_without_refilling_one_still_needed_and_recover_from_
         assert 1 <= sample - first <= (SLOW_WINDOW if slow else 1)
     # The failed sample and the one after it (a pair needs two good samples) have no GPM.
     assert present == [False] + [True] * 14 + [False, False] + [True] * 13
+
+
+def test_samples_of_a_gpu_whose_read_hangs_are_not_freed_under_it() -> None:
+    config = dataclasses.replace(
+        Config(backend="simulated"), simulation=SimulationConfig(devices=1, seed=5)
+    )
+    clock = FakeClock()
+    driver = SimulatedDriver(config.simulation, clock=clock)
+    sampler = Sampler(config, driver, clock=clock)
+    for _ in range(2):
+        clock.advance(1)
+        sampler.sample_once()
+    gpm = next(c for c in sampler._collectors if isinstance(c, GpmCollector))
+    device = sampler.session.devices[0]
+    freed: list[object] = []
+    entered, release = threading.Event(), threading.Event()
+    real_get = driver.gpm_sample_get
+
+    def hanging_get(handle: object, sample: object) -> bool:
+        entered.set()
+        release.wait(10)
+        return real_get(handle, sample)
+
+    driver.gpm_sample_get = hanging_get  # type: ignore[method-assign]
+    driver.gpm_sample_free = freed.append  # type: ignore[method-assign,assignment]
+    reader = threading.Thread(target=gpm.collect, args=(device, Emitter()))
+    reader.start()
+    assert entered.wait(10)
+    for _ in range(FORGET_AFTER + 2):  # the GPU is not seen while its read hangs
+        gpm.collect_global(Emitter())
+    gpm.close()  # shutting down meanwhile leaves them to the process's exit
+    assert freed == []
+    release.set()
+    reader.join(10)
+    for _ in range(FORGET_AFTER + 1):
+        gpm.collect_global(Emitter())
+    assert len(freed) == 3

@@ -195,6 +195,7 @@ class _Samples:
     held: list[Held] = field(default_factory=list)  # the slow metrics' last values
     first_window_closed: bool = False
     unseen: int = 0
+    in_flight: bool = False
 
     def free_buffer(self) -> Handle:
         """A buffer holding neither the previous sample nor the window's first."""
@@ -258,6 +259,23 @@ class GpmCollector(Collector):
                 self._samples[key] = samples
                 self._drivers[key] = drv
         samples.unseen = 0
+        # While NVML holds its buffers (a read can hang past the sample's deadline), they are
+        # not freed under it.
+        samples.in_flight = True
+        try:
+            self._sample(device, samples, gpu_instance, labels, out)
+        finally:
+            samples.in_flight = False
+
+    def _sample(
+        self,
+        device: Device,
+        samples: _Samples,
+        gpu_instance: int | None,
+        labels: tuple[str, str, str],
+        out: Emitter,
+    ) -> None:
+        drv = device.driver
         current = samples.free_buffer()
         if gpu_instance is None:
             taken = device.read_as((), drv.gpm_sample_get, current)
@@ -333,15 +351,16 @@ class GpmCollector(Collector):
             gone = []
             for key, samples in self._samples.items():
                 samples.unseen += 1
-                if samples.unseen > FORGET_AFTER:
+                if samples.unseen > FORGET_AFTER and not samples.in_flight:
                     gone.append(key)
             for key in gone:
                 self._free(key)
 
     def close(self) -> None:
         with self._lock:
-            for key in list(self._samples):
-                self._free(key)
+            for key, samples in list(self._samples.items()):
+                if not samples.in_flight:  # else left to the process's exit
+                    self._free(key)
 
     def _free(self, key: tuple[str, int | None, str]) -> None:
         samples = self._samples.pop(key)
