@@ -315,7 +315,7 @@ def test_static_and_dynamic_values_match_the_model(fleet: nvml_stub.Fleet) -> No
             "nvlink": [1] * 18,
             "nvlink_past_end": pynvml.NVML_ERROR_INVALID_ARGUMENT,
             "mig": [0, 0],
-            "max_mig": 7,
+            "max_mig": 0,  # MIG is off: none, as a real H200 answers
             "is_mig": 0,
             "events": d.supported_event_types,
         }

@@ -1027,7 +1027,8 @@ def _render_device(d: Device) -> Iterator[str]:
         f"pcie_throughput.{PCIE_UTIL_TX_BYTES}": d.pcie_tx_throughput,
         f"pcie_throughput.{PCIE_UTIL_RX_BYTES}": d.pcie_rx_throughput,
         "pcie_replay_counter": d.pcie_replay_counter,
-        "max_mig_device_count": d.max_mig_devices,
+        # A real H200 answers 0 while MIG is off.
+        "max_mig_device_count": d.max_mig_devices if d.mig_mode else 0,
         "supported_event_types": d.supported_event_types,
         "gpm_supported": int(d.gpm_supported),
         "samples_capacity": d.sample_capacity,

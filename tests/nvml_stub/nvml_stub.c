@@ -1597,8 +1597,9 @@ static uint64_t entry_cpu_ns(const uint64_t *table, unsigned int id) {
  * With ECC off the ECC counter fields fail that way too, whatever the config lists. Every
  * entry asked is charged its field's cost, served or not: a driver asks the GPU to find out.
  */
+/* An empty request is INVALID_ARGUMENT, as an H200 with driver 580 answers. */
 HANDLE_FN(nvmlDeviceGetFieldValues, int count, nvmlFieldValue_t *values)
-    if (count < 0 || (count > 0 && !values))
+    if (count <= 0 || !values)
         return end(NVML_ERROR_INVALID_ARGUMENT);
     int64_t now_us = (int64_t)(now_ns(CLOCK_REALTIME) / 1000);
     int no_ecc_counters = ecc_counters_unsupported(&c);
@@ -1968,7 +1969,8 @@ EXPORT nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *mg) {
     if (mg->version != GPM_METRICS_GET_VERSION)
         return end(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
     if (!sample_ok(mg->sample1) || !sample_ok(mg->sample2) || mg->sample1->dev != mg->sample2->dev ||
-        mg->sample1->gi != mg->sample2->gi || mg->numMetrics > GPM_METRIC_MAX)
+        mg->sample1->gi != mg->sample2->gi || mg->numMetrics == 0 ||
+        mg->numMetrics > GPM_METRIC_MAX) /* none asked: INVALID_ARGUMENT, as on the H200 */
         return end(NVML_ERROR_INVALID_ARGUMENT);
     long long gi = mg->sample1->gi;
     const uint64_t *metric_costs = c.cfg->costs ? c.cfg->costs->gpm_cpu_ns : NULL;
