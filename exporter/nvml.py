@@ -1075,24 +1075,20 @@ class Device:
             # Only answers stand in: a field that failed is asked again at the next sample.
             self._slow_fields = {r: self._fields[r] for r in slow if self._fields[r][0] == SUCCESS}
 
-    def _field_entry(self, request: FieldRequest) -> tuple[FieldResult | None, bool]:
-        """The entry for a field and whether it was read in the last batch (or is a slow
-        field's answer from an earlier one)."""
-        result = self._fields.get(request)
-        if result is not None:
-            return result, True
-        return self._slow_fields.get(request), False
+    def _field_entry(self, request: FieldRequest) -> FieldResult | None:
+        """The field's entry from the last batch, or a slow field's answer from an earlier one
+        (only answers are kept, so a failure is always this sample's)."""
+        return self._fields.get(request) or self._slow_fields.get(request)
 
     def field(self, field_id: int, scope: int = 0) -> float | None:
         """A value from the last `fetch_fields` (or, for SLOW_FIELDS, the last that read
         them), with the error policy applied to its entry once."""
-        result, fresh = self._field_entry((field_id, scope))
+        result = self._field_entry((field_id, scope))
         if result is None:
             return None
         code, value = result
         if code != SUCCESS:
-            if fresh:
-                self._apply_policy(("field", (field_id, scope)), code, None)
+            self._apply_policy(("field", (field_id, scope)), code, None)
             return None
         return value
 
@@ -1100,8 +1096,7 @@ class Device:
         """The raw (code, value) entries of the last `fetch_fields`, None where a field was not
         asked for (or is known to be absent); entries that failed need `field()` for the error
         policy."""
-        fields, slow = self._fields, self._slow_fields
-        return [fields.get(request) or slow.get(request) for request in requests]
+        return [self._field_entry(request) for request in requests]
 
     def is_absent(self, fn: Callable[..., object], *args: object) -> bool:
         return (fn.__name__, args) in self._absent
@@ -1110,7 +1105,7 @@ class Device:
         """True when the field's entry in the last `fetch_fields` failed with an error that
         counts (not unsupported, not merely without a value): asking another way in the same
         sample would count the failure twice."""
-        result, _ = self._field_entry((field_id, scope))
+        result = self._field_entry((field_id, scope))
         if result is None or result[0] == SUCCESS:
             return False
         return result[0] not in ABSENT_CODES and result[0] not in NO_VALUE_CODES
