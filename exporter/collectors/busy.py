@@ -27,22 +27,28 @@ from exporter.nvml import Device
 MAX_SAMPLE_PERIOD_US = 2_000_000
 BUFFER_READ_EVERY = 10
 BUFFER_READ_SECONDS = 10.0
+# For the docs and HELP of each busy counter.
+BUFFER_READS = "read every 10th sample or 10 s"
+BUFFER_CADENCE = "Counted from the driver's sample buffer every 10th sample or 10s."
 
 
 @dataclass
 class _Track:
     ratio: float | None = None  # the gauge's value at the last update
     busy_seconds: float = 0.0
-    # The driver's buffer: the newest sample counted, when it was last read, and whether it
-    # ever answered (a device without one counts the instantaneous value instead).
+    # The driver's buffer: the newest sample counted, and when it last answered (a device
+    # whose buffer never did counts the instantaneous value instead).
     last_timestamp_us: int | None = None
     buffer_read_at: float | None = None
     unread: int = 0  # samples since the buffer was last read
-    buffered: bool = False
     # When the previous sample (update or idle) ran: the step to the next one is about as long.
     last_sample_at: float | None = None
     # Without a buffer: when the instantaneous value last counted towards busy time.
     last_instant_time: float | None = None
+
+    @property
+    def buffered(self) -> bool:
+        return self.buffer_read_at is not None
 
 
 class BusyTracker:
@@ -107,7 +113,7 @@ class BusyTracker:
         )
         if samples is None:
             return None
-        track.buffered, track.buffer_read_at, track.unread = True, now, 0
+        track.buffer_read_at, track.unread = now, 0
         if not samples:
             if track.last_timestamp_us is None:
                 # Nothing in the buffer yet: the next read's samples are all new.

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
-from exporter.collectors.busy import BusyTracker
+from exporter.collectors.busy import BUFFER_CADENCE, BUFFER_READS, BusyTracker
 from exporter.nvml import GPU_UTILIZATION_SAMPLES, MEMORY_UTILIZATION_SAMPLES, Device
 
 _INSTANT = "nvmlDeviceGetUtilizationRates .{} (the driver's last sample period, 1/6 s to 1 s); "
 _BUFFER = "the average of nvmlDeviceGetSamples ({}_UTILIZATION_SAMPLES) where that is unsupported"
 _COUNTER = (
-    "sum of nvmlDeviceGetSamples ({}_UTILIZATION_SAMPLES) x sample period, read every 10th "
-    "sample or 10 s (instantaneous x interval where the buffer is unsupported)"
+    "sum of nvmlDeviceGetSamples ({}_UTILIZATION_SAMPLES) x sample period, "
+    + BUFFER_READS
+    + " (instantaneous x interval where the buffer is unsupported)"
 )
 
 GPU_UTILIZATION = MetricSpec(
@@ -28,7 +29,7 @@ GPU_BUSY = MetricSpec(
     "Time a kernel was running; rate() over 30 s or more gives the exact average utilization.",
     unit="seconds",
     source=_COUNTER.format("GPU"),
-    cadence="Counted from the driver's sample buffer every 10th sample or 10s.",
+    cadence=BUFFER_CADENCE,
 )
 MEMORY_CONTROLLER_UTILIZATION = MetricSpec(
     "nvml_memory_controller_utilization_ratio",
@@ -44,7 +45,7 @@ MEMORY_CONTROLLER_BUSY = MetricSpec(
     "Time device memory was being read or written; rate() gives the average utilization.",
     unit="seconds",
     source=_COUNTER.format("MEMORY"),
-    cadence="Counted from the driver's sample buffer every 10th sample or 10s.",
+    cadence=BUFFER_CADENCE,
 )
 
 

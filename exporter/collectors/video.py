@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
-from exporter.collectors.busy import BusyTracker
+from exporter.collectors.busy import BUFFER_CADENCE, BUFFER_READS, BusyTracker
 from exporter.collectors.shared import gpm_nvdec_idle
 from exporter.nvml import DEC_UTILIZATION_SAMPLES, ENC_UTILIZATION_SAMPLES, Device, Handle
 
@@ -34,9 +34,8 @@ ENCODER_BUSY = MetricSpec(
     "counter",
     "Time the video encoder was busy.",
     unit="seconds",
-    source="sum of nvmlDeviceGetSamples (ENC_UTILIZATION_SAMPLES) x sample period, read every "
-    "10th sample or 10 s",
-    cadence="Counted from the driver's sample buffer every 10th sample or 10s.",
+    source="sum of nvmlDeviceGetSamples (ENC_UTILIZATION_SAMPLES) x sample period, " + BUFFER_READS,
+    cadence=BUFFER_CADENCE,
 )
 DECODER_UTILIZATION = MetricSpec(
     "nvml_decoder_utilization_ratio",
@@ -54,9 +53,8 @@ DECODER_BUSY = MetricSpec(
     "counter",
     "Time the video decoder was busy.",
     unit="seconds",
-    source="sum of nvmlDeviceGetSamples (DEC_UTILIZATION_SAMPLES) x sample period, read every "
-    "10th sample or 10 s",
-    cadence="Counted from the driver's sample buffer every 10th sample or 10s.",
+    source="sum of nvmlDeviceGetSamples (DEC_UTILIZATION_SAMPLES) x sample period, " + BUFFER_READS,
+    cadence=BUFFER_CADENCE,
 )
 ENCODER_SESSIONS = MetricSpec(
     "nvml_encoder_sessions",
