@@ -189,46 +189,57 @@ def probe(out: Path) -> None:
     pynvml.nvmlInit()
     h = pynvml.nvmlDeviceGetHandleByIndex(0)
     p = pynvml
+    # nvmlDeviceGet<name>(handle), each timed over REPS calls.
+    plain = (
+        "PerformanceState",
+        "CurrentClocksEventReasons",
+        "BAR1MemoryInfo",
+        "CurrPcieLinkGeneration",
+        "CurrPcieLinkWidth",
+        "MigMode",
+        "PersistenceMode",
+        "ComputeMode",
+        "EccMode",
+        "EncoderStats",
+        "EncoderUtilization",
+        "DecoderUtilization",
+        "JpgUtilization",
+        "OfaUtilization",
+        "UtilizationRates",
+        "PowerUsage",
+        "PowerManagementLimit",
+        "EnforcedPowerLimit",
+        "TotalEnergyConsumption",
+        "NumFans",
+        "FanSpeed",
+        "ComputeRunningProcesses",
+        "GraphicsRunningProcesses",
+        "SupportedEventTypes",
+    )
     calls: dict[str, tuple[Callable[[], Any], int]] = {
-        "ClockInfo(graphics)": (lambda: p.nvmlDeviceGetClockInfo(h, p.NVML_CLOCK_GRAPHICS), REPS),
-        "ClockInfo(sm)": (lambda: p.nvmlDeviceGetClockInfo(h, p.NVML_CLOCK_SM), REPS),
-        "ClockInfo(mem)": (lambda: p.nvmlDeviceGetClockInfo(h, p.NVML_CLOCK_MEM), REPS),
-        "ClockInfo(video)": (lambda: p.nvmlDeviceGetClockInfo(h, p.NVML_CLOCK_VIDEO), REPS),
-        "TemperatureV(gpu)": (lambda: p.nvmlDeviceGetTemperatureV(h, 0), REPS),
-        "Temperature(gpu)": (lambda: p.nvmlDeviceGetTemperature(h, 0), REPS),
-        "PerformanceState": (lambda: p.nvmlDeviceGetPerformanceState(h), REPS),
-        "CurrentClocksEventReasons": (lambda: p.nvmlDeviceGetCurrentClocksEventReasons(h), REPS),
-        "MemoryInfo_v2": (lambda: p.nvmlDeviceGetMemoryInfo(h, version=p.nvmlMemory_v2), REPS),
-        "BAR1MemoryInfo": (lambda: p.nvmlDeviceGetBAR1MemoryInfo(h), REPS),
-        "CurrPcieLinkGeneration": (lambda: p.nvmlDeviceGetCurrPcieLinkGeneration(h), REPS),
-        "CurrPcieLinkWidth": (lambda: p.nvmlDeviceGetCurrPcieLinkWidth(h), REPS),
-        "MigMode": (lambda: p.nvmlDeviceGetMigMode(h), REPS),
-        "PersistenceMode": (lambda: p.nvmlDeviceGetPersistenceMode(h), REPS),
-        "ComputeMode": (lambda: p.nvmlDeviceGetComputeMode(h), REPS),
-        "EccMode": (lambda: p.nvmlDeviceGetEccMode(h), REPS),
-        "EncoderStats": (lambda: p.nvmlDeviceGetEncoderStats(h), REPS),
-        "EncoderUtilization": (lambda: p.nvmlDeviceGetEncoderUtilization(h), REPS),
-        "DecoderUtilization": (lambda: p.nvmlDeviceGetDecoderUtilization(h), REPS),
-        "EncoderCapacity(H264)": (lambda: p.nvmlDeviceGetEncoderCapacity(h, 0), REPS),
-        "JpgUtilization": (lambda: p.nvmlDeviceGetJpgUtilization(h), REPS),
-        "OfaUtilization": (lambda: p.nvmlDeviceGetOfaUtilization(h), REPS),
-        "UtilizationRates": (lambda: p.nvmlDeviceGetUtilizationRates(h), REPS),
-        "PowerUsage": (lambda: p.nvmlDeviceGetPowerUsage(h), REPS),
-        "PowerManagementLimit": (lambda: p.nvmlDeviceGetPowerManagementLimit(h), REPS),
-        "EnforcedPowerLimit": (lambda: p.nvmlDeviceGetEnforcedPowerLimit(h), REPS),
-        "TotalEnergyConsumption": (lambda: p.nvmlDeviceGetTotalEnergyConsumption(h), REPS),
-        "NumFans": (lambda: p.nvmlDeviceGetNumFans(h), REPS),
-        "FanSpeed": (lambda: p.nvmlDeviceGetFanSpeed(h), REPS),
-        "PcieThroughput(tx)": (lambda: p.nvmlDeviceGetPcieThroughput(h, 0), SLOW_REPS),
-        "ComputeRunningProcesses": (lambda: p.nvmlDeviceGetComputeRunningProcesses(h), REPS),
-        "GraphicsRunningProcesses": (lambda: p.nvmlDeviceGetGraphicsRunningProcesses(h), REPS),
-        "ProcessUtilization": (lambda: p.nvmlDeviceGetProcessUtilization(h, 0), REPS),
-        "SupportedEventTypes": (lambda: p.nvmlDeviceGetSupportedEventTypes(h), REPS),
-        "GpmQueryDeviceSupport": (lambda: p.nvmlGpmQueryDeviceSupport(h), REPS),
-        "Architecture": (lambda: p.nvmlDeviceGetArchitecture(h), 1),
-        "Name": (lambda: p.nvmlDeviceGetName(h), 1),
-        "DriverVersion": (p.nvmlSystemGetDriverVersion, 1),
+        name: (functools.partial(getattr(p, f"nvmlDeviceGet{name}"), h), REPS) for name in plain
     }
+    calls.update(
+        {
+            "ClockInfo(graphics)": (
+                lambda: p.nvmlDeviceGetClockInfo(h, p.NVML_CLOCK_GRAPHICS),
+                REPS,
+            ),
+            "ClockInfo(sm)": (lambda: p.nvmlDeviceGetClockInfo(h, p.NVML_CLOCK_SM), REPS),
+            "ClockInfo(mem)": (lambda: p.nvmlDeviceGetClockInfo(h, p.NVML_CLOCK_MEM), REPS),
+            "ClockInfo(video)": (lambda: p.nvmlDeviceGetClockInfo(h, p.NVML_CLOCK_VIDEO), REPS),
+            "TemperatureV(gpu)": (lambda: p.nvmlDeviceGetTemperatureV(h, 0), REPS),
+            "Temperature(gpu)": (lambda: p.nvmlDeviceGetTemperature(h, 0), REPS),
+            "MemoryInfo_v2": (lambda: p.nvmlDeviceGetMemoryInfo(h, version=p.nvmlMemory_v2), REPS),
+            "EncoderCapacity(H264)": (lambda: p.nvmlDeviceGetEncoderCapacity(h, 0), REPS),
+            "PcieThroughput(tx)": (lambda: p.nvmlDeviceGetPcieThroughput(h, 0), SLOW_REPS),
+            "ProcessUtilization": (lambda: p.nvmlDeviceGetProcessUtilization(h, 0), REPS),
+            "GpmQueryDeviceSupport": (lambda: p.nvmlGpmQueryDeviceSupport(h), REPS),
+            "Architecture": (lambda: p.nvmlDeviceGetArchitecture(h), 1),
+            "Name": (lambda: p.nvmlDeviceGetName(h), 1),
+            "DriverVersion": (p.nvmlSystemGetDriverVersion, 1),
+        }
+    )
     result: dict[str, Any] = {"calls": {}}
     for label, (call, reps) in calls.items():
         result["calls"][label] = _timed(call, reps)
@@ -246,14 +257,9 @@ def probe(out: Path) -> None:
 
 def _cost(call: Callable[[], Any], reps: int = 20) -> float | str:
     """CPU microseconds per call, or the error the first call raised."""
-    try:
-        call()
-    except Exception as err:  # recorded, not raised
-        return repr(err)
-    started = time.thread_time()
-    for _ in range(reps):
-        call()
-    return round((time.thread_time() - started) / reps * 1e6, 1)
+    entry = _timed(call, reps)
+    cost: float | str = entry["cpu_us"] if "cpu_us" in entry else entry["error"]
+    return cost
 
 
 def costs(out: Path) -> None:
