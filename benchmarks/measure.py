@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import nvml_stub
@@ -251,7 +251,7 @@ class LowRateResult:
 
 def low_rate(
     targets: list[Target],
-    fleets: list[nvml_stub.Fleet],
+    call_counts: Sequence[Callable[[], dict[str, int]]],
     seconds: float,
     every: float,
     interval: float,
@@ -259,13 +259,14 @@ def low_rate(
 ) -> list[LowRateResult]:
     """Scrapes each target every `every` seconds for `seconds`, as Prometheus does (one
     keep-alive connection, its Accept header, gzip), and returns each one's CPU over that time.
-    The targets run side by side; each is idle most of the time."""
+    The targets run side by side; each is idle most of the time. `call_counts[i]` gives
+    target i's NVML calls so far per C symbol (a stand-in's counters, or _launch.py's)."""
     headers = {"Accept": load.PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"}
     connections = {t.name: http.client.HTTPConnection(t.host, t.port, timeout=30) for t in targets}
     ours = [t for t in targets if t.name == "nvml-exporter"]
     seen_before = last_sample_timestamp(ours[0]) if ours else None
     cpu0 = {t.name: thread_cpu_ns(t.pid) for t in targets}
-    calls0 = [fleet.calls() for fleet in fleets]
+    calls0 = [count() for count in call_counts]
     started = time.perf_counter()
     scrapes = 0
     try:
@@ -284,7 +285,7 @@ def low_rate(
             time.sleep(max(0.01, min(seconds, next_due) - (time.perf_counter() - started)))
         ended = time.perf_counter()
         cpu1 = {t.name: thread_cpu_ns(t.pid) for t in targets}
-        calls1 = [fleet.calls() for fleet in fleets]
+        calls1 = [count() for count in call_counts]
     finally:
         for conn in connections.values():
             conn.close()

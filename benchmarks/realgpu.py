@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
-import http.client
 import inspect
 import json
 import os
@@ -33,7 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks import load
+from benchmarks.measure import low_rate
 from benchmarks.targets import (
     Target,
     rss_bytes,
@@ -41,7 +40,6 @@ from benchmarks.targets import (
     start_nvitop,
     start_ours,
     stop,
-    thread_cpu_ns,
 )
 
 # Repetitions per timed call; a PCIe throughput read blocks ~20 ms in the driver.
@@ -331,35 +329,19 @@ def _window(
     targets: Mapping[str, tuple[Target, Path]], seconds: float, out: Path, tag: str
 ) -> dict[str, Any]:
     """Each exporter scraped every 15 s as Prometheus does, side by side, for `seconds`."""
-    headers = {"Accept": load.PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"}
-    conns = {
-        n: http.client.HTTPConnection(t.host, t.port, timeout=30) for n, (t, _) in targets.items()
-    }
-    cpu0 = {n: thread_cpu_ns(t.pid) for n, (t, _) in targets.items()}
-    calls0 = {n: _counts(c) for n, (_, c) in targets.items()}
-    started = time.perf_counter()
-    scrapes = 0
-    while (elapsed := time.perf_counter() - started) < seconds:
-        if elapsed >= scrapes * SCRAPE_EVERY_S:
-            for conn in conns.values():
-                conn.request("GET", "/metrics", headers=headers)
-                conn.getresponse().read()
-            scrapes += 1
-        time.sleep(max(0.01, min(seconds, scrapes * SCRAPE_EVERY_S) - elapsed))
-    ended = time.perf_counter()
-    cpu1 = {n: thread_cpu_ns(t.pid) for n, (t, _) in targets.items()}
-    calls1 = {n: _counts(c) for n, (_, c) in targets.items()}
-    for conn in conns.values():
-        conn.close()
-    result: dict[str, Any] = {"seconds": ended - started, "scrapes": scrapes}
-    for name, (target, _) in targets.items():
+    runs = low_rate(
+        [target for target, _ in targets.values()],
+        [functools.partial(_counts, counts) for _, counts in targets.values()],
+        seconds,
+        SCRAPE_EVERY_S,
+        1.0,
+        _log,
+    )
+    result: dict[str, Any] = {"seconds": runs[0].seconds, "scrapes": runs[0].scrapes}
+    for (name, (target, _)), run in zip(targets.items(), runs, strict=True):
         result[name] = {
-            "cpu_ns": {k: v - cpu0[name].get(k, 0) for k, v in cpu1[name].items()},
-            "calls": {
-                k: v - calls0[name].get(k, 0)
-                for k, v in calls1[name].items()
-                if v - calls0[name].get(k, 0)
-            },
+            "cpu_ns": run.cpu_ns,
+            "calls": {k: v for k, v in run.calls.items() if v},
             "rss_bytes": rss_bytes(target.pid),
         }
     # Ours, nvidia-smi, then nvitop's, close together, for comparing values.

@@ -251,7 +251,8 @@ def run_low_rate(
                 fleets.append(build_fleet(Path(their_tmp), spec, [], costs))
                 targets.append(start_nvitop(nvitop, fleets[-1].env(), Path(their_tmp)))
             time.sleep(2.0)
-            return low_rate(targets, fleets, seconds, LOW_RATE_EVERY_S, interval, _log)
+            counts = [fleet.calls for fleet in fleets]
+            return low_rate(targets, counts, seconds, LOW_RATE_EVERY_S, interval, _log)
         finally:
             for target in targets:
                 stop(target)
