@@ -289,10 +289,11 @@ def verdicts(report: Report) -> list[tuple[str, str, bool | None]]:
             their_calls = peer_long.calls_per_sample(gpus)
             window = f"over {ours_long.seconds:.0f} s side by side"
         out.append(
-            (
+            _cpu_verdict(
                 "sampler CPU per sample <= 1/3 of nvitop's per interval",
-                f"{ours_cpu:.2f} ms vs {their_cpu:.2f} ms: {ours_cpu / their_cpu:.2f}, {window}",
-                ours_cpu <= CPU_RATIO_TARGET * their_cpu,
+                ours_cpu,
+                their_cpu,
+                window,
             )
         )
         out.append(
@@ -306,14 +307,12 @@ def verdicts(report: Report) -> list[tuple[str, str, bool | None]]:
     costed = {r.name: r for r in report.low_rate_costed}
     if "nvml-exporter" in costed and "nvitop-exporter" in costed:
         gpus = case.spec.gpus if case else 1
-        ours_cpu = costed["nvml-exporter"].sampler_ms_per_sample(gpus)
-        their_cpu = costed["nvitop-exporter"].sampler_ms_per_sample(gpus)
         out.append(
-            (
+            _cpu_verdict(
                 "the same, the stand-in charging an H200's driver costs",
-                f"{ours_cpu:.2f} ms vs {their_cpu:.2f} ms: {ours_cpu / their_cpu:.2f}, over "
-                f"{costed['nvml-exporter'].seconds:.0f} s side by side",
-                ours_cpu <= CPU_RATIO_TARGET * their_cpu,
+                costed["nvml-exporter"].sampler_ms_per_sample(gpus),
+                costed["nvitop-exporter"].sampler_ms_per_sample(gpus),
+                f"over {costed['nvml-exporter'].seconds:.0f} s side by side",
             )
         )
     growth = (ours.rss_after - ours.rss_warm) / MiB
@@ -343,6 +342,16 @@ def verdicts(report: Report) -> list[tuple[str, str, bool | None]]:
             )
         )
     return out
+
+
+def _cpu_verdict(
+    name: str, ours_ms: float, their_ms: float, window: str
+) -> tuple[str, str, bool | None]:
+    return (
+        name,
+        f"{ours_ms:.2f} ms vs {their_ms:.2f} ms: {ours_ms / their_ms:.2f}, {window}",
+        ours_ms <= CPU_RATIO_TARGET * their_ms,
+    )
 
 
 def _p99(result: ExporterResult, connections: int, gzip: bool) -> str:
