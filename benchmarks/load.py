@@ -129,7 +129,7 @@ async def _run_python(
     async def client() -> None:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             counters["errors"] += 1
             return
         try:
@@ -147,7 +147,7 @@ async def _run_python(
                 counters["bytes"] += len(head) + len(body)
                 if not head.startswith((b"HTTP/1.1 2", b"HTTP/1.0 2")):
                     counters["errors"] += 1
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
             counters["errors"] += 1
         finally:
             writer.close()

@@ -6,6 +6,18 @@ calls NVML and never waits for the sampler.
 
 Deliberately small HTTP/1.1: GET and HEAD, keep-alive, bounded request heads, no request data
 ever reflected into a response, no stack traces to clients.
+
+The request parser is our own rather than a library such as h11: this server never accepts a
+request body, a chunked coding, an upgrade or a trailer, so what it must parse is the request
+line and header fields, which it checks against the RFC 9110/9112 grammar with the regular
+expressions below, strictly (anything else is a 4xx and the connection closes). That keeps a
+second HTTP stack off every GPU node. tests/test_http_fuzz.py feeds it arbitrary bytes.
+
+Every connection counts against `web.max_connections` from the moment it is accepted, TLS
+handshakes included; at the limit the least recently active connection that is not in the
+middle of a request makes room, so clients that hold idle connections cannot lock a scraper out.
+Authentication waits outside the `web.max_requests` slots, so a flood of bad passwords cannot
+starve clients whose credentials are already verified.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +35,7 @@ from typing import Protocol
 from exporter import __version__
 from exporter.config import WebConfig, split_listen_address
 from exporter.snapshot import Format, Snapshot
+from exporter.webconfig import AuthVerdict
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +44,13 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADERS = 100
 MAX_DISCARDED_BODY = 64 * 1024
 STREAM_LIMIT = MAX_HEADER_BYTES + 2
+# RFC 9112 2.2 asks servers to skip at least one empty line before a request line; a few more
+# are skipped, but not an endless stream of them.
+MAX_LEADING_EMPTY_LINES = 8
+# A TLS connection holds OpenSSL state and asyncio's receive buffer from its first byte, so
+# handshakes still in progress are capped well below web.max_connections; the oldest gives way.
+MAX_TLS_HANDSHAKES = 64
+SECURITY_CHECK_INTERVAL = 1.0  # seconds between looks at the web config's files
 
 _REASONS = {
     200: "OK",
@@ -48,7 +69,13 @@ _REASONS = {
     505: "HTTP Version Not Supported",
 }
 
-_NOT_IN_TOKEN = frozenset(' \t()<>@,;\\"/[]?={}\r\n')
+# RFC 9110 5.6.2: token = 1*tchar; methods and field names are tokens.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 5.5: visible characters, spaces, tabs and obs-text; never NUL, CR, LF or other controls.
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+_DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also takes "²" and "٣"
+
+ALLOWED_METHODS = "GET, HEAD"
 
 _COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 _PAGE_HEADERS = {
@@ -70,7 +97,7 @@ class Security(Protocol):
     def auth_required(self) -> bool: ...
     def maybe_reload(self) -> None: ...
     def allow_request(self) -> bool: ...  # the web config's rate_limit
-    async def authenticate(self, authorization: str | None) -> bool: ...
+    async def authenticate(self, authorization: str | None) -> AuthVerdict: ...
 
 
 class MetricsSource(Protocol):
@@ -83,9 +110,10 @@ class MetricsSource(Protocol):
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str = "") -> None:
-        super().__init__(message or _REASONS.get(status, ""))
+    def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
+        super().__init__(_REASONS.get(status, ""))
         self.status = status
+        self.headers = headers
 
 
 @dataclass
@@ -144,6 +172,13 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return wildcard_q is not None and wildcard_q > 0
 
 
+@dataclass(eq=False)
+class _Connection:
+    writer: asyncio.StreamWriter
+    task: asyncio.Task[None]
+    busy: bool = False  # between a request's first line and the end of its response
+
+
 class WebServer:
     def __init__(
         self,
@@ -157,26 +192,23 @@ class WebServer:
         self._security = security
         self._backend = backend
         self._servers: list[asyncio.AbstractServer] = []
-        # Open connections: task -> its writer; `_busy` holds those in the middle of a request.
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-        self._busy: set[asyncio.Task[None]] = set()
+        # Open connections, least recently active first: the first idle one gives way at the cap.
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
+        # TLS handshakes in progress, oldest first.
+        self._handshakes: dict[asyncio.Task[None], _Connection] = {}
         self._in_flight = 0
         self._closing = False
+        self._watcher: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []
         self._landing = self._landing_page()
 
     async def start(self) -> None:
         host, port = split_listen_address(self._config.listen_address)
-        context = self._security.ssl_context if self._security else None
+        # TLS is started per connection, after the connection is counted, rather than by the
+        # listener: the listener would hand over connections only once their handshake is done,
+        # leaving stalled handshakes uncounted and unbounded.
         server = await asyncio.start_server(
-            self._on_connection,
-            host=host,
-            port=port,
-            limit=STREAM_LIMIT,
-            reuse_address=True,
-            ssl=context,
-            # A client that opens TCP and never finishes TLS must not hold a slot forever.
-            ssl_handshake_timeout=self._config.read_timeout if context else None,
+            self._on_connection, host=host, port=port, limit=STREAM_LIMIT, reuse_address=True
         )
         self._servers.append(server)
         for sock in server.sockets:
@@ -185,58 +217,118 @@ class WebServer:
         for addr, bound_port in self.addresses:
             shown = f"[{addr}]" if ":" in addr else addr
             log.info("listening", extra={"address": f"{shown}:{bound_port}"})
+        if self._security is not None:
+            self._watcher = asyncio.create_task(self._watch_security(self._security))
 
     async def close(self, grace: float) -> None:
         """Stops accepting, lets requests in progress finish (up to `grace`), drops idle ones."""
         self._closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         for server in self._servers:
             server.close()
-        for task in list(self._connections):
-            if task not in self._busy:
+        busy = []
+        for task, connection in list(self._connections.items()):
+            if connection.busy:
+                busy.append(task)
+            else:
                 task.cancel()
-        if self._busy:
-            _, late = await asyncio.wait(list(self._busy), timeout=grace)
+        if busy:
+            _, late = await asyncio.wait(busy, timeout=grace)
             for task in late:
                 # Its client is not reading fast enough to matter now: drop it outright.
-                writer = self._connections.get(task)
-                if writer is not None:
-                    writer.transport.abort()
+                late_connection = self._connections.get(task)
+                if late_connection is not None:
+                    late_connection.writer.transport.abort()
                 task.cancel()
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=1)
 
+    @staticmethod
+    async def _watch_security(security: Security) -> None:
+        # On a timer, not on a connection: a certificate that no client can verify any more
+        # would otherwise be replaced only once some client completed a handshake with it.
+        while True:
+            await asyncio.sleep(SECURITY_CHECK_INTERVAL)
+            try:
+                security.maybe_reload()
+            except Exception:
+                log.exception("checking the web config files failed")
+
     # --- connection handling -------------------------------------------------------------------
+
+    def _make_room(self) -> bool:
+        """At web.max_connections, closes the least recently active connection that is not
+        serving a request; False when every connection is busy."""
+        if len(self._connections) < self._config.max_connections:
+            return True
+        for task, connection in self._connections.items():
+            if not connection.busy:
+                self._drop(task, connection)
+                return True
+        return False
+
+    def _drop(self, task: asyncio.Task[None], connection: _Connection) -> None:
+        del self._connections[task]
+        self._handshakes.pop(task, None)
+        connection.writer.transport.abort()
+        task.cancel()
+
+    def _touch(self, task: asyncio.Task[None]) -> None:
+        connection = self._connections.pop(task, None)
+        if connection is not None:
+            self._connections[task] = connection
 
     async def _on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._connections) >= self._config.max_connections:
+        if self._closing or not self._make_room():
             writer.transport.abort()
             return
-        if self._security is not None:
-            self._security.maybe_reload()
-        self._connections[task] = writer
+        connection = _Connection(writer, task)
+        self._connections[task] = connection
         try:
-            await self._serve_connection(task, reader, writer)
+            context = self._security.ssl_context if self._security else None
+            if context is not None:
+                await self._handshake(task, connection, context)
+            await self._serve_connection(task, connection, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
+        except (ssl.SSLError, TimeoutError):
+            pass  # a failed or stalled handshake: nothing to answer, nothing worth a log line
         except Exception:
             log.exception("unexpected error while serving a connection")
         finally:
-            self._connections.pop(task, None)
-            self._busy.discard(task)
+            if self._connections.get(task) is connection:
+                del self._connections[task]
+            self._handshakes.pop(task, None)
             writer.close()
             try:
                 await asyncio.wait_for(writer.wait_closed(), 1)
-            except Exception:
+            except (Exception, asyncio.CancelledError):
                 # Unsent data to a client that stopped reading would hold the socket forever.
                 writer.transport.abort()
+
+    async def _handshake(
+        self, task: asyncio.Task[None], connection: _Connection, context: ssl.SSLContext
+    ) -> None:
+        if len(self._handshakes) >= MAX_TLS_HANDSHAKES:
+            oldest, stalled = next(iter(self._handshakes.items()))
+            self._drop(oldest, stalled)
+        self._handshakes[task] = connection
+        try:
+            await connection.writer.start_tls(
+                context, ssl_handshake_timeout=self._config.read_timeout
+            )
+        finally:
+            self._handshakes.pop(task, None)
 
     async def _serve_connection(
         self,
         task: asyncio.Task[None],
+        connection: _Connection,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
@@ -244,44 +336,48 @@ class WebServer:
         while not self._closing:
             wait = self._config.read_timeout if first else self._config.idle_timeout
             try:
-                line = await asyncio.wait_for(reader.readline(), wait)
-            except asyncio.TimeoutError:
+                line = await asyncio.wait_for(self._request_line(reader), wait)
+            except TimeoutError:
                 if first:
                     await self._send_error(writer, 408)
                 return
             except ValueError:  # the line outgrew the stream limit
                 await self._send_error(writer, 414)
                 return
+            except HttpError as err:
+                await self._send_error(writer, err.status)
+                return
             if not line:
                 return
             first = False
-            self._busy.add(task)
+            connection.busy = True
             try:
                 try:
                     request = await asyncio.wait_for(
                         self._read_request(line, reader), self._config.read_timeout
                     )
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     await self._send_error(writer, 408)
                     return
                 except HttpError as err:
-                    await self._send_error(writer, err.status)
+                    await self._send_error(writer, err.status, err.headers)
                     return
                 keep_alive = request.keep_alive and not self._closing
-                if self._in_flight >= self._config.max_requests:
-                    await self._send_error(
-                        writer, 503, {"Retry-After": "1"}, head=request.method == "HEAD"
-                    )
-                    return
-                self._in_flight += 1
-                try:
-                    await self._respond(request, writer, keep_alive)
-                finally:
-                    self._in_flight -= 1
+                await self._respond(request, writer, keep_alive)
                 if not keep_alive:
                     return
             finally:
-                self._busy.discard(task)
+                connection.busy = False
+                self._touch(task)
+
+    @staticmethod
+    async def _request_line(reader: asyncio.StreamReader) -> bytes:
+        """The request line, past the empty lines RFC 9112 2.2 says to ignore; b"" at EOF."""
+        for _ in range(MAX_LEADING_EMPTY_LINES + 1):
+            line = await reader.readline()
+            if line not in (b"\r\n", b"\n"):
+                return line
+        raise HttpError(400)
 
     async def _read_request(self, line: bytes, reader: asyncio.StreamReader) -> Request:
         if len(line) > MAX_REQUEST_LINE:
@@ -296,13 +392,17 @@ class WebServer:
         method, target, version = parts
         if version not in ("HTTP/1.0", "HTTP/1.1"):
             raise HttpError(505 if version.startswith("HTTP/") else 400)
-        if not method.isalpha() or not method.isupper():
+        if not _TOKEN.fullmatch(method):
             raise HttpError(400)
-        path = self._path(target)
         headers = await self._read_headers(reader)
+        if method == "CONNECT" or (method == "OPTIONS" and target == "*"):
+            # The authority and asterisk forms (RFC 9112 3.2.3, 3.2.4) are well formed; this
+            # server just does not offer those methods.
+            raise HttpError(405, headers={"Allow": ALLOWED_METHODS})
         if version == "HTTP/1.1" and "host" not in headers:
             raise HttpError(400)  # required by RFC 9112 3.2
         await self._discard_body(headers, reader)
+        path = self._path(target)
         return Request(method=method, path=path, version=version, headers=headers)
 
     @staticmethod
@@ -334,13 +434,17 @@ class WebServer:
                 raise HttpError(431)
             if line[:1] in (b" ", b"\t"):
                 raise HttpError(400)  # obsolete line folding
-            name, sep, value = line.decode("latin-1").partition(":")
+            name, sep, value = line.decode("latin-1").rstrip("\r\n").partition(":")
             # No whitespace may stand between a field name and its colon (RFC 9112 5.1).
-            if not sep or not name or any(c in _NOT_IN_TOKEN for c in name):
+            if not sep or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
                 raise HttpError(400)
             name = name.lower()
-            value = value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            value = value.strip(" \t")
+            if name in headers:
+                if name == "host":
+                    raise HttpError(400)  # RFC 9112 3.2: exactly one Host
+                value = f"{headers[name]}, {value}"
+            headers[name] = value
 
     @staticmethod
     async def _discard_body(headers: dict[str, str], reader: asyncio.StreamReader) -> None:
@@ -349,7 +453,7 @@ class WebServer:
         length_text = headers.get("content-length")
         if length_text is None:
             return
-        if not length_text.isdigit():
+        if not _DIGITS.fullmatch(length_text):
             raise HttpError(400)
         length = int(length_text)
         if length > MAX_DISCARDED_BODY:
@@ -364,13 +468,19 @@ class WebServer:
     ) -> None:
         head = request.method == "HEAD"
         if request.method not in ("GET", "HEAD"):
-            headers = {**_text_headers(), "Allow": "GET, HEAD"}
+            headers = {**_text_headers(), "Allow": ALLOWED_METHODS}
             await self._send(writer, 405, headers, b"Method Not Allowed\n", keep_alive)
             return
         if self._security is not None and not self._security.allow_request():
             await self._send_error(writer, 429, {"Retry-After": "1"}, head=head)
             raise ConnectionAbortedError
-        if not await self._authorized(request):
+        # Before a request slot is taken: clients waiting for a password check must not crowd
+        # out those whose credentials are already verified.
+        verdict = await self._authorize(request)
+        if verdict is AuthVerdict.BUSY:
+            await self._send_error(writer, 429, {"Retry-After": "1"}, head=head)
+            raise ConnectionAbortedError
+        if verdict is AuthVerdict.REFUSED:
             headers = {
                 **_text_headers(),
                 "WWW-Authenticate": 'Basic realm="nvml-exporter", charset="UTF-8"',
@@ -386,20 +496,27 @@ class WebServer:
         if route is None:
             await self._send(writer, 404, _text_headers(), b"Not Found\n", keep_alive, head)
             return
+        if self._in_flight >= self._config.max_requests:
+            await self._send_error(writer, 503, {"Retry-After": "1"}, head=head)
+            raise ConnectionAbortedError
+        self._in_flight += 1
         try:
-            status, headers, body = route(request)
-        except Exception:
-            log.exception("request failed", extra={"path": request.path})
-            await self._send_error(writer, 500, head=head)
-            raise ConnectionAbortedError from None
-        await self._send(writer, status, headers, body, keep_alive, head)
+            try:
+                status, headers, body = route(request)
+            except Exception:
+                log.exception("request failed", extra={"path": request.path})
+                await self._send_error(writer, 500, head=head)
+                raise ConnectionAbortedError from None
+            await self._send(writer, status, headers, body, keep_alive, head)
+        finally:
+            self._in_flight -= 1
 
-    async def _authorized(self, request: Request) -> bool:
+    async def _authorize(self, request: Request) -> AuthVerdict:
         security = self._security
         if security is None or not security.auth_required:
-            return True
+            return AuthVerdict.ACCEPTED
         if self._config.health_without_auth and request.path in ("/healthz", "/readyz"):
-            return True
+            return AuthVerdict.ACCEPTED
         return await security.authenticate(request.headers.get("authorization"))
 
     def _metrics(self, request: Request) -> tuple[int, dict[str, str], bytes]:
@@ -481,7 +598,7 @@ class WebServer:
             writer.write(body)
         try:
             await asyncio.wait_for(writer.drain(), self._config.read_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # A client that stops reading must not keep a socket and its buffer forever.
             writer.transport.abort()
             raise ConnectionAbortedError from None

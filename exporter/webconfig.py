@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import calendar
+import enum
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 import ssl
@@ -164,11 +167,27 @@ _GO_DURATION_UNITS = {
 }
 
 RELOAD_CHECK_INTERVAL = 1.0  # seconds between looks at the files' metadata
-AUTH_CACHE_TTL = 60.0  # seconds a verified user/password pair skips bcrypt
+# Seconds a verified user/password pair skips bcrypt after its last use: a scraper that comes
+# back within this never waits for bcrypt again, whatever else is hammering the exporter.
+AUTH_CACHE_TTL = 60.0
+# Seconds a refused pair is refused again without bcrypt: a flood that repeats one wrong
+# password costs one check a minute.
+AUTH_FAILURE_TTL = 60.0
 _AUTH_CACHE_SIZE = 1024
-# bcrypt at cost 10 takes ~60 ms of a core; two workers bound what a flood of bad credentials
-# can take from the exporter, and keep it off the default executor.
+# bcrypt is deliberately slow (tens of ms of a core at cost 10); two workers bound what a flood
+# of bad credentials can take from the exporter, and keep it off the default executor.
 _BCRYPT_WORKERS = 2
+# Checks allowed to wait for a worker; beyond this a new password is answered 429 at once, so
+# the wait for a check stays short and its queue cannot grow with the flood.
+MAX_PENDING_PASSWORD_CHECKS = 16
+# A serving certificate this close to its end is warned about at every load.
+CERTIFICATE_WARNING_SECONDS = 14 * 24 * 3600.0
+
+
+class AuthVerdict(enum.Enum):
+    ACCEPTED = "accepted"
+    REFUSED = "refused"  # answer 401
+    BUSY = "busy"  # too many password checks waiting: answer 429, try again later
 
 
 @dataclass(frozen=True)
@@ -241,7 +260,9 @@ def _go_duration(value: object, path: str) -> float:
             return 0.0
         parts = _GO_DURATION_PART.findall(text)
         if parts and "".join(number + unit for number, unit in parts) == text:
-            return sum(float(number) * _GO_DURATION_UNITS[unit] for number, unit in parts)
+            seconds = sum(float(number) * _GO_DURATION_UNITS[unit] for number, unit in parts)
+            if math.isfinite(seconds):
+                return seconds
     # A bare number other than 0 would be nanoseconds to the toolkit: surely not what was meant.
     raise _Invalid(path, f"must be a duration like 1s or 500ms, got {value!r}")
 
@@ -518,6 +539,64 @@ def _copy_policy(source: ssl.SSLContext, target: ssl.SSLContext) -> None:
     target.verify_mode = source.verify_mode
 
 
+# --- certificate expiry -------------------------------------------------------------------------
+
+_PEM_CERTIFICATE = re.compile(
+    r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----"
+)
+
+
+def _der_element(der: bytes, at: int) -> tuple[int, int, int]:
+    """The tag, content start and content end of the DER element at `at`."""
+    if at + 2 > len(der):
+        raise ValueError("truncated DER")
+    tag, length = der[at], der[at + 1]
+    at += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 0 < count <= 4 or at + count > len(der):
+            raise ValueError("bad DER length")
+        length = int.from_bytes(der[at : at + count], "big")
+        at += count
+    if at + length > len(der):
+        raise ValueError("truncated DER")
+    return tag, at, at + length
+
+
+def _der_time(tag: int, text: bytes) -> float:
+    if tag == 0x17:  # UTCTime: YYMMDDHHMMSSZ, years 1950-2049 (RFC 5280 4.1.2.5.1)
+        year = int(text[:2])
+        text = str(year + (1900 if year >= 50 else 2000)).encode() + text[2:]
+    elif tag != 0x18:  # GeneralizedTime: YYYYMMDDHHMMSSZ
+        raise ValueError("not a time")
+    if len(text) != 15 or not text.endswith(b"Z"):
+        raise ValueError("not a UTC time")
+    fields = [int(text[i : i + width]) for i, width in ((0, 4), (4, 2), (6, 2), (8, 2), (10, 2))]
+    return float(calendar.timegm((*fields, int(text[12:14]), 0, 0, 0)))
+
+
+def certificate_not_after(pem: str) -> float:
+    """Unix time at which the first certificate in `pem` expires (its notAfter)."""
+    # The ssl module decodes only certificates of a verified peer, so the few DER fields on the
+    # way to the validity period (RFC 5280 4.1) are walked here.
+    match = _PEM_CERTIFICATE.search(pem)
+    if match is None:
+        raise ValueError("no PEM certificate")
+    der = ssl.PEM_cert_to_DER_cert(match.group(0))
+    _, certificate, _ = _der_element(der, 0)
+    _, at, _ = _der_element(der, certificate)  # tbsCertificate
+    tag, _, end = _der_element(der, at)
+    if tag == 0xA0:  # an explicit version comes first
+        at = end
+        tag, _, end = _der_element(der, at)
+    for _ in range(3):  # serialNumber, signature, issuer
+        _, _, at = _der_element(der, at)
+    _, validity, _ = _der_element(der, at)
+    _, _, after_not_before = _der_element(der, validity)
+    tag, start, end = _der_element(der, after_not_before)
+    return _der_time(tag, der[start:end])
+
+
 # --- loading -----------------------------------------------------------------------------------
 
 _Stat = tuple[int, int, int, int, int] | None
@@ -546,6 +625,7 @@ class _Loaded:
     # Metadata of the files read, taken before reading them: a change made while they were
     # being read shows up at the next check.
     signature: tuple[_Stat, ...]
+    certificate_expiry: float | None
 
 
 def _load(path: str) -> _Loaded:
@@ -557,12 +637,24 @@ def _load(path: str) -> _Loaded:
         settings = _parse(raw, Path(path).absolute().parent)
         signature = (config_stat, *(_stat(p) for p in _watched(path, settings)[1:]))
         context = client_cas = None
+        expiry: float | None = None
         if settings.tls is not None:
             client_cas = _read_client_cas(settings.tls)
             context = _build_context(settings.tls, client_cas)
+            expiry = _certificate_expiry(settings.tls.cert_file)
     except _Invalid as err:
         raise ConfigError(f"{path}: {err}") from None
-    return _Loaded(settings, context, client_cas, signature)
+    return _Loaded(settings, context, client_cas, signature, expiry)
+
+
+def _certificate_expiry(cert_file: str) -> float | None:
+    try:
+        return certificate_not_after(Path(cert_file).read_text(encoding="ascii"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        # OpenSSL has just loaded this file, so only an encoding this reader does not know is
+        # left; the certificate is served all the same, just without an expiry gauge.
+        log.warning("cannot read the serving certificate's expiry", extra={"file": cert_file})
+        return None
 
 
 def load_web_config(path: str) -> WebSettings:
@@ -647,6 +739,7 @@ class _State:
     users: tuple[tuple[bytes, bytes], ...]
     dummy_hash: bytes
     limiter: _TokenBucket | None
+    certificate_expiry: float | None
 
 
 class WebSecurity:
@@ -655,17 +748,31 @@ class WebSecurity:
     Meant to be used from the server's event loop thread; only bcrypt leaves it.
     """
 
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._path = path
         self._clock = clock
+        self._wall_clock = wall_clock
         loaded = _load(path)
         self._context = loaded.context
         self._state = self._new_state(loaded, None)
         self._checked_at = clock()
         self._last_error: str | None = None
+        self.reload_successful = True
+        self._expiry_warned: str | None = None
         self._cache_key = secrets.token_bytes(32)
-        self._auth_cache: OrderedDict[bytes, float] = OrderedDict()
+        # Keyed by an HMAC of user, password and stored hash; the value is when it expires.
+        self._accepted: OrderedDict[bytes, float] = OrderedDict()
+        self._refused: OrderedDict[bytes, float] = OrderedDict()
+        # Checks running or queued, by key: identical credentials arriving together share one.
+        self._checking: dict[bytes, asyncio.Future[bool]] = {}
         self._bcrypt = ThreadPoolExecutor(_BCRYPT_WORKERS, thread_name_prefix="bcrypt")
+        self._check_certificate_expiry()
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -679,6 +786,11 @@ class WebSecurity:
     @property
     def auth_required(self) -> bool:
         return bool(self._state.users)
+
+    @property
+    def certificate_expiry(self) -> float | None:
+        """Unix time the serving certificate expires; None without TLS."""
+        return self._state.certificate_expiry
 
     def allow_request(self) -> bool:
         """False when `rate_limit` is exhausted: answer 429 Too Many Requests."""
@@ -694,6 +806,7 @@ class WebSecurity:
         if now - self._checked_at < RELOAD_CHECK_INTERVAL:
             return
         self._checked_at = now
+        self._check_certificate_expiry()
         current = self._state
         if tuple(_stat(p) for p in _watched(self._path, current.settings)) == current.signature:
             return
@@ -701,6 +814,7 @@ class WebSecurity:
             loaded = _load(self._path)
             self._apply(loaded)
         except ConfigError as err:
+            self.reload_successful = False
             message = str(err)
             if message != self._last_error:
                 log.error(
@@ -710,13 +824,48 @@ class WebSecurity:
                 self._last_error = message
             return
         self._last_error = None
+        self.reload_successful = True
         log.info("web config reloaded", extra={"file": self._path})
+        self._expiry_warned = None  # a new certificate is judged afresh
+        self._check_certificate_expiry()
+
+    def _check_certificate_expiry(self) -> None:
+        """Warns once when the serving certificate enters its last days, and once when it has
+        expired (clients that verify it are refused from then on)."""
+        expiry = self._state.certificate_expiry
+        if expiry is None:
+            return
+        left = expiry - self._wall_clock()
+        if left <= 0:
+            stage = "expired"
+        elif left <= CERTIFICATE_WARNING_SECONDS:
+            stage = "expiring"
+        else:
+            stage = None
+        if stage is None or stage == self._expiry_warned:
+            self._expiry_warned = stage
+            return
+        self._expiry_warned = stage
+        tls = self._state.settings.tls
+        assert tls is not None
+        not_after = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry))
+        message = (
+            "the serving TLS certificate has expired; clients that verify it are refused"
+            if stage == "expired"
+            else "the serving TLS certificate expires soon"
+        )
+        log.warning(message, extra={"cert_file": tls.cert_file, "not_after": not_after})
 
     def _apply(self, loaded: _Loaded) -> None:
         live, new, tls = self._context, loaded.context, loaded.settings.tls
         if (live is None) != (new is None):
             raise ConfigError(
                 f"{self._path}: tls_server_config: turning TLS on or off needs a restart"
+            )
+        if self._state.users and not loaded.settings.users:
+            # A file that lost its users by mistake must not open the metrics to everyone.
+            raise ConfigError(
+                f"{self._path}: basic_auth_users: turning authentication off needs a restart"
             )
         if live is not None and new is not None and tls is not None:
             try:
@@ -739,17 +888,21 @@ class WebSecurity:
             users=tuple((name.encode(), hashed.encode()) for name, hashed in users.items()),
             dummy_hash=_dummy_hash(users),
             limiter=limiter,
+            certificate_expiry=loaded.certificate_expiry,
         )
 
-    async def authenticate(self, authorization: str | None) -> bool:
-        """Checks an `Authorization: Basic ...` header against basic_auth_users; True when no
-        users are configured. bcrypt runs in worker threads, never on the event loop."""
+    async def authenticate(self, authorization: str | None) -> AuthVerdict:
+        """Checks an `Authorization: Basic ...` header against basic_auth_users; ACCEPTED when
+        no users are configured. bcrypt runs in worker threads, never on the event loop, and
+        only for credentials not seen lately: verified ones stay verified while they keep
+        coming back, refused ones stay refused for a while, and when too many new ones wait
+        the answer is BUSY rather than a longer queue."""
         state = self._state
         if not state.users:
-            return True
+            return AuthVerdict.ACCEPTED
         credentials = _parse_basic(authorization)
         if credentials is None:
-            return False
+            return AuthVerdict.REFUSED
         user, password = credentials
         hashed: bytes | None = None
         for name, candidate in state.users:
@@ -762,22 +915,45 @@ class WebSecurity:
             b"".join(len(part).to_bytes(4, "big") + part for part in (user, password, target)),
             hashlib.sha256,
         ).digest()
-        if self._cached(key):
-            return True
-        loop = asyncio.get_running_loop()
-        verified = await loop.run_in_executor(self._bcrypt, _checkpw, password, target)
-        if not verified or hashed is None:
-            return False
-        self._auth_cache[key] = self._clock() + AUTH_CACHE_TTL
-        while len(self._auth_cache) > _AUTH_CACHE_SIZE:
-            self._auth_cache.popitem(last=False)
-        return True
+        now = self._clock()
+        if self._remembered(self._accepted, key, now, AUTH_CACHE_TTL):
+            return AuthVerdict.ACCEPTED
+        if self._remembered(self._refused, key, now, None):
+            return AuthVerdict.REFUSED
+        check = self._checking.get(key)
+        if check is None:
+            if len(self._checking) >= MAX_PENDING_PASSWORD_CHECKS:
+                return AuthVerdict.BUSY
+            loop = asyncio.get_running_loop()
+            check = asyncio.ensure_future(
+                loop.run_in_executor(self._bcrypt, _checkpw, password, target)
+            )
+            self._checking[key] = check
+            check.add_done_callback(lambda _: self._checking.pop(key, None))
+        verified = await asyncio.shield(check)
+        if verified and hashed is not None:
+            self._remember(self._accepted, key, AUTH_CACHE_TTL)
+            return AuthVerdict.ACCEPTED
+        self._remember(self._refused, key, AUTH_FAILURE_TTL)
+        return AuthVerdict.REFUSED
 
-    def _cached(self, key: bytes) -> bool:
-        expires = self._auth_cache.get(key)
+    def _remember(self, cache: OrderedDict[bytes, float], key: bytes, ttl: float) -> None:
+        cache[key] = self._clock() + ttl
+        cache.move_to_end(key)
+        while len(cache) > _AUTH_CACHE_SIZE:
+            cache.popitem(last=False)
+
+    @staticmethod
+    def _remembered(
+        cache: OrderedDict[bytes, float], key: bytes, now: float, extend: float | None
+    ) -> bool:
+        expires = cache.get(key)
         if expires is None:
             return False
-        if expires <= self._clock():
-            del self._auth_cache[key]
+        if expires <= now:
+            del cache[key]
             return False
+        if extend is not None:
+            cache[key] = now + extend
+            cache.move_to_end(key)
         return True

@@ -28,7 +28,7 @@ import exporter.snapshot as snapshot_module
 from exporter import __version__
 from exporter.config import WebConfig
 from exporter.snapshot import Family, Format, Snapshot
-from exporter.web import WebServer
+from exporter.web import Security, WebServer
 
 T = TypeVar("T")
 
@@ -151,18 +151,21 @@ class ServerFactory:
         max_requests: int = 40,
         read_timeout: float = 5.0,
         idle_timeout: float = 5.0,
+        max_connections: int = 512,
+        security: Security | None = None,
     ) -> Running:
         config = WebConfig(
             listen_address="127.0.0.1:0",
             max_requests=max_requests,
             read_timeout=read_timeout,
             idle_timeout=idle_timeout,
+            max_connections=max_connections,
         )
         source = source or FakeSource()
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="web-test-loop", daemon=True)
         thread.start()
-        server = WebServer(source, config, backend)
+        server = WebServer(source, config, backend, security)
         asyncio.run_coroutine_threadsafe(server.start(), loop).result(5)
         assert server.addresses, "the server reported no bound address"
         host, port = server.addresses[0]
@@ -657,14 +660,22 @@ def test_methods_other_than_get_and_head_are_405_with_allow(
     assert reply.body == b"Method Not Allowed\n"
 
 
+@pytest.mark.parametrize("method", ["get", "G3T", "M-SEARCH", "PROPFIND"])
+def test_any_other_method_token_is_405_not_400(start: ServerFactory, method: str) -> None:
+    # Methods are case-sensitive tokens (RFC 9110 9.1): "get" is a method, just not ours.
+    request = f"{method} /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    response = exchange(start().port, request.encode())
+    assert response.status == 405
+    assert response.headers["allow"] == "GET, HEAD"
+
+
 @pytest.mark.parametrize(
     "request_line",
     [
         b"GET /metrics",
         b"GET  /metrics HTTP/1.1",
         b"GET /metrics HTTP/1.1 extra",
-        b"get /metrics HTTP/1.1",
-        b"G3T /metrics HTTP/1.1",
+        b"G(T /metrics HTTP/1.1",
         b"GET metrics HTTP/1.1",
         b"GET /metrics FOO/1.1",
         b"GET /m\xe9trics HTTP/1.1",
@@ -834,7 +845,7 @@ def test_path_traversal_is_404_and_never_serves_files(start: ServerFactory, targ
         "HEAD /{m} HTTP/1.1\r\nHost: t\r\nX-Marker: {m}\r\nConnection: close\r\n\r\n",
         "POST /{m} HTTP/1.1\r\nHost: t\r\nX-Marker: {m}\r\nContent-Length: 0\r\n"
         "Connection: close\r\n\r\n",
-        "{m} /metrics HTTP/1.1\r\nHost: t\r\n\r\n",
+        "{m} /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
         "GET /{m} HTTP/9.9\r\nHost: t\r\n\r\n",
         "GET /{m} {m}\r\nHost: t\r\n\r\n",
         "GET /metrics HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: {m}\r\n\r\n",

@@ -33,10 +33,12 @@ from exporter.webconfig import (
     CLIENT_AUTH_TYPES,
     TLS12_CIPHER_SUITES,
     TLS13_CIPHER_SUITES,
+    AuthVerdict,
     RateLimit,
     TlsSettings,
     WebSecurity,
     WebSettings,
+    certificate_not_after,
     load_web_config,
 )
 
@@ -614,7 +616,7 @@ def test_require_any_client_cert_accepts_a_pinned_self_signed_certificate(pki: P
     # works when client_ca_file lists it as its own trust anchor.
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "self-signed-scraper")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -745,7 +747,7 @@ def test_broken_config_keeps_users_and_headers(
         clock.now += 1
         security.maybe_reload()
         assert dict(security.headers) == {"X-Frame-Options": "deny"}
-        assert run(security.authenticate(basic("alice", "pw")))
+        assert run(security.authenticate(basic("alice", "pw"))) is AuthVerdict.ACCEPTED
     assert len(error_logs(caplog)) == 2
 
 
@@ -769,7 +771,7 @@ def test_users_headers_and_policy_are_swapped(pki: Pki, clock: Clock) -> None:
     assert security.ssl_context is context
     assert security.auth_required
     assert dict(security.headers) == {"X-Content-Type-Options": "nosniff"}
-    assert run(security.authenticate(basic("bob", "bob-pw")))
+    assert run(security.authenticate(basic("bob", "bob-pw"))) is AuthVerdict.ACCEPTED
     assert not handshake(context, tls12_client).ok
     assert handshake(context, pki.client_context()).ok
 
@@ -811,6 +813,133 @@ def test_turning_tls_off_needs_a_restart(
     assert security.ssl_context is context and not security.auth_required
     [error] = error_logs(caplog)
     assert error == (f"{path}: tls_server_config: turning TLS on or off needs a restart")
+
+
+def test_turning_authentication_off_needs_a_restart(
+    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config(tmp_path, f"basic_auth_users:\n  alice: {bcrypt_hash('pw')}\n")
+    security = WebSecurity(path, clock=clock)
+    write_config(tmp_path, "http_server_config:\n  headers:\n    X-Frame-Options: deny\n")
+    clock.now += 1
+    security.maybe_reload()
+    assert security.auth_required
+    assert run(security.authenticate(None)) is AuthVerdict.REFUSED
+    assert not security.reload_successful
+    [error] = error_logs(caplog)
+    assert error == f"{path}: basic_auth_users: turning authentication off needs a restart"
+    # Users may still change, and a file that is fixed is taken again.
+    write_config(tmp_path, f"basic_auth_users:\n  bob: {bcrypt_hash('pw')}\n")
+    clock.now += 1
+    security.maybe_reload()
+    assert security.reload_successful
+    assert run(security.authenticate(basic("bob", "pw"))) is AuthVerdict.ACCEPTED
+
+
+def test_turning_authentication_on_is_a_live_change(tmp_path: Path, clock: Clock) -> None:
+    path = write_config(tmp_path, "")
+    security = WebSecurity(path, clock=clock)
+    write_config(tmp_path, f"basic_auth_users:\n  alice: {bcrypt_hash('pw')}\n")
+    clock.now += 1
+    security.maybe_reload()
+    assert security.auth_required and security.reload_successful
+
+
+# --- certificate expiry --------------------------------------------------------------------------
+
+
+def utc(year: int, month: int, day: int, hour: int, minute: int, second: int) -> datetime.datetime:
+    return datetime.datetime(year, month, day, hour, minute, second, tzinfo=datetime.UTC)
+
+
+@pytest.mark.parametrize(
+    "not_after",
+    [
+        utc(2030, 1, 2, 3, 4, 5),  # UTCTime
+        utc(2049, 12, 31, 23, 59, 59),
+        utc(2050, 1, 1, 0, 0, 0),  # GeneralizedTime from 2050 on (RFC 5280)
+        utc(2099, 6, 7, 8, 9, 10),
+        utc(2001, 2, 3, 4, 5, 6),
+    ],
+)
+def test_certificate_expiry_is_read_from_the_pem(not_after: datetime.datetime) -> None:
+    before = not_after - datetime.timedelta(days=1)
+    leaf = trustme.CA().issue_cert("localhost", not_before=before, not_after=not_after)
+    pem = leaf.cert_chain_pems[0].bytes().decode()
+    expected = x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
+    assert certificate_not_after(pem) == expected.timestamp() == not_after.timestamp()
+    # The leaf is read even when a chain and a key share its file.
+    bundle = pem + trustme.CA().cert_pem.bytes().decode() + leaf.private_key_pem.bytes().decode()
+    assert certificate_not_after(bundle) == not_after.timestamp()
+
+
+@pytest.mark.parametrize(
+    "text", ["", "junk", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"]
+)
+def test_certificate_expiry_of_no_certificate_is_a_value_error(text: str) -> None:
+    with pytest.raises(ValueError):
+        certificate_not_after(text)
+
+
+def expiry_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "exporter.webconfig" and r.levelno == logging.WARNING
+    ]
+
+
+def test_an_expired_certificate_is_warned_about_at_start_and_exposed(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    expired = pki.ca.issue_cert(
+        "localhost",
+        not_before=now - datetime.timedelta(days=9),
+        not_after=now - datetime.timedelta(days=2),
+    )
+    pki.write_server(expired)
+    security = WebSecurity(write_config(pki.dir, TLS))
+    assert expiry_warnings(caplog) == [
+        "the serving TLS certificate has expired; clients that verify it are refused"
+    ]
+    expected = x509.load_pem_x509_certificate(expired.cert_chain_pems[0].bytes())
+    assert security.certificate_expiry == expected.not_valid_after_utc.timestamp()
+
+
+def test_expiry_is_warned_once_per_stage_as_time_passes_and_afresh_after_rotation(
+    pki: Pki, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    wall = Clock()
+    wall.now = time.time()
+    not_after = datetime.datetime.fromtimestamp(wall.now + 30 * 86400, datetime.UTC).replace(
+        microsecond=0
+    )
+    pki.write_server(pki.ca.issue_cert("localhost", not_after=not_after))
+    security = WebSecurity(write_config(pki.dir, TLS), clock=clock, wall_clock=wall)
+    assert expiry_warnings(caplog) == []
+    for _ in range(3):  # the last fortnight begins: one warning, not one a second
+        wall.now += 6 * 86400
+        clock.now += 1
+        security.maybe_reload()
+    assert expiry_warnings(caplog) == ["the serving TLS certificate expires soon"]
+    wall.now += 13 * 86400
+    clock.now += 1
+    security.maybe_reload()
+    assert expiry_warnings(caplog)[1:] == [
+        "the serving TLS certificate has expired; clients that verify it are refused"
+    ]
+    caplog.clear()
+    renewed = pki.ca.issue_cert("localhost")
+    pki.write_server(renewed)
+    clock.now += 1
+    security.maybe_reload()
+    assert expiry_warnings(caplog) == []
+    assert security.certificate_expiry == (
+        x509.load_pem_x509_certificate(
+            renewed.cert_chain_pems[0].bytes()
+        ).not_valid_after_utc.timestamp()
+    )
 
 
 # --- rate limit ----------------------------------------------------------------------------------
@@ -864,17 +993,18 @@ def users_file(tmp_path: Path) -> str:
 def test_basic_auth(users_file: str, user: str, password: str, accepted: bool) -> None:
     security = WebSecurity(users_file)
     assert security.auth_required
-    assert run(security.authenticate(basic(user, password))) is accepted
+    verdict = AuthVerdict.ACCEPTED if accepted else AuthVerdict.REFUSED
+    assert run(security.authenticate(basic(user, password))) is verdict
 
 
 def test_password_with_a_colon(tmp_path: Path) -> None:
     path = write_config(tmp_path, f"basic_auth_users:\n  alice: {bcrypt_hash('a:b:c')}\n")
-    assert run(WebSecurity(path).authenticate(basic("alice", "a:b:c")))
+    assert run(WebSecurity(path).authenticate(basic("alice", "a:b:c"))) is AuthVerdict.ACCEPTED
 
 
 def test_scheme_is_case_insensitive(users_file: str) -> None:
     token = base64.b64encode(b"alice:alice-pw").decode()
-    assert run(WebSecurity(users_file).authenticate(f"basic {token}"))
+    assert run(WebSecurity(users_file).authenticate(f"basic {token}")) is AuthVerdict.ACCEPTED
 
 
 @pytest.mark.parametrize(
@@ -894,13 +1024,13 @@ def test_scheme_is_case_insensitive(users_file: str) -> None:
     ],
 )
 def test_malformed_headers_are_refused(users_file: str, header: str | None) -> None:
-    assert run(WebSecurity(users_file).authenticate(header)) is False
+    assert run(WebSecurity(users_file).authenticate(header)) is AuthVerdict.REFUSED
 
 
 def test_no_users_means_no_auth(tmp_path: Path) -> None:
     security = WebSecurity(write_config(tmp_path, ""))
     assert not security.auth_required
-    assert run(security.authenticate(None))
+    assert run(security.authenticate(None)) is AuthVerdict.ACCEPTED
 
 
 @pytest.fixture
@@ -918,29 +1048,85 @@ def bcrypt_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
 
 def test_bcrypt_runs_off_the_event_loop(users_file: str, bcrypt_calls: list[str]) -> None:
-    assert run(WebSecurity(users_file).authenticate(basic("alice", "alice-pw")))
+    assert (
+        run(WebSecurity(users_file).authenticate(basic("alice", "alice-pw")))
+        is AuthVerdict.ACCEPTED
+    )
     assert len(bcrypt_calls) == 1
     assert bcrypt_calls[0].startswith("bcrypt") and bcrypt_calls[0] != "MainThread"
 
 
-def test_verified_credentials_are_cached(
+def test_verified_credentials_stay_cached_while_they_are_used(
     users_file: str, clock: Clock, bcrypt_calls: list[str]
 ) -> None:
     security = WebSecurity(users_file, clock=clock)
     right = basic("alice", "alice-pw")
-    assert run(security.authenticate(right))
-    assert run(security.authenticate(right))
+    assert run(security.authenticate(right)) is AuthVerdict.ACCEPTED
+    assert run(security.authenticate(right)) is AuthVerdict.ACCEPTED
+    assert len(bcrypt_calls) == 1
+    # A scraper that keeps coming back within the TTL never waits for bcrypt again.
+    for _ in range(10):
+        clock.now += webconfig.AUTH_CACHE_TTL * 0.9
+        assert run(security.authenticate(right)) is AuthVerdict.ACCEPTED
+    assert len(bcrypt_calls) == 1
+    clock.now += webconfig.AUTH_CACHE_TTL
+    assert run(security.authenticate(right)) is AuthVerdict.ACCEPTED
+    assert len(bcrypt_calls) == 2
+
+
+def test_refused_credentials_are_refused_again_without_bcrypt_for_a_while(
+    users_file: str, clock: Clock, bcrypt_calls: list[str]
+) -> None:
+    security = WebSecurity(users_file, clock=clock)
+    for _ in range(3):
+        assert run(security.authenticate(basic("alice", "guess"))) is AuthVerdict.REFUSED
+        assert run(security.authenticate(basic("mallory", "guess"))) is AuthVerdict.REFUSED
+    assert len(bcrypt_calls) == 2
+    # Repeating a refused pair does not keep it refused: it is checked again after the TTL.
+    clock.now += webconfig.AUTH_FAILURE_TTL * 0.9
+    assert run(security.authenticate(basic("alice", "guess"))) is AuthVerdict.REFUSED
+    clock.now += webconfig.AUTH_FAILURE_TTL * 0.2
+    assert run(security.authenticate(basic("alice", "guess"))) is AuthVerdict.REFUSED
+    assert len(bcrypt_calls) == 3
+    # The right password is not affected by the wrong ones.
+    assert run(security.authenticate(basic("alice", "alice-pw"))) is AuthVerdict.ACCEPTED
+
+
+def test_identical_credentials_arriving_together_share_one_check(
+    users_file: str, bcrypt_calls: list[str]
+) -> None:
+    security = WebSecurity(users_file)
+
+    async def together() -> list[AuthVerdict]:
+        header = basic("alice", "alice-pw")
+        return await asyncio.gather(*(security.authenticate(header) for _ in range(50)))
+
+    assert run(together()) == [AuthVerdict.ACCEPTED] * 50
     assert len(bcrypt_calls) == 1
 
-    # Failures are never cached: each wrong guess costs a full bcrypt.
-    for _ in range(2):
-        assert not run(security.authenticate(basic("alice", "guess")))
-        assert not run(security.authenticate(basic("mallory", "guess")))
-    assert len(bcrypt_calls) == 5
 
-    clock.now += webconfig.AUTH_CACHE_TTL
-    assert run(security.authenticate(right))
-    assert len(bcrypt_calls) == 6
+def test_new_passwords_beyond_the_pending_limit_are_busy_not_queued(
+    users_file: str, bcrypt_calls: list[str]
+) -> None:
+    security = WebSecurity(users_file)
+    right = basic("alice", "alice-pw")
+    limit = webconfig.MAX_PENDING_PASSWORD_CHECKS
+
+    async def flood() -> tuple[list[AuthVerdict], AuthVerdict, AuthVerdict]:
+        assert await security.authenticate(right) is AuthVerdict.ACCEPTED  # cached from now on
+        guesses = [security.authenticate(basic("alice", f"guess{i}")) for i in range(limit + 8)]
+        tasks = [asyncio.ensure_future(guess) for guess in guesses]
+        await asyncio.sleep(0)  # every guess has asked for its check
+        cached = await security.authenticate(right)  # answered at once, flood or not
+        new_user = await security.authenticate(basic("carol", "carol-pw"))
+        return list(await asyncio.gather(*tasks)), cached, new_user
+
+    verdicts, cached, new_user = run(flood())
+    assert cached is AuthVerdict.ACCEPTED
+    assert new_user is AuthVerdict.BUSY
+    assert verdicts.count(AuthVerdict.REFUSED) == limit
+    assert verdicts.count(AuthVerdict.BUSY) == 8
+    assert len(bcrypt_calls) == 1 + limit
 
 
 def test_cache_is_bounded(
@@ -950,21 +1136,23 @@ def test_cache_is_bounded(
     users = "".join(f"  u{i}: {bcrypt_hash(f'p{i}')}\n" for i in range(3))
     security = WebSecurity(write_config(tmp_path, "basic_auth_users:\n" + users))
     for i in (0, 1, 2, 2, 1):
-        assert run(security.authenticate(basic(f"u{i}", f"p{i}")))
+        assert run(security.authenticate(basic(f"u{i}", f"p{i}"))) is AuthVerdict.ACCEPTED
     assert len(bcrypt_calls) == 3
-    assert run(security.authenticate(basic("u0", "p0")))  # the oldest entry was evicted
+    assert (
+        run(security.authenticate(basic("u0", "p0"))) is AuthVerdict.ACCEPTED
+    )  # the oldest entry was evicted
     assert len(bcrypt_calls) == 4
 
 
 def test_reload_changes_which_password_works(tmp_path: Path, clock: Clock) -> None:
     path = write_config(tmp_path, f"basic_auth_users:\n  alice: {bcrypt_hash('old')}\n")
     security = WebSecurity(path, clock=clock)
-    assert run(security.authenticate(basic("alice", "old")))  # now cached
+    assert run(security.authenticate(basic("alice", "old"))) is AuthVerdict.ACCEPTED  # now cached
     write_config(tmp_path, f"basic_auth_users:\n  alice: {bcrypt_hash('new')}\n")
     clock.now += 1
     security.maybe_reload()
-    assert not run(security.authenticate(basic("alice", "old")))
-    assert run(security.authenticate(basic("alice", "new")))
+    assert run(security.authenticate(basic("alice", "old"))) is AuthVerdict.REFUSED
+    assert run(security.authenticate(basic("alice", "new"))) is AuthVerdict.ACCEPTED
 
 
 def test_unknown_users_take_as_long_as_wrong_passwords(tmp_path: Path) -> None:
@@ -974,7 +1162,7 @@ def test_unknown_users_take_as_long_as_wrong_passwords(tmp_path: Path) -> None:
 
     async def measure(header: str) -> float:
         start = time.perf_counter()
-        assert not await security.authenticate(header)
+        assert await security.authenticate(header) is AuthVerdict.REFUSED
         return time.perf_counter() - start
 
     async def sample() -> tuple[list[float], list[float]]:
