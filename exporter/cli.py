@@ -294,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.setswitchinterval(0.001)
     driver, services = make_backend(config)
     sampler = Sampler(config, driver, services=services)
+    sampler.web_status = security
     # Everything loaded so far lives as long as the process: keep it out of the collector's
     # full passes, which otherwise show up as 10-20 ms stalls.
     gc.freeze()

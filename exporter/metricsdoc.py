@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from exporter.collectors import COLLECTORS, MetricSpec
 from exporter.config import DEFAULT_PORT
-from exporter.sampler import PROCESS_METRICS, SELF_METRICS
+from exporter.sampler import PROCESS_METRICS, SELF_METRICS, WEB_METRICS
 
 HEADER = f"""# Metrics
 
@@ -103,6 +103,7 @@ def sections() -> Iterator[tuple[str, str, tuple[MetricSpec, ...]]]:
         state = "on" if cls.default_enabled else "off"
         yield f"Collector `{name}` (default {state})", state, cls.metrics
     yield "Exporter health and self-metrics", "always", SELF_METRICS
+    yield "Web server security (with `web.config_file`)", "with a web config", WEB_METRICS
     yield "Process metrics of the exporter itself", "always", PROCESS_METRICS
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import ProcessCollector
 
@@ -160,6 +161,21 @@ SAMPLE_FAILURES = _spec(
     "counter",
     "Samples that failed with an unexpected error (a bug); the previous data stays served.",
 )
+
+WEB_RELOAD_SUCCESS = _spec(
+    "nvml_exporter_web_config_last_reload_successful",
+    "gauge",
+    "1 if the web config file (TLS, basic auth) and the files it names were last loaded "
+    "without error; 0 while a broken change is refused and the previous settings serve.",
+)
+CERTIFICATE_EXPIRY = _spec(
+    "nvml_exporter_tls_certificate_expiry_timestamp_seconds",
+    "gauge",
+    "Unix time the serving TLS certificate expires (its notAfter); alert on it minus time().",
+    unit="seconds",
+)
+# Only with web.config_file (the second only with TLS).
+WEB_METRICS = (WEB_RELOAD_SUCCESS, CERTIFICATE_EXPIRY)
 
 SELF_METRICS = (
     NVML_UP,
@@ -474,6 +490,15 @@ class _FamilyBuilder:
         return [Family(self._headers(spec), lines) for spec, lines in self._lines.items()]
 
 
+class WebStatus(Protocol):
+    """What the sampler reports of the web server's security settings (exporter.webconfig)."""
+
+    @property
+    def reload_successful(self) -> bool: ...
+    @property
+    def certificate_expiry(self) -> float | None: ...
+
+
 class Sampler:
     def __init__(
         self,
@@ -509,6 +534,7 @@ class Sampler:
         self._thread: threading.Thread | None = None
         self.reload_successful = True
         self.reload_timestamp = wall_clock()
+        self.web_status: WebStatus | None = None
         self.ready = False
         self.heartbeat = clock()
         self.sample_failures = 0
@@ -763,6 +789,12 @@ class Sampler:
         builder.add(RELOAD_SUCCESS, (), 1 if self.reload_successful else 0)
         builder.add(RELOAD_TIMESTAMP, (), self.reload_timestamp)
         builder.add(SAMPLE_FAILURES, (), self.sample_failures)
+        web = self.web_status
+        if web is not None:
+            builder.add(WEB_RELOAD_SUCCESS, (), 1 if web.reload_successful else 0)
+            expiry = web.certificate_expiry
+            if expiry is not None:
+                builder.add(CERTIFICATE_EXPIRY, (), expiry)
         self._prefixes = builder.prefixes
         process = [Family.from_metric(metric) for metric in self._process.collect()]
         families = builder.families() + self._static + process

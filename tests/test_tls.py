@@ -17,6 +17,7 @@ import bcrypt
 import pytest
 import trustme
 from conftest import ExporterProcess, start_exporter
+from cryptography import x509
 from promserver import prometheus_server
 
 pytestmark = pytest.mark.slow
@@ -275,3 +276,43 @@ def test_prometheus_scrapes_over_tls_with_basic_auth(
         assert len(result) == 1
         gpus = prom.wait_for_query("count(nvml_gpu_up == 1)", lambda r: len(r) == 1)
         assert float(gpus[0]["value"][1]) == 2
+
+
+def test_certificate_expiry_and_web_config_state_are_exported(pki: Pki) -> None:
+    proc = start(pki, TLS_ONLY)
+    try:
+        status, _, body, _ = get(proc, client_context(pki))
+    finally:
+        proc.stop()
+    assert status == 200
+    served = x509.load_pem_x509_certificate((pki.directory / "server.crt").read_bytes())
+    values = dict(
+        line.rsplit(" ", 1) for line in body.decode().splitlines() if not line.startswith("#")
+    )
+    expiry = float(values["nvml_exporter_tls_certificate_expiry_timestamp_seconds"])
+    assert expiry == served.not_valid_after_utc.timestamp()
+    assert float(values["nvml_exporter_web_config_last_reload_successful"]) == 1
+
+
+def test_a_rotated_certificate_reaches_clients_that_only_trust_the_new_ca(pki: Pki) -> None:
+    proc = start(pki, TLS_ONLY)
+    try:
+        assert get(proc, client_context(pki))[0] == 200
+        new_ca = trustme.CA()
+        cert = new_ca.issue_cert("127.0.0.1", "localhost")
+        for name, blob in (
+            ("server.crt", cert.cert_chain_pems[0]),
+            ("server.key", cert.private_key_pem),
+        ):
+            staging = pki.directory / f"{name}.new"
+            blob.write_to_path(str(staging))
+            staging.replace(pki.directory / name)
+        # Only clients that trust the new CA connect from now on, and none may be needed to
+        # set the reload off.
+        new_ca.cert_pem.write_to_path(pki.ca_file)
+        time.sleep(3)
+        status, _, _, info = get(proc, client_context(pki))
+        assert status == 200
+        assert info.peer is not None
+    finally:
+        proc.stop()
