@@ -336,7 +336,7 @@ def panel_by_title(dashboard: dict[str, Any], title: str) -> dict[str, Any]:
 def test_every_panel_query_returns_data(tmp_path: Path, kubelet: FakeKubelet) -> None:
     assert find_prometheus(), (
         "Prometheus is required for the dashboard test: apt-get install prometheus "
-        "(see .ci/run), or set PROMETHEUS_BIN"
+        "(scripts/test installs it), or set PROMETHEUS_BIN"
     )
     dashboard = load_dashboard()
     kubelet.reply = kubelet_reply()

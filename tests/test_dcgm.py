@@ -141,7 +141,9 @@ DASHBOARD_QUERIES = {
 
 @pytest.fixture(scope="module")
 def dcgm_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PromServer]:
-    assert find_prometheus(), "Prometheus is required: apt-get install prometheus (see .ci/run)"
+    assert find_prometheus(), (
+        "Prometheus is required: apt-get install prometheus (scripts/test installs it)"
+    )
     proc = start_exporter(["--simulate", "--naming", "dcgm", "--sampling.interval", "500ms"])
     try:
         with prometheus_server([proc.address], tmp_path_factory.mktemp("prom")) as prom:

@@ -22,7 +22,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ExporterPr
     Shared by the module: Prometheus hands new targets to its scrapers only every 5 s, so the
     first scrape costs ~5 s however short the interval; after that the tests only query.
     """
-    assert find_prometheus(), "Prometheus is required: apt-get install prometheus (see .ci/run)"
+    assert find_prometheus(), (
+        "Prometheus is required: apt-get install prometheus (scripts/test installs it)"
+    )
     # Energy every sample: a simulated GPU's counter starts at 0 with the exporter, and the
     # rate checks below should not wait for the default 10 s cadence.
     config = tmp_path_factory.mktemp("exporter") / "exporter.yaml"
