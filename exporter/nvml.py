@@ -6,7 +6,8 @@
 
 `Device.read` applies the error policy for every call, whichever driver is behind it:
 - NOT_SUPPORTED, FUNCTION_NOT_FOUND, NO_PERMISSION, ARGUMENT_VERSION_MISMATCH: the value is absent;
-  remembered per device and call, so it is not attempted again every interval;
+  remembered per device and call, so it is not attempted again every interval, but asked once
+  more every REPROBE_SECONDS, and forgotten when the GPU is lost (it is read afresh once back);
 - GPU_IS_LOST, RESET_REQUIRED, GPU_NOT_FOUND: the device is down (`DeviceLost`);
 - anything else: the value is absent this time, counted as an error, logged once.
 """
@@ -116,6 +117,13 @@ SLOW_FIELDS = frozenset(
     }
 )
 SLOW_FIELD_SECONDS = 10.0
+# How long an "absent" answer (NOT_SUPPORTED and the other ABSENT_CODES) stands before the call,
+# field or GPM metric is asked once more, in the sampler's clock. Most such answers are for good
+# (fans on an SXM board), so asking every sample would be waste; but some are not: a driver can
+# answer NOT_SUPPORTED while a GPU is being reconfigured or recovering, and a value that becomes
+# supported must come back without a restart. One call per capability per period keeps what
+# stays unsupported cheap, and a value that comes back is missing for at most this long.
+REPROBE_SECONDS = 30.0
 ARCHITECTURES = {
     2: "kepler",
     3: "maxwell",
@@ -371,6 +379,10 @@ class PynvmlDriver:
         # Buffer sizes are per handle, and handles do not outlive a session.
         self._sample_capacity.clear()
         self._process_capacity.clear()
+        # A session starts after the driver was (re)loaded, perhaps a different one: which
+        # variant of a versioned call it takes is learned again, at one failed call each.
+        with self._variant_lock:
+            self._variant.clear()
 
     def shutdown(self) -> None:
         pynvml.nvmlShutdown()
@@ -841,6 +853,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _UNKNOWN = object()
+# What a Device remembers an answer under: a call's name (or "field", or a name a collector
+# chooses) and its arguments.
+_Key = tuple[str, tuple[object, ...]]
+_NEVER = float("inf")
 
 
 @dataclass(frozen=True)
@@ -884,9 +900,10 @@ class Device:
         self.handle = handle
         self.identity = identity
         self.system = system
-        self._absent: set[tuple[str, tuple[object, ...]]] = set()
-        self._cached: dict[tuple[str, tuple[object, ...]], object] = {}
-        self._recent: dict[tuple[str, tuple[object, ...]], tuple[float, object]] = {}
+        # What answered "absent" -> when it may be asked again (REPROBE_SECONDS on).
+        self._absent: dict[_Key, float] = {}
+        self._cached: dict[_Key, object] = {}
+        self._recent: dict[_Key, tuple[float, object]] = {}
         self._fields: dict[FieldRequest, FieldResult] = {}
         # SLOW_FIELDS' answers from the last batch that asked for them, and when that was.
         self._slow_fields: dict[FieldRequest, FieldResult] = {}
@@ -897,6 +914,9 @@ class Device:
         self._field_plans: dict[
             tuple[FieldRequest, ...], tuple[tuple[FieldRequest, ...], tuple[FieldRequest, ...]]
         ] = {}
+        # When the first field a plan leaves out as absent may be asked again: the plans are
+        # built afresh then.
+        self._plans_until = _NEVER
         # Failing calls already logged; a call is logged again only after it worked again.
         self._failing: set[tuple[str, int]] = set()
         # Errors by name, read by the sampler around each collector to attribute them to it.
@@ -931,8 +951,8 @@ class Device:
         such as a timestamp, where the call as such is supported or not."""
         return self._guarded((fn.__name__, key_args), lambda: fn(self.handle, *args, **kwargs))
 
-    def _guarded(self, key: tuple[str, tuple[object, ...]], call: Callable[[], T]) -> T | None:
-        if key in self._absent:
+    def _guarded(self, key: _Key, call: Callable[[], T]) -> T | None:
+        if self._absent and self._still_absent(key):
             return None
         try:
             result = call()
@@ -952,25 +972,18 @@ class Device:
             self._failing -= healed
             log.info("NVML call works again", extra={"gpu": self.index, "call": name})
 
-    def _apply_policy(
-        self, key: tuple[str, tuple[object, ...]], code: int, cause: BaseException | None
-    ) -> None:
+    def _apply_policy(self, key: _Key, code: int, cause: BaseException | None) -> None:
         """The error policy: raise DeviceLost, or remember an absent value, or count an error."""
         name = key[0]
         if code in SESSION_CODES:
             raise SessionLost(error_name(code)) from cause
         if code in LOST_CODES:
+            self.forget_absent()
             raise DeviceLost(error_name(code)) from cause
         if code in NO_VALUE_CODES:
             return
         if code in ABSENT_CODES:
-            self._absent.add(key)
-            if name == "field":
-                self._field_plans.clear()  # not to be asked for again
-            log.debug(
-                "value not available, not asking again",
-                extra={"gpu": self.index, "call": name, "args": key[1], "reason": error_name(code)},
-            )
+            self._mark_absent(key, error_name(code))
             return
         self.errors[error_name(code)] += 1
         if (name, code) not in self._failing:
@@ -980,20 +993,76 @@ class Device:
                 extra={"gpu": self.index, "call": name, "reason": error_name(code)},
             )
 
+    def _mark_absent(self, key: _Key, reason: str) -> None:
+        self._absent[key] = self.clock() + REPROBE_SECONDS
+        if key[0] == "field":
+            # Left out of the batch from now on (until it is due again).
+            self._field_plans.clear()
+            self._plans_until = _NEVER
+        log.debug(
+            "value not available; asking again later",
+            extra={
+                "gpu": self.index,
+                "call": key[0],
+                "arguments": key[1],
+                "reason": reason,
+                "retry_in": f"{REPROBE_SECONDS:g}s",
+            },
+        )
+
+    def _still_absent(self, key: _Key, now: float | None = None) -> bool:
+        """Whether `key` answered "absent" less than REPROBE_SECONDS ago; a mark that is due
+        is dropped, so that the next read asks."""
+        until = self._absent.get(key)
+        if until is None:
+            return False
+        if (self.clock() if now is None else now) < until:
+            return True
+        del self._absent[key]
+        return False
+
+    def forget_absent(self) -> None:
+        """Forgets every "absent" answer at once, so that each is asked at the next read: for a
+        GPU that was lost (reset, re-seated, its driver state rebuilt), which may answer
+        differently once back."""
+        self._absent.clear()
+        self._field_plans.clear()
+        self._plans_until = _NEVER
+        # Absence that `recent` holds as a None answer, too.
+        self._recent = {key: entry for key, entry in self._recent.items() if entry[1] is not None}
+
+    def mark_absent(self, name: str, *args: object, reason: str = "not_supported") -> None:
+        """Remembers as absent something a collector judges by an answer's content rather than
+        its return code (a GPM metric's own code, say); asked again like an absent call."""
+        self._mark_absent((name, args), reason)
+
+    def marked_absent(self, name: str, *args: object) -> bool:
+        """Whether `mark_absent(name, *args)` still stands."""
+        return bool(self._absent) and self._still_absent((name, args))
+
     def cached(
         self,
         fn: Callable[Concatenate[Handle, P], T],
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T | None:
-        """Like `read`, for values that cannot change while the driver is loaded."""
+        """Like `read`, for values that cannot change while the driver is loaded: an answer is
+        kept for good. Absence is not: like any read's, it is asked again every
+        REPROBE_SECONDS, since a value missing once may only have been missing then."""
         key = (fn.__name__, args)
         value = self._cached.get(key, _UNKNOWN)
         if value is _UNKNOWN:
             value = self.read(fn, *args, **kwargs)
-            if value is not None or key in self._absent:
+            if value is not None:
                 self._cached[key] = value
         return value  # type: ignore[return-value]
+
+    def forget_answer(self, fn: Callable[..., object], *args: object) -> None:
+        """A `cached` answer whose content says the value is not there after all (an entry that
+        failed inside a call that worked): dropped, and asked again like an absent call."""
+        key = (fn.__name__, args)
+        self._cached.pop(key, None)
+        self._mark_absent(key, "no_answer")
 
     def read_system(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
         """Like `read`, for system-level calls that take no device handle. Absence is
@@ -1017,11 +1086,17 @@ class Device:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T | None:
-        """Like `read`, re-read at most every `max_age` seconds: for settings an admin changes."""
+        """Like `read`, re-read at most every `max_age` seconds: for settings an admin changes.
+        An absent value is asked again as soon as its REPROBE_SECONDS are up, not up to
+        `max_age` later."""
         key = (fn.__name__, args)
         now = self.clock()
         entry = self._recent.get(key)
-        if entry is None or now - entry[0] >= max_age:
+        if (
+            entry is None
+            or now - entry[0] >= max_age
+            or (entry[1] is None and key in self._absent and not self._still_absent(key, now))
+        ):
             entry = self._recent[key] = (now, self.read(fn, *args, **kwargs))
         return entry[1]  # type: ignore[return-value]
 
@@ -1032,28 +1107,39 @@ class Device:
         SLOW_FIELDS once `slow_every` seconds have passed, their last entries standing until
         then."""
         key = tuple(requests)
+        now = self.clock()
+        if now >= self._plans_until:
+            self._field_plans.clear()
+            self._plans_until = _NEVER
         plan = self._field_plans.get(key)
         if plan is None:
             if len(self._field_plans) > 16:  # request lists differ only by mode changes
                 self._field_plans.clear()
-            wanted = [r for r in dict.fromkeys(key) if ("field", r) not in self._absent]
+                self._plans_until = _NEVER
+            wanted = []
+            for request in dict.fromkeys(key):
+                absent = ("field", request)
+                if self._absent and self._still_absent(absent, now):
+                    self._plans_until = min(self._plans_until, self._absent[absent])
+                else:
+                    wanted.append(request)
             plan = self._field_plans[key] = (
                 tuple(r for r in wanted if r[0] not in SLOW_FIELDS),
                 tuple(r for r in wanted if r[0] in SLOW_FIELDS),
             )
         every, slow = plan
-        now = self.clock()
         self.slow_fields_interval = slow_every
         # A little early rather than a whole sample late: the clock is read when the device's
         # turn comes, a few ms after the tick.
-        if slow and (
-            now - self._slow_read_at >= slow_every * 0.95
-            or any(r not in self._slow_fields for r in slow)
-        ):
+        if slow and now - self._slow_read_at >= slow_every * 0.95:
             asked, self._slow_read_at = every + slow, now
             self._slow_fields = {}
+            fresh = slow
         else:
-            asked = every
+            # A slow field with no answer to stand in (new to the list, failed last time, or
+            # due again after it was absent) is asked at once, alone: the others' stand.
+            fresh = tuple(r for r in slow if r not in self._slow_fields)
+            asked = every + fresh if fresh else every
         self._fields = {}
         if not asked:
             return
@@ -1066,14 +1152,17 @@ class Device:
             if code in SESSION_CODES:
                 raise SessionLost(error_name(code)) from exc
             if code in LOST_CODES:
+                self.forget_absent()
                 raise DeviceLost(error_name(code)) from exc
             # The whole call failed (an old driver without it, say): each field inherits the
             # outcome, so its collector sees it exactly as if its own entry had failed.
             results = [(code, None)] * len(asked)
         self._fields = dict(zip(asked, results, strict=True))
-        if len(asked) > len(every):
+        for request in fresh:
             # Only answers stand in: a field that failed is asked again at the next sample.
-            self._slow_fields = {r: self._fields[r] for r in slow if self._fields[r][0] == SUCCESS}
+            entry = self._fields[request]
+            if entry[0] == SUCCESS:
+                self._slow_fields[request] = entry
 
     def _field_entry(self, request: FieldRequest) -> FieldResult | None:
         """The field's entry from the last batch, or a slow field's answer from an earlier one
@@ -1099,7 +1188,8 @@ class Device:
         return [self._field_entry(request) for request in requests]
 
     def is_absent(self, fn: Callable[..., object], *args: object) -> bool:
-        return (fn.__name__, args) in self._absent
+        """Whether the call answered "absent" less than REPROBE_SECONDS ago."""
+        return bool(self._absent) and self._still_absent((fn.__name__, args))
 
     def field_failed(self, field_id: int, scope: int = 0) -> bool:
         """True when the field's entry in the last `fetch_fields` failed with an error that
@@ -1111,9 +1201,10 @@ class Device:
         return result[0] not in ABSENT_CODES and result[0] not in NO_VALUE_CODES
 
     def field_absent(self, field_id: int, scope: int = 0) -> bool:
-        """True once the field's entry answered NOT_SUPPORTED (or another absent code): it is
-        no longer requested, and a collector may ask for an alternative instead."""
-        return ("field", (field_id, scope)) in self._absent
+        """True once the field's entry answered NOT_SUPPORTED (or another absent code), until
+        it is due to be asked again: meanwhile it is not requested, and a collector may ask
+        for an alternative instead."""
+        return bool(self._absent) and self._still_absent(("field", (field_id, scope)))
 
 
 def _cuda_version_text(raw: int) -> str:
@@ -1289,6 +1380,9 @@ class Session:
         if self.selection is not None and not self.selection.selects(index, uuid, pci_bus_id):
             return None
         arch = device.read(drv.architecture)
+        # Read once per open, absent or not, unlike other values: identity labels every series
+        # of the GPU, and a label that changed under running series would split them. A part
+        # missing now comes with the next open (enumeration again, NVML initialised again).
         device.identity = DeviceIdentity(
             index=index,
             uuid=uuid,

@@ -101,11 +101,17 @@ class EventWatcher:
                 self._event_set = device.read_system(self._driver.create_event_set)
                 if self._event_set is None:
                     return
-            supported = device.cached(self._driver.supported_events) or 0
+            supported = device.cached(self._driver.supported_events)
+            if supported is None:
+                # Not known yet (absent for now, or failed): not registered, so that it is
+                # tried again, as often as the device asks the driver again.
+                return
             types = supported & WANTED_EVENTS
             if types:
                 # The event set is an unhashable ctypes handle: remember absence by types only.
                 device.read_as((types,), self._driver.register_events, self._event_set, types)
+                if device.is_absent(self._driver.register_events, types):
+                    return
             self._registered[device.uuid] = device.handle
             counts = self._counts.setdefault(device.uuid, _GpuEvents())
             if types & EVENT_XID:

@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
 from exporter.collectors.shared import GPM_NVDEC_IDLE, mig_instances
-from exporter.nvml import ABSENT_CODES, SUCCESS, Device, Driver, Handle, error_code
+from exporter.nvml import (
+    ABSENT_CODES,
+    SUCCESS,
+    Device,
+    Driver,
+    Handle,
+    error_code,
+    error_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +189,8 @@ _METRICS: tuple[tuple[int, MetricSpec, tuple[str, ...], float], ...] = (
 
 
 Held = tuple[MetricSpec, float, tuple[str, ...]]
+# What the device remembers an absent GPM metric under.
+_GPM = "gpm_metric"
 
 
 @dataclass
@@ -218,11 +228,10 @@ class GpmCollector(Collector):
         self._samples: dict[tuple[str, int | None, str], _Samples] = {}
         self._drivers: dict[tuple[str, int | None, str], Driver] = {}
         self._lock = threading.Lock()
-        # Metrics a GPU answered NOT_SUPPORTED for: not asked for again.
-        self._absent: dict[str, set[int]] = {}
 
     def collect(self, device: Device, out: Emitter) -> None:
         drv = device.driver
+        # A GPU's answer (its architecture's) stands for good; only its absence is asked again.
         if not device.cached(drv.gpm_supported):
             return
         instances = mig_instances(device)
@@ -315,11 +324,12 @@ class GpmCollector(Collector):
         slow: bool,
     ) -> list[Held]:
         """The fast or the slow metrics over two samples, as (spec, value, label values)."""
-        absent = self._absent.setdefault(device.uuid, set())
+        # Metrics the GPU answered NOT_SUPPORTED for are remembered by the device, not here:
+        # it asks them again in time, and at once when the GPU comes back after it was lost.
         wanted = [
             entry
             for entry in _METRICS
-            if entry[0] not in absent and (entry[0] in SLOW_METRICS) == slow
+            if (entry[0] in SLOW_METRICS) == slow and not device.marked_absent(_GPM, entry[0])
         ]
         if not wanted:
             return []
@@ -336,7 +346,7 @@ class GpmCollector(Collector):
             elif code in ABSENT_CODES and whole_gpu:
                 # The chip lacks it; MIG instances may lack what the GPU has, so only the
                 # whole GPU's answer decides.
-                absent.add(metric_id)
+                device.mark_absent(_GPM, metric_id, reason=error_name(code))
             if metric_id in NVDEC_METRICS and code not in ABSENT_CODES:
                 # An engine the chip has: idle only if measured, and at exactly 0.
                 nvdec_busy = bool(nvdec_busy) or code != SUCCESS or value != 0

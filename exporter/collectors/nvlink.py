@@ -98,6 +98,9 @@ _PER_LINK = (
 )
 
 
+_LINK_COUNT = ((FI_NVLINK_LINK_COUNT, 0),)
+
+
 @functools.cache
 def _plan(links: int) -> FieldPlan:
     """The series of a board with this many links, built once: with 18 links they are half of
@@ -119,9 +122,15 @@ class NvlinkCollector(Collector):
 
     @staticmethod
     def _links(device: Device) -> int:
-        """Links the board has, read once; 0 on GPUs without NVLink."""
-        results = device.cached(device.driver.field_values, ((FI_NVLINK_LINK_COUNT, 0),))
-        if not results or results[0][0] != SUCCESS or results[0][1] is None:
+        """Links the board has, read once; 0 on GPUs without NVLink (which answer 0)."""
+        drv = device.driver
+        results = device.cached(drv.field_values, _LINK_COUNT)
+        if not results:
+            return 0
+        if results[0][0] != SUCCESS or results[0][1] is None:
+            # The call worked but its entry did not: asked again in time like an absent
+            # value, rather than taken as "no NVLink" for good.
+            device.forget_answer(drv.field_values, _LINK_COUNT)
             return 0
         return int(results[0][1])
 
