@@ -23,6 +23,7 @@ starve clients whose credentials are already verified.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import html
 import logging
 import re
@@ -51,6 +52,15 @@ MAX_LEADING_EMPTY_LINES = 8
 # handshakes still in progress are capped well below web.max_connections; the oldest gives way.
 MAX_TLS_HANDSHAKES = 64
 SECURITY_CHECK_INTERVAL = 1.0  # seconds between looks at the web config's files
+# asyncio gives each TLS connection a receive buffer of SSLProtocol.max_size (256 KiB) for its
+# whole life, so a few hundred idle TLS connections would outgrow the memory the exporter is
+# given. Requests here are a few hundred bytes and a TLS record is at most 16 KiB, so a buffer
+# of two records costs nothing in speed.
+TLS_READ_BUFFER = 32 * 1024
+# Response bodies go to TLS in pieces of this size: each piece is encrypted and handed to the
+# socket before the next, so the connection's ciphertext buffer never grows to a whole body
+# (and stays that large for the connection's life).
+TLS_WRITE_CHUNK = 16 * 1024
 
 _REASONS = {
     200: "OK",
@@ -218,6 +228,9 @@ class WebServer:
             shown = f"[{addr}]" if ":" in addr else addr
             log.info("listening", extra={"address": f"{shown}:{bound_port}"})
         if self._security is not None:
+            if self._security.ssl_context is not None:
+                protocol = asyncio.sslproto.SSLProtocol
+                protocol.max_size = min(protocol.max_size, TLS_READ_BUFFER)
             self._watcher = asyncio.create_task(self._watch_security(self._security))
 
     async def close(self, grace: float) -> None:
@@ -594,7 +607,13 @@ class WebServer:
         if not keep_alive or self._closing:
             lines.append("Connection: close")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        if not head:
+        if head:
+            pass
+        elif len(body) > TLS_WRITE_CHUNK and writer.get_extra_info("sslcontext") is not None:
+            view = memoryview(body)
+            for start in range(0, len(body), TLS_WRITE_CHUNK):
+                writer.write(view[start : start + TLS_WRITE_CHUNK])
+        else:
             writer.write(body)
         try:
             await asyncio.wait_for(writer.drain(), self._config.read_timeout)

@@ -4,6 +4,7 @@ real bcrypt."""
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import base64
 import datetime
 import logging
@@ -19,7 +20,9 @@ import bcrypt
 import pytest
 import trustme
 from test_web import (
+    FakeSource,
     ServerFactory,
+    StallingSnapshot,
     connect,
     exchange,
     parse_response,
@@ -301,6 +304,24 @@ def test_a_client_ca_added_under_mtls_is_trusted_without_any_client_connecting(
     staging.replace(bundle)
     time.sleep(web.SECURITY_CHECK_INTERVAL * 2.5)
     assert tls_get(running.port, client) == 200
+
+
+def test_tls_connections_keep_small_buffers_and_still_carry_large_bodies(
+    start: ServerFactory, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    write_pair(tmp_path, ca.issue_cert("localhost"))
+    stalling = StallingSnapshot()  # a body far larger than a TLS record or the read buffer
+    running = start(FakeSource(stalling), security=WebSecurity(tls_config(tmp_path)))
+    assert asyncio.sslproto.SSLProtocol.max_size <= web.TLS_READ_BUFFER
+    with (
+        socket.create_connection(("127.0.0.1", running.port), timeout=10) as raw,
+        verifying_client(ca).wrap_socket(raw, server_hostname="localhost") as sock,
+    ):
+        sock.sendall(request_with("X-Big: 1"))
+        response = parse_response(read_to_eof(sock))
+    assert response.status == 200
+    assert response.body == stalling.payload
 
 
 def test_stalled_tls_handshakes_count_as_connections_and_give_way(
