@@ -13,13 +13,13 @@ from exporter.podresources import PodAssignment, PodResourcesWatcher
 
 class ProcAttribution:
     def __init__(self, proc_root: str = "/proc") -> None:
-        self._root = Path(proc_root)
+        self.root = Path(proc_root)
 
     def process_name(self, pid: int) -> str | None:
-        return cgroups.process_name(pid, self._root)
+        return cgroups.process_name(pid, self.root)
 
     def container(self, pid: int) -> Container | None:
-        ref = cgroups.read_container(pid, self._root)
+        ref = cgroups.read_container(pid, self.root)
         if ref is None:
             return None
         return Container(container_id=ref.container_id, pod_uid=ref.pod_uid)

@@ -14,6 +14,7 @@ import gc
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -160,19 +161,32 @@ def load(args: argparse.Namespace) -> Config:
     return apply_overrides(load_config(args.config_file), overrides_from(args))
 
 
-def make_backend(config: Config) -> tuple[Driver, Services]:
-    """The NVML driver and what collectors need besides it, real or simulated together."""
-    pods = None
-    if config.kubernetes.enabled:
-        k8s = config.kubernetes
-        watcher = PodResourcesWatcher(k8s.socket, interval=k8s.interval, timeout=k8s.timeout)
-        watcher.start()
-        pods = KubeletPods(watcher)
+def start_pod_watcher(config: Config) -> PodResourcesWatcher | None:
+    if not config.kubernetes.enabled:
+        return None
+    k8s = config.kubernetes
+    watcher = PodResourcesWatcher(k8s.socket, interval=k8s.interval, timeout=k8s.timeout)
+    watcher.start()
+    return watcher
+
+
+def make_services(
+    config: Config, driver: Driver, watcher: PodResourcesWatcher | None
+) -> Services:
+    """What collectors need besides NVML: who runs on the GPUs, real or simulated as the driver."""
+    pods = KubeletPods(watcher) if watcher is not None else None
+    attribution: Attribution
+    if isinstance(driver, SimulatedDriver):
+        attribution = SimulatedAttribution(driver, config.simulation.seed)
+    else:
+        attribution = ProcAttribution(config.processes.proc_root)
+    return Services(attribution, pods)
+
+
+def make_driver(config: Config) -> Driver:
     if config.backend == "simulated":
-        simulated = SimulatedDriver(config.simulation)
-        attribution: Attribution = SimulatedAttribution(simulated, config.simulation.seed)
-        return simulated, Services(attribution, pods)
-    return PynvmlDriver(), Services(ProcAttribution(config.processes.proc_root), pods)
+        return SimulatedDriver(config.simulation)
+    return PynvmlDriver()
 
 
 class App:
@@ -182,11 +196,15 @@ class App:
         config: Config,
         sampler: Sampler,
         security: WebSecurity | None,
+        driver: Driver,
+        watcher: PodResourcesWatcher | None,
     ) -> None:
         self.args = args
         self.config = config
         self.sampler = sampler
         self.security = security
+        self.driver = driver
+        self.watcher = watcher
         self.stopping = asyncio.Event()
 
     def reload(self) -> None:
@@ -219,12 +237,35 @@ class App:
                 backend=self.config.backend,
                 simulation=self.config.simulation,
             )
+        services = None
+        changed = [
+            key
+            for key, old_value, new_value in (
+                ("kubernetes", self.config.kubernetes, new.kubernetes),
+                ("processes.proc_root", self.config.processes.proc_root, new.processes.proc_root),
+            )
+            if old_value != new_value
+        ]
+        if changed:
+            # The pod watcher and the process attribution are rebuilt from the new settings and
+            # handed to the collectors with the rest of the configuration.
+            watcher = self.watcher
+            if new.kubernetes != self.config.kubernetes:
+                watcher = start_pod_watcher(new)
+                if self.watcher is not None:
+                    # Stopping waits for a poll in flight: not on the event loop.
+                    threading.Thread(target=self.watcher.stop, name="podresources-stop").start()
+                self.watcher = watcher
+            services = make_services(new, self.driver, watcher)
         logs.setup(new.log.level, new.log.format)
-        self.sampler.reconfigure(new)
+        self.sampler.reconfigure(new, services)
         self.sampler.reload_successful = True
         self.sampler.reload_timestamp = time.time()
         self.config = new
-        log.info("configuration reloaded", extra={"source": new.source})
+        log.info(
+            "configuration reloaded",
+            extra={"source": new.source, "rebuilt": ",".join(changed) or "-"},
+        )
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -292,10 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # The event loop serving scrapes waits less for the GIL behind the sampler's threads.
     sys.setswitchinterval(0.001)
-    driver, services = make_backend(config)
-    sampler = Sampler(config, driver, services=services)
+    driver = make_driver(config)
+    watcher = start_pod_watcher(config)
+    sampler = Sampler(config, driver, services=make_services(config, driver, watcher))
     sampler.web_status = security
     # Everything loaded so far lives as long as the process: keep it out of the collector's
     # full passes, which otherwise show up as 10-20 ms stalls.
     gc.freeze()
-    return asyncio.run(App(args, config, sampler, security).serve())
+    return asyncio.run(App(args, config, sampler, security, driver, watcher).serve())

@@ -543,6 +543,10 @@ class Sampler:
 
     # --- configuration ---------------------------------------------------------------------
 
+    @property
+    def services(self) -> Services:
+        return self._services
+
     def _select(self, config: Config) -> list[Collector]:
         selected = []
         for name in config.enabled_collectors():
@@ -553,12 +557,15 @@ class Sampler:
             selected.append(collector)
         return selected
 
-    def reconfigure(self, config: Config) -> None:
-        """Applies a reloaded configuration from the next sample on.
+    def reconfigure(self, config: Config, services: Services | None = None) -> None:
+        """Applies a reloaded configuration from the next sample on, with new services (pod
+        watcher, process attribution) when their settings changed.
 
         Called from another thread: it only swaps references; the sampler thread itself
         re-enumerates for a new device selection, so NVML is never touched from two places.
         """
+        if services is not None:
+            self._services = services
         self._collectors = self._select(config)
         self._headers = {}  # help texts name the interval
         self.config = config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -112,3 +113,44 @@ def test_a_missing_socket_degrades_to_no_pod_labels(
     assert next(iter(errors.values())) >= 1
     assert len(scrape.values("nvml_gpu_up")) == 2
     assert "socket missing" in proc.log()
+
+
+def test_sighup_applies_kubernetes_settings_instead_of_ignoring_them(
+    exporter: Callable[..., ExporterProcess], tmp_path: Path, kubelet: FakeKubelet
+) -> None:
+    kubelet.reply = response(
+        pod("inference", "llama-0", container("server", devices("nvidia.com/gpu", UUIDS[0])))
+    )
+    config = tmp_path / "exporter.yaml"
+    config.write_text("sampling: {interval: 200ms}\n")
+    proc = exporter("--simulate", "2", "--config.file", str(config))
+    proc.wait_for(lambda: proc.get("/readyz").status == 200)
+    assert proc.get().values("nvml_gpu_pod_info") == {}
+
+    # Turned on by a reload: the watcher starts and pods appear.
+    config.write_text(
+        "sampling: {interval: 200ms}\n"
+        f"kubernetes: {{enabled: true, socket: {kubelet.socket_path}, interval: 1s, "
+        "timeout: 300ms}\n"
+    )
+    proc.signal(signal.SIGHUP)
+    proc.wait_for(lambda: len(proc.get().values("nvml_gpu_pod_info")) == 1)
+    assert proc.get().values("nvml_exporter_config_last_reload_successful") == {frozenset(): 1.0}
+    assert "rebuilt=kubernetes" in proc.log()
+
+    # A new socket path is followed: one that does not answer turns the source down.
+    config.write_text(
+        "sampling: {interval: 200ms}\n"
+        f"kubernetes: {{enabled: true, socket: {tmp_path / 'absent.sock'}, interval: 1s, "
+        "timeout: 300ms}\n"
+    )
+    proc.signal(signal.SIGHUP)
+    proc.wait_for(
+        lambda: proc.get().values("nvml_kubernetes_pod_resources_up") == {frozenset(): 0.0}
+    )
+
+    # Turned off again: the watcher's series go.
+    config.write_text("sampling: {interval: 200ms}\n")
+    proc.signal(signal.SIGHUP)
+    proc.wait_for(lambda: proc.get().values("nvml_kubernetes_pod_resources_up") == {})
+    assert proc.get().values("nvml_gpu_pod_info") == {}

@@ -1,0 +1,48 @@
+"""SIGHUP applies what it can and says what it cannot: settings that build services (the pod
+watcher, the process attribution) are rebuilt rather than ignored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporter.attribution import ProcAttribution
+from exporter.cli import App, build_parser, load, make_services
+from exporter.nvml import PynvmlDriver
+from exporter.sampler import Sampler
+
+
+def app_for(config_file: Path) -> App:
+    args = build_parser().parse_args(["--config.file", str(config_file)])
+    config = load(args)
+    driver = PynvmlDriver()  # never initialised here: nothing is sampled
+    sampler = Sampler(config, driver, services=make_services(config, driver, None))
+    return App(args, config, sampler, None, driver, None)
+
+
+def attribution_root(app: App) -> Path:
+    attribution = app.sampler.services.attribution
+    assert isinstance(attribution, ProcAttribution)
+    return attribution.root
+
+
+def test_a_new_proc_root_is_applied_on_reload(tmp_path: Path) -> None:
+    config = tmp_path / "exporter.yaml"
+    config.write_text("collectors: {processes: true}\n")
+    app = app_for(config)
+    assert attribution_root(app) == Path("/proc")
+    config.write_text(f"collectors: {{processes: true}}\nprocesses: {{proc_root: {tmp_path}}}\n")
+    app.reload()
+    assert attribution_root(app) == tmp_path
+    assert app.sampler.reload_successful
+    assert app.config.processes.proc_root == str(tmp_path)
+
+
+def test_an_unchanged_proc_root_keeps_its_attribution(tmp_path: Path) -> None:
+    config = tmp_path / "exporter.yaml"
+    config.write_text("collectors: {processes: true}\n")
+    app = app_for(config)
+    before = app.sampler.services.attribution
+    config.write_text("collectors: {processes: true}\nsampling: {interval: 2s}\n")
+    app.reload()
+    assert app.sampler.services.attribution is before
+    assert app.config.sampling.interval == 2
