@@ -7,6 +7,7 @@ each other.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import threading
@@ -92,11 +93,12 @@ def sockdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def kubelet(sockdir: Path) -> Iterator[FakeKubelet]:
+@contextlib.contextmanager
+def serving_kubelet(socket_path: str) -> Iterator[FakeKubelet]:
+    """A kubelet stand-in answering on `socket_path` while the block runs."""
     import grpc  # a test dependency: the Kubernetes support is tested, not skipped
 
-    fake = FakeKubelet(str(sockdir / "kubelet.sock"), grpc)
+    fake = FakeKubelet(socket_path, grpc)
 
     def serve(method: str) -> Any:
         def handle(request: bytes, context: Any) -> bytes:
@@ -116,6 +118,14 @@ def kubelet(sockdir: Path) -> Iterator[FakeKubelet]:
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"unix://{fake.socket_path}")
     server.start()
-    yield fake
-    fake.release.set()
-    server.stop(grace=None).wait(5)
+    try:
+        yield fake
+    finally:
+        fake.release.set()
+        server.stop(grace=None).wait(5)
+
+
+@pytest.fixture
+def kubelet(sockdir: Path) -> Iterator[FakeKubelet]:
+    with serving_kubelet(str(sockdir / "kubelet.sock")) as fake:
+        yield fake

@@ -109,8 +109,10 @@ def scrape_config(
     job_name: str = "nvml",
     scrape_interval: str = "1s",
     extra_scrape_config: Mapping[str, Any] | None = None,
+    jobs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The whole prometheus.yml as a dict: one job scraping `targets` (host:port)."""
+    """The whole prometheus.yml as a dict: one job scraping `targets` (host:port), or, when
+    `jobs` are given, those scrape jobs as they are."""
     job: dict[str, Any] = {
         "job_name": job_name,
         "static_configs": [{"targets": list(targets)}],
@@ -121,7 +123,7 @@ def scrape_config(
             "scrape_timeout": scrape_interval,
             "evaluation_interval": scrape_interval,
         },
-        "scrape_configs": [_merge(job, extra_scrape_config or {})],
+        "scrape_configs": [dict(j) for j in jobs] or [_merge(job, extra_scrape_config or {})],
     }
 
 
@@ -336,15 +338,17 @@ def prometheus_server(
     job_name: str = "nvml",
     scrape_interval: str = "1s",
     extra_args: Sequence[str] = (),
+    jobs: Sequence[Mapping[str, Any]] = (),
 ) -> Iterator[PromServer]:
-    """Starts Prometheus scraping `targets` (host:port) as job `job_name`; stops it on exit."""
+    """Starts Prometheus scraping `targets` (host:port) as job `job_name`, or with the scrape
+    `jobs` given whole; stops it on exit."""
     binary = find_prometheus()
     if binary is None:
         raise FileNotFoundError("prometheus binary not found (set PROMETHEUS_BIN)")
     root = tmp_path / "prometheus"
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / "prometheus.yml"
-    config = scrape_config(targets, job_name, scrape_interval, extra_scrape_config)
+    config = scrape_config(targets, job_name, scrape_interval, extra_scrape_config, jobs)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log_path = root / "prometheus.log"
 
