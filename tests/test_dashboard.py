@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from conftest import REPO, start_exporter
 from kubelet_stub import FakeKubelet, container, devices, pod, response
+from operator_model import NODE, service_monitor_job
+from operator_model import load as load_manifest
 from promserver import (
     PrometheusAPIError,
     PromServer,
@@ -344,7 +346,16 @@ def test_every_panel_query_returns_data(tmp_path: Path, kubelet: FakeKubelet) ->
         ["--simulate", "--config.file", str(exporter_config(tmp_path, kubelet.socket_path))]
     )
     try:
-        with prometheus_server([proc.address], tmp_path, scrape_interval="1s") as prom:
+        # Scraped as the Prometheus Operator scrapes with the shipped ServiceMonitor, so that
+        # the panels are checked against the labels a cluster really has.
+        job = service_monitor_job(
+            load_manifest("servicemonitor.yaml"),
+            load_manifest("service.yaml"),
+            load_manifest("daemonset.yaml"),
+            proc.address,
+        )
+        job["scrape_interval"], job["scrape_timeout"] = "1s", "1s"
+        with prometheus_server([], tmp_path, scrape_interval="1s", jobs=[job]) as prom:
             # The XID comes XID_AT s after start, so Prometheus has scraped for several seconds
             # (enough for 5s rate windows) and has seen its counter at 0 before it.
             prom.wait_for_query(
@@ -359,7 +370,7 @@ def test_every_panel_query_returns_data(tmp_path: Path, kubelet: FakeKubelet) ->
             prom.wait_for_query('nvml_process_memory_used_bytes{pod!=""}', bool, timeout=10)
             prom.wait_for_query(f"count_over_time(nvml_up[{INTERVALS['__rate_interval']}]) >= 3")
 
-            instance = promql_string(re.escape(proc.address))
+            instance = promql_string(re.escape(NODE))
             values = {"instance": instance, "gpu": ".*"}
 
             # The variables' own queries (label_values is Grafana's, so as the equivalent PromQL).
@@ -367,7 +378,7 @@ def test_every_panel_query_returns_data(tmp_path: Path, kubelet: FakeKubelet) ->
             instances = prom.query(
                 _LABEL_VALUES.sub(r"group by (\2) (\1)", variable_query(found["instance"]))
             )
-            assert [labels(s)["instance"] for s in instances] == [proc.address]
+            assert [labels(s)["instance"] for s in instances] == [NODE]
             gpu_query = substitute(variable_query(found["gpu"]), values)
             gpus = prom.query(_LABEL_VALUES.sub(r"group by (\2) (\1)", gpu_query))
             assert sorted(int(labels(s)["gpu"]) for s in gpus) == list(range(GPUS))
