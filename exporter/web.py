@@ -186,7 +186,7 @@ def accepts_gzip(accept_encoding: str) -> bool:
 class _Connection:
     writer: asyncio.StreamWriter
     task: asyncio.Task[None]
-    busy: bool = False  # between a request's first line and the end of its response
+    busy: bool = False  # while a response is prepared and sent
 
 
 class WebServer:
@@ -272,7 +272,8 @@ class WebServer:
 
     def _make_room(self) -> bool:
         """At web.max_connections, closes the least recently active connection that is not
-        serving a request; False when every connection is busy."""
+        sending a response (idle, in a TLS handshake, or still sending its request head);
+        False when every connection is sending a response."""
         if len(self._connections) < self._config.max_connections:
             return True
         for task, connection in self._connections.items():
@@ -363,7 +364,7 @@ class WebServer:
             if not line:
                 return
             first = False
-            connection.busy = True
+            self._touch(task)
             try:
                 try:
                     request = await asyncio.wait_for(
@@ -376,6 +377,9 @@ class WebServer:
                     await self._send_error(writer, err.status, err.headers)
                     return
                 keep_alive = request.keep_alive and not self._closing
+                # Only now is the connection worth keeping at the cap: one still sending its
+                # head may be a slow client holding a slot, and gives way like an idle one.
+                connection.busy = True
                 await self._respond(request, writer, keep_alive)
                 if not keep_alive:
                     return

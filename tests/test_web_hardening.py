@@ -194,23 +194,41 @@ def test_at_the_connection_cap_the_least_recently_active_idle_connection_makes_r
             sock.close()
 
 
-def test_connections_in_the_middle_of_a_request_are_not_dropped_for_new_ones(
+def test_slow_clients_still_sending_their_head_give_way_to_a_new_scraper(
     start: ServerFactory,
 ) -> None:
-    running = start(max_connections=5, read_timeout=3)
-    mid_request = [connect(running.port) for _ in range(5)]
+    running = start(max_connections=5, read_timeout=30)
+    slow = [connect(running.port) for _ in range(5)]
     try:
-        for sock in mid_request:
+        for sock in slow:
             send(sock, b"GET /metrics HTTP/1.1\r\nHost: t\r\n")  # the head is not finished
         time.sleep(0.2)
+        assert exchange(running.port, request_with("X-New: 1")).status == 200
+        assert closed_by_server(slow[0])
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_connections_sending_a_response_are_not_dropped_for_new_ones(
+    start: ServerFactory,
+) -> None:
+    stalling = StallingSnapshot()
+    running = start(FakeSource(stalling), max_connections=3, read_timeout=5)
+    # Three responses too large for the socket buffers, held until their clients read them.
+    held = [connect(running.port, rcvbuf=4096) for _ in range(3)]
+    try:
+        for sock in held:
+            send(sock, request_with("X-Held: 1"))
+        assert stalling.served.wait(5)
+        time.sleep(0.3)
         with connect(running.port) as newcomer:
             send(newcomer, request_with("X-New: 1"))
-            assert read_to_eof(newcomer) == b""  # refused: every slot serves a request
-        for sock in mid_request:
-            send(sock, b"Connection: close\r\n\r\n")
-            assert parse_response(read_to_eof(sock)).status == 200
+            assert read_to_eof(newcomer) == b""  # refused: every slot is sending a response
+        for sock in held:
+            assert parse_response(read_to_eof(sock)).body == stalling.payload
     finally:
-        for sock in mid_request:
+        for sock in held:
             sock.close()
 
 
