@@ -50,7 +50,25 @@ DCGM_WITHOUT_EQUIVALENT = (
     (
         "DCGM_FI_PROF_* on GPUs before Hopper",
         "NVML's GPM API, which these come from here, "
-        "exists on Hopper and newer only; DCGM derives them from its own profiling there",
+        "exists on Hopper and newer only; DCGM derives them from its own profiling there. "
+        "Except DCGM_FI_PROF_PCIE_TX_BYTES and _RX_BYTES: from the PCIe byte counters' rate "
+        "(from the second sample on), or the 20 ms throughput where a GPU lacks the counters",
+    ),
+    (
+        "DCGM_FI_PROF_PCIE_TX_BYTES, DCGM_FI_PROF_PCIE_RX_BYTES without GPM, byte counters or "
+        "the throughput call",
+        "nothing in NVML measures PCIe traffic on such a GPU",
+    ),
+    (
+        "labels pod_uid and pod labels (--kubernetes-enable-pod-uid, "
+        "--kubernetes-enable-pod-labels)",
+        "they come from the Kubernetes API server, which this exporter does not ask; the "
+        "kubelet's pod-resources API has neither",
+    ),
+    (
+        "a copy of every series per pod sharing a GPU, with label vgpu (--kubernetes-virtual-gpus)",
+        "one series per GPU, labelled with one of its pods as dcgm-exporter does by default, "
+        "keeps sums over GPUs right; nvml_gpu_pod_info lists every pod",
     ),
 )
 
@@ -65,10 +83,17 @@ def dcgm_text(spec: MetricSpec) -> str:
         text = field.name
         if field.match:
             text += "{" + ",".join(f'{k}="{v}"' for k, v in field.match) + "}"
-        notes = [n for n in (field.unit, "summed over links" if field.total else "") if n]
-        if notes:
-            text += f" ({', '.join(notes)})"
+        notes = [
+            field.unit,
+            "summed over links" if field.total else "",
+            "rate over the sampling interval" if field.rate else "",
+            "where no GPM value" if field.fallback else "",
+        ]
+        if any(notes):
+            text += f" ({', '.join(n for n in notes if n)})"
         parts.append(text)
+    for field in spec.dcgm_baseline:
+        parts.append(f"{field.name}: 0 wherever this metric is, until a value comes")
     if spec.dcgm_note:
         parts.append(spec.dcgm_note)
     return "; ".join(parts)

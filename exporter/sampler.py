@@ -440,6 +440,8 @@ class _FamilyBuilder:
         naming: str = "nvml",
         host: str = "",
         prefixes: dict[tuple[MetricSpec, tuple[str, ...]], str] | None = None,
+        hostname_label: str = dcgm.DEFAULT_HOSTNAME_LABEL,
+        rates: dcgm.CounterRates | None = None,
     ) -> None:
         self._lines: dict[MetricSpec | Dcgm, list[str]] = {}
         # The last sample's line prefixes of the series added one by one (the self-metrics);
@@ -449,6 +451,11 @@ class _FamilyBuilder:
         self._headers = headers
         self._dcgm = naming == "dcgm"
         self._host = host
+        self._identity_labels = dcgm.identity_labels(hostname_label)
+        self._rates = rates
+        # Several sources may stand for one DCGM field (GPM, a counter's rate, a gauge): one
+        # family per field name, so its HELP and TYPE appear once.
+        self._dcgm_fields: dict[str, Dcgm] = {}
 
     def _family(self, spec: MetricSpec | Dcgm) -> list[str]:
         lines = self._lines.get(spec)
@@ -477,16 +484,19 @@ class _FamilyBuilder:
             self.add(spec, identity + labels, value)
 
     def _add_dcgm(self, device: Device, samples: Iterable[Sample]) -> None:
-        identity = label_pairs(dcgm.IDENTITY_LABELS, dcgm.identity(device, self._host))
-        for target, extra, value in dcgm.translate(samples):
+        identity = label_pairs(self._identity_labels, dcgm.identity(device, self._host))
+        translated = dcgm.translate(samples, self._rates, device.uuid, device.clock())
+        for target, extra, value in translated:
             pairs = identity
             if extra:
                 pairs += "," + label_pairs([k for k, _ in extra], [v for _, v in extra])
             # dcgm-exporter's counters carry no `_total`; the text renderer keeps the name.
             line = series_prefix(target.name, pairs) + format_value(value) + "\n"
-            self._family(target).append(line)
+            self._family(self._dcgm_fields.setdefault(target.name, target)).append(line)
 
     def families(self) -> list[Family]:
+        if self._rates is not None:
+            self._rates.sweep()
         return [Family(self._headers(spec), lines) for spec, lines in self._lines.items()]
 
 
@@ -516,6 +526,7 @@ class Sampler:
         self.session = Session(driver, config.devices, clock=clock)
         self._instances: dict[str, Collector] = {}
         self._host = dcgm.hostname()
+        self._dcgm_rates = dcgm.CounterRates()  # naming: dcgm
         self.config = config
         self._collectors = self._select(config)
         self._readers = _Readers()
@@ -726,7 +737,16 @@ class Sampler:
     def sample_once(self) -> Snapshot:
         started = self._clock()
         up = self._prepare_session()
-        builder = _FamilyBuilder(self._header, self.config.naming, self._host, self._prefixes)
+        builder = _FamilyBuilder(
+            self._header,
+            self.config.naming,
+            self._host,
+            self._prefixes,
+            # TODO(config): pass self.config.dcgm.hostname_label here once config.py has it;
+            # read each sample, so a reload that changes it applies from the next one.
+            hostname_label=dcgm.DEFAULT_HOSTNAME_LABEL,
+            rates=self._dcgm_rates,
+        )
         devices = self.session.devices if up else []
         # The deadline counts from here: a slow nvmlInit is not the GPUs' fault.
         results = self._read_devices(devices, self._clock()) if devices else {}

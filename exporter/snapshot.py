@@ -35,13 +35,24 @@ def escape_label(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+# Integral values below this print as integers, as dcgm-exporter prints DCGM's integer
+# fields: every int64 counter, and none of the 300-digit expansions of huge doubles.
+_INTEGER_BELOW = 2.0**63
+
+
 def format_value(value: float) -> str:
-    """A sample value as Prometheus' Go code prints it (as prometheus_client's
-    floatToGoString does), so bodies stay byte-identical to what clients already parse."""
-    text = repr(float(value))
+    """A sample value as exposition text: an integral value as an integer (`56`, not `56.0`
+    or `5.6e+01`), so queries comparing with `==` and dashboards written for dcgm-exporter
+    see what they expect; anything else exactly, as Go prints it (and prometheus_client's
+    floatToGoString)."""
+    number = float(value)
+    if number.is_integer() and -_INTEGER_BELOW < number < _INTEGER_BELOW:
+        # An int (a driver's counter) exactly, even past the 53 bits a double holds.
+        return str(value) if type(value) is int else str(int(number))
+    text = repr(number)
     dot = text.find(".")
     if dot > 6 and value > 0:
-        # Go switches to an exponent sooner than Python: 1234567.0 -> 1.234567e+06.
+        # Go switches to an exponent sooner than Python: 1234567.5 -> 1.2345675e+06.
         mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1 :]}".rstrip("0.")
         return f"{mantissa}e+{dot - 1:02d}"
     if dot < 0 and not math.isfinite(value):

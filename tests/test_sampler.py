@@ -470,10 +470,10 @@ def test_a_field_plan_reuses_unchanged_lines_renders_changes_and_keeps_errors_vi
     first, plans = sample({})
     # Each spec's series together, in link order, as one family each.
     assert first == {
-        state: ['t_link_up{gpu="0",link="0"} 1.0\n', 't_link_up{gpu="0",link="1"} 0.0\n'],
+        state: ['t_link_up{gpu="0",link="0"} 1\n', 't_link_up{gpu="0",link="1"} 0\n'],
         sent: [
-            't_tx_bytes_total{gpu="0",link="0"} 10240.0\n',
-            't_tx_bytes_total{gpu="0",link="1"} 20480.0\n',
+            't_tx_bytes_total{gpu="0",link="0"} 10240\n',
+            't_tx_bytes_total{gpu="0",link="1"} 20480\n',
         ],
     }
     again, plans = sample(plans)
@@ -482,7 +482,7 @@ def test_a_field_plan_reuses_unchanged_lines_renders_changes_and_keeps_errors_vi
 
     device.entries[(2, 1)] = (0, 30)
     changed, plans = sample(plans)
-    assert changed[sent] == [first[sent][0], 't_tx_bytes_total{gpu="0",link="1"} 30720.0\n']
+    assert changed[sent] == [first[sent][0], 't_tx_bytes_total{gpu="0",link="1"} 30720\n']
 
     # A failing entry is left out and goes through the error policy on every sample, even
     # when nothing changed; an absent one (not requested any more) is just left out.
@@ -490,8 +490,8 @@ def test_a_field_plan_reuses_unchanged_lines_renders_changes_and_keeps_errors_vi
     del device.entries[(1, 1)]
     for _ in range(2):
         failing, plans = sample(plans)
-        assert failing[sent] == ['t_tx_bytes_total{gpu="0",link="1"} 30720.0\n']
-        assert failing[state] == ['t_link_up{gpu="0",link="0"} 1.0\n']
+        assert failing[sent] == ['t_tx_bytes_total{gpu="0",link="1"} 30720\n']
+        assert failing[state] == ['t_link_up{gpu="0",link="0"} 1\n']
     assert device.policy_calls == [(2, 0), (2, 0)]
 
 

@@ -116,7 +116,7 @@ def test_tls12_and_tls13_handshakes_succeed(pki: Pki) -> None:
     try:
         twelve = client_context(pki, maximum=ssl.TLSVersion.TLSv1_2)
         status, _, body, sock = get(proc, twelve)
-        assert status == 200 and b"nvml_up 1.0" in body
+        assert status == 200 and b"\nnvml_up 1\n" in body
         assert sock.version == "TLSv1.2"
         thirteen = client_context(pki, minimum=ssl.TLSVersion.TLSv1_3)
         status, _, _, sock = get(proc, thirteen)

@@ -320,7 +320,7 @@ def test_metrics_defaults_to_text_format_with_snapshot_body(start: ServerFactory
     assert reply.headers["Content-Type"] == TEXT_CONTENT_TYPE
     assert reply.headers["Content-Encoding"] is None
     assert reply.body == running.source.snapshot.body(Format.TEXT, False)
-    assert b'webtest_temperature_celsius{gpu="0",uuid="GPU-0000"} 42.0\n' in reply.body
+    assert b'webtest_temperature_celsius{gpu="0",uuid="GPU-0000"} 42\n' in reply.body
     assert int(reply.headers["Content-Length"]) == len(reply.body)
     assert reply.headers["Cache-Control"] == "no-store"
     assert reply.headers["X-Content-Type-Options"] == "nosniff"
@@ -469,13 +469,13 @@ def test_metrics_renders_each_body_once_per_snapshot(
 def test_metrics_serves_a_new_snapshot_on_the_next_request(start: ServerFactory) -> None:
     running = start()
     first = running.request()
-    assert b'webtest_temperature_celsius{gpu="0",uuid="GPU-0000"} 42.0\n' in first.body
+    assert b'webtest_temperature_celsius{gpu="0",uuid="GPU-0000"} 42\n' in first.body
     newer = make_snapshot(temperature=71.5)
     running.source.snapshot = newer
     second = running.request()
     assert second.body == newer.body(Format.TEXT, False)
     assert b'webtest_temperature_celsius{gpu="0",uuid="GPU-0000"} 71.5\n' in second.body
-    assert b" 42.0\n" not in second.body
+    assert b" 42\n" not in second.body
 
 
 def test_metrics_ignores_query_string(start: ServerFactory) -> None:

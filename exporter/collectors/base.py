@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -31,6 +31,14 @@ class Dcgm:
     total: bool = False  # sum the matching samples of a device into one
     # Labels kept, renamed to dcgm-exporter's names; every other label is dropped.
     labels: tuple[tuple[str, str], ...] = ()
+    # DCGM reports this counter as a rate: per second over the sampling interval (absent
+    # until a GPU has been read twice), `scale` applied to the rate.
+    rate: bool = False
+    # Another source of the same field is better where a GPU has both (the field is then
+    # emitted once, from that source).
+    fallback: bool = False
+    # Labels dcgm-exporter derives from the value, such as the XID's err_code and err_msg.
+    value_labels: Callable[[float], tuple[tuple[str, str], ...]] | None = None
 
 
 # eq=False: specs are hashed by identity, which the sampler does ~2,000 times per sample.
@@ -45,6 +53,9 @@ class MetricSpec:
     unit: str = ""
     source: str = ""  # the NVML call or field behind it
     dcgm: tuple[Dcgm, ...] = ()  # the dcgm-exporter fields it replaces
+    # dcgm-exporter fields that exist wherever this metric does, at 0 (with their value
+    # labels for 0) until a sample of a metric they belong to gives them a value.
+    dcgm_baseline: tuple[Dcgm, ...] = ()
     dcgm_note: str = ""  # for the docs, where the relation is not one field
     per_device: bool = True  # carries the identity labels
     # How fresh the value is, where not read every sample: replaces the HELP suffix "Sampled

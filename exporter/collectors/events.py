@@ -57,6 +57,45 @@ XID_MEANINGS = {
 # XIDs after which the GPU itself needs attention, not just the application.
 CRITICAL_XIDS = frozenset({48, 62, 64, 74, 79, 95, 119, 120})
 
+# dcgm-exporter's err_msg label values (NVIDIA's XID catalogue names, as it spells them) for
+# the XIDs described above: alerts written for dcgm-exporter may match on them.
+XID_NAMES = {
+    0: "No Error",
+    13: "Graphics Engine Exception",
+    31: "GPU memory page fault",
+    43: "GPU stopped processing",
+    45: "Preemptive cleanup, due to previous errors -- Most likely to see when running "
+    "multiple cuda",
+    48: "Double Bit ECC Error",
+    61: "Internal micro-controller breakpoint/warning",
+    62: "Internal micro-controller halt",
+    63: "ECC page retirement or row remapping recording event",
+    64: "ECC page retirement or row remapper recording failure",
+    74: "NVLINK Error",
+    79: "GPU has fallen off the bus",
+    92: "High single-bit ECC error rate",
+    94: "Contained ECC error",
+    95: "Uncontained ECC error",
+    119: "GSP RPC Timeout",
+    120: "GSP Error",
+}
+UNKNOWN_XID_NAME = "Unknown Error"
+
+
+def xid_labels(value: float) -> tuple[tuple[str, str], ...]:
+    """dcgm-exporter's labels on DCGM_FI_DEV_XID_ERRORS: the XID, and its name."""
+    code = int(value)
+    return (("err_code", str(code)), ("err_msg", XID_NAMES.get(code, UNKNOWN_XID_NAME)))
+
+
+# DCGM reports the last XID, and 0 before the first: dcgm-exporter has the series from its
+# first scrape, so `DCGM_FI_DEV_XID_ERRORS > 0` alerts see the change.
+DCGM_XID = Dcgm(
+    "DCGM_FI_DEV_XID_ERRORS",
+    "Value of the last XID error encountered.",
+    value_labels=xid_labels,
+)
+
 EVENT_NAMES = {
     EVENT_SINGLE_BIT_ECC: "single_bit_ecc",
     EVENT_DOUBLE_BIT_ECC: "double_bit_ecc",
@@ -222,13 +261,17 @@ XID_ERRORS = MetricSpec(
     "XID errors the driver reported for this GPU since the exporter started, by XID code.",
     labels=("xid",),
     source="nvmlEventSetWait_v2, nvmlEventTypeXidCriticalError",
+    # Present from the first sample wherever the GPU's XIDs are watched.
+    dcgm_baseline=(DCGM_XID,),
 )
 XID_LAST = MetricSpec(
     "nvml_xid_last_code",
     "gauge",
     "The most recent XID on this GPU (absent until one happens).",
     source="nvmlEventSetWait_v2, nvmlEventTypeXidCriticalError",
-    dcgm=(Dcgm("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered."),),
+    dcgm=(DCGM_XID,),
+    dcgm_note='labels err_code, err_msg; 0 with err_code="0", err_msg="No Error" before the '
+    'first XID; err_msg names the common XIDs, "Unknown Error" the others',
 )
 XID_LAST_TIME = MetricSpec(
     "nvml_xid_last_timestamp_seconds",

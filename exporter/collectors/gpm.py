@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.collectors.pcie import DCGM_PCIE_RX_HELP, DCGM_PCIE_TX_HELP
 from exporter.collectors.shared import GPM_NVDEC_IDLE, mig_instances
 from exporter.nvml import (
     ABSENT_CODES,
@@ -120,18 +121,8 @@ DRAM = _spec(
 PCIE = _spec(
     "nvml_gpm_pcie_bytes_per_second",
     "PCIe traffic over the interval, tx (from the GPU) or rx (to it).",
-    _dcgm(
-        "DCGM_FI_PROF_PCIE_TX_BYTES",
-        "The rate of data transmitted over the PCIe bus.",
-        "B/s",
-        direction="tx",
-    ),
-    _dcgm(
-        "DCGM_FI_PROF_PCIE_RX_BYTES",
-        "The rate of data received over the PCIe bus.",
-        "B/s",
-        direction="rx",
-    ),
+    _dcgm("DCGM_FI_PROF_PCIE_TX_BYTES", DCGM_PCIE_TX_HELP, "B/s", direction="tx"),
+    _dcgm("DCGM_FI_PROF_PCIE_RX_BYTES", DCGM_PCIE_RX_HELP, "B/s", direction="rx"),
     labels=("direction",),
     unit="",
 )

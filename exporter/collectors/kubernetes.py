@@ -22,7 +22,9 @@ POD_INFO = MetricSpec(
     "always 1. Several rows when the GPU is shared.",
     labels=("mig_uuid", "namespace", "pod", "container"),
     source="kubelet pod-resources API v1 List (polled every kubernetes.interval)",
-    dcgm_note="labels namespace, pod, container on dcgm-exporter series",
+    dcgm_note="labels container, namespace, pod on every dcgm-exporter series of the GPU (or "
+    "of the MIG instance mig_uuid); one pod where several share a GPU, as dcgm-exporter "
+    "without --kubernetes-virtual-gpus; absent on GPUs no pod holds",
 )
 KUBELET_UP = MetricSpec(
     "nvml_kubernetes_pod_resources_up",

@@ -18,6 +18,19 @@ from exporter.nvml import (
     FieldRequest,
 )
 
+# DCGM adds the received and transmitted counters of all links (NVML's, in KiB) and reports
+# their rate, divided by 1000 ("MB/s" in its field table), although dcgm-exporter declares
+# the field a counter; dashboards plot it as bandwidth.
+DCGM_BANDWIDTH_TOTAL = Dcgm(
+    "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL",
+    "Total number of NVLink bandwidth counters for all lanes.",
+    "KiB/s / 1000, received + transmitted",
+    1 / (1024 * 1000),
+    "counter",
+    total=True,
+    rate=True,
+)
+
 LINK_UP = MetricSpec(
     "nvml_nvlink_up",
     "gauge",
@@ -32,16 +45,7 @@ TX_BYTES = MetricSpec(
     labels=("link",),
     unit="bytes",
     source="field NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX per link (KiB * 1024)",
-    dcgm=(
-        Dcgm(
-            "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL",
-            "Total number of NVLink bandwidth counters for all lanes.",
-            "KiB",
-            1 / 1024,
-            "counter",
-            total=True,
-        ),
-    ),
+    dcgm=(DCGM_BANDWIDTH_TOTAL,),
 )
 RX_BYTES = MetricSpec(
     "nvml_nvlink_rx_bytes_total",
@@ -50,6 +54,7 @@ RX_BYTES = MetricSpec(
     labels=("link",),
     unit="bytes",
     source="field NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX per link (KiB * 1024)",
+    dcgm=(DCGM_BANDWIDTH_TOTAL,),
 )
 ERRORS = MetricSpec(
     "nvml_nvlink_errors_total",

@@ -16,12 +16,19 @@ from exporter.nvml import (
 # The link trains down when idle and back up under load; a few seconds of lag is plenty.
 LINK_STATE_MAX_AGE = 10.0
 
+# DCGM's PCIe profiling fields are rates in bytes per second, averaged over its sampling
+# window. GPM gives them on Hopper and newer (gpm.py); elsewhere they are the byte counters'
+# rate over the sampling interval, or the 20 ms throughput where the counters are missing.
+DCGM_PCIE_TX_HELP = "The rate of data transmitted over the PCIe bus (in B/s)."
+DCGM_PCIE_RX_HELP = "The rate of data received over the PCIe bus (in B/s)."
+
 TX_BYTES = MetricSpec(
     "nvml_pcie_tx_bytes_total",
     "counter",
     "Bytes the GPU sent over PCIe.",
     unit="bytes",
     source="field NVML_FI_DEV_PCIE_COUNT_TX_BYTES",
+    dcgm=(Dcgm("DCGM_FI_PROF_PCIE_TX_BYTES", DCGM_PCIE_TX_HELP, "B/s", rate=True, fallback=True),),
 )
 RX_BYTES = MetricSpec(
     "nvml_pcie_rx_bytes_total",
@@ -29,20 +36,21 @@ RX_BYTES = MetricSpec(
     "Bytes the GPU received over PCIe.",
     unit="bytes",
     source="field NVML_FI_DEV_PCIE_COUNT_RX_BYTES",
+    dcgm=(Dcgm("DCGM_FI_PROF_PCIE_RX_BYTES", DCGM_PCIE_RX_HELP, "B/s", rate=True, fallback=True),),
 )
 TX_THROUGHPUT = MetricSpec(
     "nvml_pcie_tx_bytes_per_second",
     "gauge",
     "PCIe send throughput over a 20 ms window; only where the byte counter is unsupported.",
     source="nvmlDeviceGetPcieThroughput TX_BYTES (KiB/s * 1024)",
-    dcgm=(Dcgm("DCGM_FI_PROF_PCIE_TX_BYTES", "PCIe transmit rate (in B/s).", "B/s"),),
+    dcgm=(Dcgm("DCGM_FI_PROF_PCIE_TX_BYTES", DCGM_PCIE_TX_HELP, "B/s", fallback=True),),
 )
 RX_THROUGHPUT = MetricSpec(
     "nvml_pcie_rx_bytes_per_second",
     "gauge",
     "PCIe receive throughput over a 20 ms window; only where the byte counter is unsupported.",
     source="nvmlDeviceGetPcieThroughput RX_BYTES (KiB/s * 1024)",
-    dcgm=(Dcgm("DCGM_FI_PROF_PCIE_RX_BYTES", "PCIe receive rate (in B/s).", "B/s"),),
+    dcgm=(Dcgm("DCGM_FI_PROF_PCIE_RX_BYTES", DCGM_PCIE_RX_HELP, "B/s", fallback=True),),
 )
 REPLAYS = MetricSpec(
     "nvml_pcie_replays_total",
