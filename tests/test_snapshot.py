@@ -51,5 +51,5 @@ def test_integer_values_parse_in_both_text_formats() -> None:
     assert text.endswith("} 68100000000\n")
     (parsed,) = text_string_to_metric_families(text)
     assert parsed.samples[0].value == 68100000000
-    (parsed,) = openmetrics_families(render_openmetrics([family]).decode())
+    (parsed,) = openmetrics_families(render_openmetrics([family]).decode())  # type: ignore[no-untyped-call]
     assert parsed.samples[0].value == 68100000000
