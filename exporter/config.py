@@ -7,14 +7,21 @@ reading code. Validation happens before anything binds a port or touches NVML.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
-from collections.abc import Callable, Mapping
+import reprlib
+import stat
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 from exporter.collectors import COLLECTOR_DEFAULTS
 
@@ -27,9 +34,52 @@ BACKENDS = ("nvml", "simulated")
 NAMINGS = ("nvml", "dcgm")
 FAULT_KINDS = ("lost", "unsupported", "slow", "init_failure", "xid")
 
+# Configuration files are a few kilobytes; the cap keeps a hostile or mistaken file (a log, a
+# device) from stalling start-up or a SIGHUP reload in the pure-Python YAML parser.
+MAX_CONFIG_BYTES = 1 << 20
+# Errors end up on one log line and on a terminal; neither should receive megabytes.
+MAX_MESSAGE_CHARS = 1000
+# Values echoed back in an error (`got ...`): enough to recognise, never the whole value.
+MAX_VALUE_CHARS = 80
+# No configuration nests deeper than a handful of levels; the composer and constructor recurse.
+MAX_YAML_DEPTH = 32
+# The pure-Python parser is slow per token: a file within MAX_CONFIG_BYTES but dense with tiny
+# nodes (`[1,1,1,...]`) would still stall a reload for seconds. Real files have a few hundred.
+MAX_YAML_NODES = 10_000
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _ShortRepr(reprlib.Repr):
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxstring = MAX_VALUE_CHARS
+        self.maxother = MAX_VALUE_CHARS
+        self.maxlong = MAX_VALUE_CHARS
+
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() of an int past sys.get_int_max_str_digits() raises instead of answering.
+        if x.bit_length() > 4 * MAX_VALUE_CHARS:
+            return f"<{x.bit_length()}-bit integer>"
+        return super().repr_int(x, level)
+
+
+_SHORT_REPR = _ShortRepr()
+
+
+def short_repr(value: object) -> str:
+    """repr() for error messages: bounded in length and in the work done, whatever the value."""
+    return _cap(_SHORT_REPR.repr(value), MAX_VALUE_CHARS)
+
 
 class ConfigError(Exception):
     """A configuration problem, already phrased as `source: key.path: reason`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_cap(message, MAX_MESSAGE_CHARS))
 
 
 @dataclass(frozen=True)
@@ -186,6 +236,7 @@ T = TypeVar("T")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 class _Invalid(Exception):
@@ -196,12 +247,17 @@ class _Invalid(Exception):
         self.path = path
 
 
-def parse_duration(value: object, path: str) -> float:
-    """Seconds from a number or a Prometheus-style duration such as `500ms`, `1m30s`."""
+def _seconds(value: object) -> float | None:
+    """Seconds, possibly infinite or NaN; None when `value` is no duration at all."""
     if isinstance(value, bool):
-        raise _Invalid(path, f"must be a duration like 1s or 500ms, got {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
+        return None
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
+        return value
     if isinstance(value, str):
         text = value.strip()
         sign = -1.0 if text.startswith("-") else 1.0
@@ -209,41 +265,55 @@ def parse_duration(value: object, path: str) -> float:
         parts = _DURATION_PART.findall(text)
         if parts and "".join(n + u for n, u in parts) == text:
             return sign * sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-    raise _Invalid(path, f"must be a duration like 1s or 500ms, got {value!r}")
+    return None
+
+
+def parse_duration(value: object, path: str) -> float:
+    """Seconds from a number or a Prometheus-style duration such as `500ms`, `1m30s`."""
+    seconds = _seconds(value)
+    if seconds is None:
+        raise _Invalid(path, f"must be a duration like 1s or 500ms, got {short_repr(value)}")
+    # NaN slips through every range check below (all comparisons are false), and YAML spells
+    # it `.nan`; infinity would overflow the sleeps and deadlines computed from it.
+    if not math.isfinite(seconds):
+        raise _Invalid(path, f"must be a finite duration, got {short_repr(value)}")
+    return seconds
 
 
 def _positive_duration(value: object, path: str, *, minimum: float, maximum: float) -> float:
     seconds = parse_duration(value, path)
     if seconds <= 0:
-        raise _Invalid(path, f"must be > 0, got {value!r}")
+        raise _Invalid(path, f"must be > 0, got {short_repr(value)}")
     if seconds < minimum or seconds > maximum:
-        raise _Invalid(path, f"must be between {minimum:g}s and {maximum:g}s, got {value!r}")
+        raise _Invalid(
+            path, f"must be between {minimum:g}s and {maximum:g}s, got {short_repr(value)}"
+        )
     return seconds
 
 
 def _int(value: object, path: str, *, minimum: int, maximum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(path, f"must be an integer, got {value!r}")
+        raise _Invalid(path, f"must be an integer, got {short_repr(value)}")
     if not minimum <= value <= maximum:
-        raise _Invalid(path, f"must be between {minimum} and {maximum}, got {value}")
+        raise _Invalid(path, f"must be between {minimum} and {maximum}, got {short_repr(value)}")
     return value
 
 
 def _str(value: object, path: str) -> str:
     if not isinstance(value, str) or not value:
-        raise _Invalid(path, f"must be a non-empty string, got {value!r}")
+        raise _Invalid(path, f"must be a non-empty string, got {short_repr(value)}")
     return value
 
 
 def _choice(value: object, path: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise _Invalid(path, f"must be one of {', '.join(choices)}, got {value!r}")
+        raise _Invalid(path, f"must be one of {', '.join(choices)}, got {short_repr(value)}")
     return str(value)
 
 
 def _bool(value: object, path: str) -> bool:
     if not isinstance(value, bool):
-        raise _Invalid(path, f"must be true or false, got {value!r}")
+        raise _Invalid(path, f"must be true or false, got {short_repr(value)}")
     return value
 
 
@@ -251,12 +321,17 @@ def parse_listen_address(value: object, path: str) -> str:
     """Accepts `host:port`, `:port` (all interfaces) and `[v6]:port`; port 0 picks a free port."""
     text = _str(value, path)
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise _Invalid(path, f"must be host:port with a port from 0 to 65535, got {text!r}")
+    # str.isdigit() also holds for digits int() refuses (`²`) and for strings too long for it.
+    if not sep or not _PORT.fullmatch(port) or int(port) > 65535:
+        raise _Invalid(
+            path, f"must be host:port with a port from 0 to 65535, got {short_repr(text)}"
+        )
     if host.startswith("[") != host.endswith("]"):
-        raise _Invalid(path, f"has an unbalanced IPv6 bracket: {text!r}")
+        raise _Invalid(path, f"has an unbalanced IPv6 bracket: {short_repr(text)}")
     if ":" in host and not host.startswith("["):
-        raise _Invalid(path, f"IPv6 hosts must be bracketed, e.g. [::1]:{port}, got {text!r}")
+        raise _Invalid(
+            path, f"IPv6 hosts must be bracketed, e.g. [::1]:{port}, got {short_repr(text)}"
+        )
     return text
 
 
@@ -273,8 +348,15 @@ def _mapping(value: object, path: str, known: tuple[str, ...]) -> Mapping[str, A
         raise _Invalid(path, f"must be a mapping, got {type(value).__name__}")
     for key in value:
         if key not in known:
-            raise _Invalid(_join(path, str(key)), f"unknown key (known: {', '.join(known)})")
+            raise _Invalid(_join(path, _key_text(key)), f"unknown key (known: {', '.join(known)})")
     return value
+
+
+def _key_text(key: object) -> str:
+    """An unknown key as it goes into a key path: as written when plain, else a short repr."""
+    if isinstance(key, str) and key.isprintable() and len(key) <= MAX_VALUE_CHARS:
+        return key
+    return short_repr(key)
 
 
 def _join(path: str, key: str) -> str:
@@ -372,7 +454,9 @@ def _device_refs(raw: object, path: str) -> tuple[DeviceRef, ...]:
         return ()
     if not isinstance(raw, list) or not raw:
         raise _Invalid(
-            path, f"must be `all` or a non-empty list of indexes, UUIDs or PCI bus ids, got {raw!r}"
+            path,
+            "must be `all` or a non-empty list of indexes, UUIDs or PCI bus ids, "
+            f"got {short_repr(raw)}",
         )
     refs: list[DeviceRef] = []
     for i, item in enumerate(raw):
@@ -380,7 +464,9 @@ def _device_refs(raw: object, path: str) -> tuple[DeviceRef, ...]:
         if isinstance(item, str) and (item.startswith(("GPU-", "MIG-")) or pci_key(item)):
             refs.append(item)
         elif isinstance(item, str):
-            raise _Invalid(item_path, f"must be an index, a UUID or a PCI bus id, got {item!r}")
+            raise _Invalid(
+                item_path, f"must be an index, a UUID or a PCI bus id, got {short_repr(item)}"
+            )
         else:
             refs.append(_int(item, item_path, minimum=0, maximum=1023))
     if len(set(refs)) != len(refs):
@@ -406,7 +492,7 @@ def _parse_collectors(raw: object, path: str) -> Mapping[str, bool]:
 
 
 def _parse_fault(raw: object, path: str) -> FaultConfig:
-    if isinstance(raw, dict) and "kind" not in raw:
+    if raw is None or (isinstance(raw, dict) and "kind" not in raw):
         raise _Invalid(_join(path, "kind"), f"is required (one of {', '.join(FAULT_KINDS)})")
     fault = _section(
         FaultConfig,
@@ -533,20 +619,158 @@ def parse_config(raw: object, source: str = "<config>") -> Config:
     return Config(source=source, **values)
 
 
-def read_yaml(path: str, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> object:
-    """A YAML file's document, or a ConfigError naming the file and, for syntax, the line."""
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Unsupported(ComposerError):
+    """Well-formed YAML that configuration files may not use."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader for configuration files: refuses aliases, deep nesting and duplicate keys.
+
+    Aliases are what turn a few hundred bytes into gigabytes (`billion laughs`): each one
+    multiplies what every later step (validation, error messages) walks. A configuration has no
+    use for them, so anchors are accepted and any `*alias`, merge keys included, is refused.
+    Duplicate keys are refused because the last one silently winning hides typos.
+    """
+
+    _depth = 0
+    _nodes = 0
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        aliased = self.check_event(yaml.AliasEvent)
+        event: Any = self.current_event  # what check_event looked at
+        if aliased:
+            raise _Unsupported(
+                None, None, "YAML aliases (*name) are not supported", event.start_mark
+            )
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _Unsupported(
+                None,
+                None,
+                f"nesting deeper than {MAX_YAML_DEPTH} levels is not supported",
+                event.start_mark,
+            )
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise _Unsupported(
+                None,
+                None,
+                f"more than {MAX_YAML_NODES} YAML nodes are not supported",
+                event.start_mark,
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except Exception as err:
+            # PyYAML's scalar constructors let ValueError, KeyError, IndexError... escape for
+            # values such as `2024-13-45`, `!!bool maybe` or an int past Python's digit limit.
+            # Only ValueError's text says something to a reader of the file.
+            kind = str(node.tag).rpartition(":")[2]
+            reason = f": {_cap(str(err), 200)}" if type(err) is ValueError else ""
+            raise ConstructorError(
+                None,
+                None,
+                f"cannot read {short_repr(node.value)} as {kind}{reason}",
+                node.start_mark,
+            ) from None
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        if isinstance(node, MappingNode):  # `!!set a` gets here with a scalar: refused below
+            self._refuse_duplicates(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _refuse_duplicates(self, node: MappingNode) -> None:
+        seen: set[Hashable] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                # `<<: {...}` written inline (an alias never gets here); its own keys count.
+                merged = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
+                for mapping in merged:
+                    if isinstance(mapping, MappingNode):
+                        self._refuse_duplicates(mapping)
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: SafeConstructor reports it
+            if duplicate:
+                raise ConstructorError(
+                    None, None, f"duplicate key {short_repr(key)}", key_node.start_mark
+                )
+
+
+_STRICT_LOADERS: dict[type[yaml.SafeLoader], type[yaml.SafeLoader]] = {}
+
+
+def _strict(loader: type[yaml.SafeLoader]) -> type[yaml.SafeLoader]:
+    """`loader` with StrictLoader's protections, whatever else it adds or overrides."""
+    if issubclass(loader, StrictLoader):
+        return loader
+    if loader not in _STRICT_LOADERS:
+        # StrictLoader first in the MRO: its checks run, then `loader`'s own, then SafeLoader's.
+        mixed = type(f"Strict{loader.__name__}", (StrictLoader, loader), {})
+        _STRICT_LOADERS[loader] = cast(type[yaml.SafeLoader], mixed)
+    return _STRICT_LOADERS[loader]
+
+
+def read_yaml(path: str, loader: type[yaml.SafeLoader] = StrictLoader) -> object:
+    """A YAML file's document, or a ConfigError naming the file and, for syntax, the line.
+
+    Whatever `loader` is given, it gets StrictLoader's protections, and the file is read only up
+    to MAX_CONFIG_BYTES.
+    """
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise ConfigError(f"{path}: cannot read: {reason}") from None
+        with Path(path).open("rb") as file:
+            info = os.fstat(file.fileno())
+            size = info.st_size if stat.S_ISREG(info.st_mode) else None
+            data = b"" if size and size > MAX_CONFIG_BYTES else file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    if (size or 0) > MAX_CONFIG_BYTES or len(data) > MAX_CONFIG_BYTES:
+        # Pipes and devices report no size: only that there was more than the cap.
+        shown = size if size else f"more than {MAX_CONFIG_BYTES}"
+        raise ConfigError(f"{path}: is {shown} bytes; at most {MAX_CONFIG_BYTES} are read")
     try:
-        return yaml.load(text, Loader=loader)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
+    try:
+        return yaml.load(text, Loader=_strict(loader))
+    except _Unsupported as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}{err.problem}") from None
+    except yaml.reader.ReaderError as err:
+        # Its own message spans two lines and counts characters from the start of the file.
+        if not isinstance(err.position, int) or not isinstance(err.character, int):
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        raise ConfigError(
+            f"{path}: invalid YAML at line {line}, column {column}: unacceptable character "
+            f"#x{err.character:04x}: {err.reason}"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    except Exception as err:
+        # PyYAML lets untyped errors escape from a few of its constructors (and `loader` may
+        # add its own); whatever the file holds, the answer is a ConfigError.
+        raise ConfigError(f"{path}: invalid YAML: {type(err).__name__}: {err}") from None
 
 
 def load_config(path: str | None) -> Config:
