@@ -39,17 +39,25 @@ import secrets
 import ssl
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import bcrypt
-import yaml
 
-from exporter.config import ConfigError, _bool, _choice, _Invalid, _join, _mapping, read_yaml
+from exporter.config import (
+    ConfigError,
+    _bool,
+    _choice,
+    _Invalid,
+    _join,
+    _mapping,
+    read_yaml,
+    short_repr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,35 +226,13 @@ class WebSettings:
     rate_limit: RateLimit | None = None
 
 
-# --- YAML ------------------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """Refuses duplicate keys, as the toolkit's strict YAML decoding does: a second `alice`
-    under basic_auth_users would otherwise silently replace the first."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[Hashable] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, Hashable):
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 # --- value parsers: each takes (value, key path) and raises _Invalid naming the path ----------
 
 
 def _text(value: object, path: str) -> str:
     # The toolkit's YAML decoder turns any scalar into a string field (`X-XSS-Protection: 1`).
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise _Invalid(path, f"must be a string, got {value!r}")
+        raise _Invalid(path, f"must be a string, got {short_repr(value)}")
     return str(value)
 
 
@@ -264,7 +250,7 @@ def _go_duration(value: object, path: str) -> float:
             if math.isfinite(seconds):
                 return seconds
     # A bare number other than 0 would be nanoseconds to the toolkit: surely not what was meant.
-    raise _Invalid(path, f"must be a duration like 1s or 500ms, got {value!r}")
+    raise _Invalid(path, f"must be a duration like 1s or 500ms, got {short_repr(value)}")
 
 
 def _file(value: object, path: str, base: Path) -> str | None:
@@ -370,7 +356,8 @@ def _cipher_suites(raw: object, path: str) -> tuple[str, ...]:
     for i, name in enumerate(raw):
         if name not in known:
             raise _Invalid(
-                f"{path}[{i}]", f"unknown cipher suite {name!r} (known: {', '.join(known)})"
+                f"{path}[{i}]",
+                f"unknown cipher suite {short_repr(name)} (known: {', '.join(known)})",
             )
     return tuple(raw)
 
@@ -390,7 +377,7 @@ def _parse_http(raw: object, path: str) -> Mapping[str, str]:
             raise _Invalid(where, "must not contain control characters")
         allowed = HEADERS[name]
         if value and allowed and value not in allowed:
-            raise _Invalid(where, f"must be one of {', '.join(allowed)}, got {value!r}")
+            raise _Invalid(where, f"must be one of {', '.join(allowed)}, got {short_repr(value)}")
         if value:  # a blank value means "do not send the header"
             headers[name] = value
     return MappingProxyType(headers)
@@ -400,7 +387,9 @@ def _parse_users(raw: object, path: str) -> Mapping[str, str]:
     if raw is None:
         return MappingProxyType({})
     if not isinstance(raw, dict):
-        raise _Invalid(path, f"must be a mapping of user names to bcrypt hashes, got {raw!r}")
+        raise _Invalid(
+            path, f"must be a mapping of user names to bcrypt hashes, got {short_repr(raw)}"
+        )
     users: dict[str, str] = {}
     for raw_name, hashed in raw.items():
         name = _text(raw_name, path)
@@ -423,7 +412,9 @@ def _parse_rate_limit(raw: object, path: str) -> RateLimit | None:
     interval = _go_duration(data.get("interval", 0), _join(path, "interval"))
     burst = data.get("burst", 0)
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
-        raise _Invalid(_join(path, "burst"), f"must be a non-negative integer, got {burst!r}")
+        raise _Invalid(
+            _join(path, "burst"), f"must be a non-negative integer, got {short_repr(burst)}"
+        )
     if interval == 0:  # the documented way to switch the limiter off
         return None
     if burst < 1:
@@ -630,7 +621,7 @@ class _Loaded:
 
 def _load(path: str) -> _Loaded:
     config_stat = _stat(path)
-    raw = read_yaml(path, _StrictLoader)
+    raw = read_yaml(path)  # duplicate keys refused: a second `alice` must not replace the first
     try:
         # Not resolved through symlinks, as in the toolkit: a mounted ConfigMap's web.yml is a
         # symlink into a hidden directory, and paths are meant relative to where it is mounted.

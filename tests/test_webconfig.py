@@ -1196,3 +1196,21 @@ def test_event_loop_keeps_running_during_bcrypt(tmp_path: Path) -> None:
         return ticks
 
     assert run(scenario()) > 5
+
+
+def test_a_web_config_alias_bomb_is_refused_at_the_first_alias(tmp_path: Path) -> None:
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    path = write_config(tmp_path, "\n".join(levels) + "\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"YAML aliases \(\*name\) are not supported"):
+        load_web_config(path)
+    assert time.monotonic() - started < 1
+
+
+def test_web_config_errors_echo_values_briefly(tmp_path: Path) -> None:
+    path = write_config(tmp_path, f"rate_limit: {{interval: 1s, burst: '{'x' * 5000}'}}\n")
+    with pytest.raises(ConfigError) as error:
+        load_web_config(path)
+    assert "rate_limit.burst: must be a non-negative integer" in str(error.value)
+    assert len(str(error.value)) < 400
