@@ -1200,7 +1200,10 @@ def test_event_loop_keeps_running_during_bcrypt(tmp_path: Path) -> None:
 
 def test_a_web_config_alias_bomb_is_refused_at_the_first_alias(tmp_path: Path) -> None:
     levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
-    levels += [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    levels += [
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    ]
     path = write_config(tmp_path, "\n".join(levels) + "\n")
     started = time.monotonic()
     with pytest.raises(ConfigError, match=r"YAML aliases \(\*name\) are not supported"):
