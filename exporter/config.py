@@ -143,6 +143,18 @@ class SimulationConfig:
     faults: tuple[FaultConfig, ...] = ()
 
 
+# dcgm-exporter's released versions spell its host label `Hostname`; its main branch renamed it
+# `hostname` (dcgm-exporter #655). Dashboards and alerts written for the releases use the first.
+DCGM_HOSTNAME_LABELS = ("Hostname", "hostname")
+
+
+@dataclass(frozen=True)
+class DcgmConfig:
+    """How `naming: dcgm` spells what differs between dcgm-exporter versions."""
+
+    hostname_label: str = DCGM_HOSTNAME_LABELS[0]
+
+
 @dataclass(frozen=True)
 class ProcessesConfig:
     # Per-process series on one GPU beyond this are dropped, smallest memory first.
@@ -210,6 +222,7 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     processes: ProcessesConfig = field(default_factory=ProcessesConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+    dcgm: DcgmConfig = field(default_factory=DcgmConfig)
 
     def enabled_collectors(self) -> tuple[str, ...]:
         return tuple(name for name, on in self.collectors.items() if on)
@@ -579,6 +592,15 @@ def _parse_processes(raw: object, path: str) -> ProcessesConfig:
     )
 
 
+def _parse_dcgm(raw: object, path: str) -> DcgmConfig:
+    return _section(
+        DcgmConfig,
+        raw,
+        path,
+        {"hostname_label": lambda v, p: _choice(v, p, DCGM_HOSTNAME_LABELS)},
+    )
+
+
 def _parse_kubernetes(raw: object, path: str) -> KubernetesConfig:
     kubernetes = _section(
         KubernetesConfig,
@@ -606,6 +628,7 @@ _TOP_LEVEL: Mapping[str, Callable[[object, str], Any]] = {
     "simulation": _parse_simulation,
     "processes": _parse_processes,
     "kubernetes": _parse_kubernetes,
+    "dcgm": _parse_dcgm,
 }
 
 

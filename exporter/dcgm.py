@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from exporter.collectors.base import Dcgm, Sample
 from exporter.collectors.info import device_node
 from exporter.collectors.kubernetes import POD_INFO
+from exporter.config import DCGM_HOSTNAME_LABELS
 from exporter.nvml import Device
 
-# dcgm-exporter's released versions spell the host label `Hostname`; its main branch renamed it
-# `hostname` (dcgm-exporter #655), unreleased so far. Dashboards and alert rules written for the
-# releases use `Hostname`.
-DEFAULT_HOSTNAME_LABEL = "Hostname"
-HOSTNAME_LABELS = ("Hostname", "hostname")
+DEFAULT_HOSTNAME_LABEL = DCGM_HOSTNAME_LABELS[0]
+HOSTNAME_LABELS = DCGM_HOSTNAME_LABELS
 
 # dcgm-exporter's label set on every GPU series, in its order.
 IDENTITY_LABELS = (

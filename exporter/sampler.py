@@ -742,9 +742,8 @@ class Sampler:
             self.config.naming,
             self._host,
             self._prefixes,
-            # TODO(config): pass self.config.dcgm.hostname_label here once config.py has it;
-            # read each sample, so a reload that changes it applies from the next one.
-            hostname_label=dcgm.DEFAULT_HOSTNAME_LABEL,
+            # Read each sample, so a reload that changes it applies from the next one.
+            hostname_label=self.config.dcgm.hostname_label,
             rates=self._dcgm_rates,
         )
         devices = self.session.devices if up else []

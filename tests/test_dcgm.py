@@ -22,7 +22,15 @@ from exporter.attribution import KubeletPods
 from exporter.collectors import Services
 from exporter.collectors.base import Pod
 from exporter.collectors.events import xid_labels
-from exporter.config import Config, FaultConfig, SimulationConfig
+from exporter.config import (
+    Config,
+    ConfigError,
+    FaultConfig,
+    Overrides,
+    SimulationConfig,
+    apply_overrides,
+    load_config,
+)
 from exporter.podresources import PodResourcesWatcher
 from exporter.sampler import SELF_METRICS, Sampler, _FamilyBuilder
 from exporter.simulate import SimulatedDriver
@@ -479,3 +487,25 @@ def test_dcgm_dashboard_queries_return_data(dcgm_prometheus: PromServer, panel: 
     assert all(value(s) >= 0 for s in result)
     if expected_series == 8:
         assert sorted((labels(s)["gpu"] for s in result), key=int) == [str(i) for i in range(8)]
+
+
+def test_the_hostname_label_follows_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "exporter.yaml"
+    config.write_text("naming: dcgm\ndcgm: {hostname_label: hostname}\n")
+    loaded = apply_overrides(load_config(str(config)), Overrides(simulate=2))
+    assert loaded.dcgm.hostname_label == "hostname"
+    driver = SimulatedDriver(loaded.simulation)
+    sampler = Sampler(loaded, driver)
+    body = sampler.sample_once().body(Format.TEXT, False).decode()
+    utilization = [line for line in body.splitlines() if line.startswith("DCGM_FI_DEV_GPU_UTIL{")]
+    assert utilization and all('hostname="' in line for line in utilization)
+    assert not any('Hostname="' in line for line in utilization)
+
+
+def test_an_unknown_hostname_label_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "exporter.yaml"
+    config.write_text("dcgm: {hostname_label: HOSTNAME}\n")
+    with pytest.raises(
+        ConfigError, match=r"dcgm.hostname_label: must be one of Hostname, hostname"
+    ):
+        load_config(str(config))
