@@ -293,6 +293,13 @@ def parse_duration(value: object, path: str) -> float:
     return seconds
 
 
+def _not_negative_duration(value: object, path: str) -> float:
+    seconds = parse_duration(value, path)
+    if seconds < 0:
+        raise _Invalid(path, f"must be >= 0, got {short_repr(value)}")
+    return seconds
+
+
 def _positive_duration(value: object, path: str, *, minimum: float, maximum: float) -> float:
     seconds = parse_duration(value, path)
     if seconds <= 0:
@@ -515,7 +522,7 @@ def _parse_fault(raw: object, path: str) -> FaultConfig:
             "kind": lambda v, p: _choice(v, p, FAULT_KINDS),
             "device": _optional(lambda v, p: _int(v, p, minimum=0, maximum=1023)),
             "function": _optional(_device_call),
-            "start": parse_duration,
+            "start": _not_negative_duration,
             "duration": _optional(
                 lambda v, p: _positive_duration(v, p, minimum=0.001, maximum=10**7)
             ),
@@ -565,6 +572,13 @@ def _parse_simulation(raw: object, path: str) -> SimulationConfig:
             "faults": _parse_faults,
         },
     )
+    _check_simulation(simulation, path)
+    return simulation
+
+
+def _check_simulation(simulation: SimulationConfig, path: str) -> None:
+    """What holds between the simulation's keys; checked again when --simulate N sets the
+    number of devices."""
     if simulation.mig_devices:
         from exporter.simulate import MODELS
 
@@ -577,7 +591,6 @@ def _parse_simulation(raw: object, path: str) -> SimulationConfig:
                 f"{path}.faults[{i}].device",
                 f"must be below simulation.devices ({simulation.devices}), got {fault.device}",
             )
-    return simulation
 
 
 def _parse_processes(raw: object, path: str) -> ProcessesConfig:
@@ -852,6 +865,12 @@ def apply_overrides(config: Config, overrides: Overrides) -> Config:
     if overrides.simulate is not None:
         backend = "simulated"
         simulation = dataclasses.replace(simulation, devices=overrides.simulate)
+        try:
+            _check_simulation(simulation, "simulation")
+        except _Invalid as err:
+            raise ConfigError(
+                f"{config.source}: {err} (with --simulate {overrides.simulate})"
+            ) from None
     collectors = MappingProxyType({**config.collectors, **overrides.collectors})
     return dataclasses.replace(
         config,

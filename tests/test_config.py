@@ -581,3 +581,19 @@ def test_a_null_fault_asks_for_its_kind(tmp_path: Path) -> None:
         f"{path}: simulation.faults[0].kind: is required "
         "(one of lost, unsupported, slow, init_failure, xid)"
     )
+
+
+def test_simulate_flag_rechecks_faults_against_the_new_number_of_devices(tmp_path: Path) -> None:
+    path = tmp_path / "simulate.yaml"
+    path.write_text("simulation: {devices: 8, faults: [{kind: lost, device: 7}]}\n")
+    config = load_config(str(path))
+    assert apply_overrides(config, Overrides(simulate=8)).simulation.devices == 8
+    with pytest.raises(ConfigError, match=r"faults\[0\]\.device: must be below.*--simulate 2"):
+        apply_overrides(config, Overrides(simulate=2))
+
+
+def test_a_fault_cannot_start_before_the_exporter(tmp_path: Path) -> None:
+    path = tmp_path / "simulate.yaml"
+    path.write_text("simulation: {faults: [{kind: lost, start: -5s}]}\n")
+    with pytest.raises(ConfigError, match=r"faults\[0\]\.start: must be >= 0"):
+        load_config(str(path))
