@@ -170,9 +170,7 @@ def start_pod_watcher(config: Config) -> PodResourcesWatcher | None:
     return watcher
 
 
-def make_services(
-    config: Config, driver: Driver, watcher: PodResourcesWatcher | None
-) -> Services:
+def make_services(config: Config, driver: Driver, watcher: PodResourcesWatcher | None) -> Services:
     """What collectors need besides NVML: who runs on the GPUs, real or simulated as the driver."""
     pods = KubeletPods(watcher) if watcher is not None else None
     attribution: Attribution
