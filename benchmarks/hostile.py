@@ -155,27 +155,18 @@ def pki(directory: Path) -> tuple[str, ssl.SSLContext]:
 
 def memory_rows(directory: Path) -> list[str]:
     rows = []
-    with exporter(directory, None) as plain:
-        base = plain.rss_mib()
-        sockets = idle_connections(plain.port, None, MAX_CONNECTIONS)
-        settle()
-        rss = plain.rss_mib()
-        rows.append(
-            f"| {MAX_CONNECTIONS} idle keep-alive connections, plain HTTP | {held(sockets)} "
-            f"| {base:.1f} | {rss:.1f} | {(rss - base) * 1024 / MAX_CONNECTIONS:.0f} |"
-        )
-        close_all(sockets)
     tls_config, client = pki(directory)
-    with exporter(directory, tls_config) as tls:
-        base = tls.rss_mib()
-        sockets = idle_connections(tls.port, client, MAX_CONNECTIONS)
-        settle()
-        rss = tls.rss_mib()
-        rows.append(
-            f"| {MAX_CONNECTIONS} idle keep-alive connections, TLS | {held(sockets)} "
-            f"| {base:.1f} | {rss:.1f} | {(rss - base) * 1024 / MAX_CONNECTIONS:.0f} |"
-        )
-        close_all(sockets)
+    for kind, web_config, context in (("plain HTTP", None, None), ("TLS", tls_config, client)):
+        with exporter(directory, web_config) as target:
+            base = target.rss_mib()
+            sockets = idle_connections(target.port, context, MAX_CONNECTIONS)
+            settle()
+            rss = target.rss_mib()
+            rows.append(
+                f"| {MAX_CONNECTIONS} idle keep-alive connections, {kind} | {held(sockets)} "
+                f"| {base:.1f} | {rss:.1f} | {(rss - base) * 1024 / MAX_CONNECTIONS:.0f} |"
+            )
+            close_all(sockets)
     with exporter(directory, tls_config) as tls:
         base = tls.rss_mib()
         stalled = [socket.create_connection(("127.0.0.1", tls.port)) for _ in range(900)]

@@ -223,13 +223,25 @@ def service_monitor_job(
             "replacement": "${1}",
         },
     ]
+    name = f"serviceMonitor/{monitor['metadata']['namespace']}/{monitor['metadata']['name']}"
+    return _job(f"{name}/{endpoint_index}", endpoint, address, meta, relabelings)
+
+
+def _job(
+    name: str,
+    endpoint: Mapping[str, Any],
+    address: str,
+    meta: dict[str, str],
+    relabelings: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The end both monitors share: the endpoint label, the monitor's own relabelings after the
+    Operator's, sharding last, and the metric relabelings."""
     if "port" in endpoint:
         relabelings.append({"target_label": "endpoint", "replacement": endpoint["port"]})
     relabelings += _relabel_config(endpoint.get("relabelings"))
     relabelings += _sharding()
-    namespace = monitor["metadata"]["namespace"]
     job = {
-        "job_name": f"serviceMonitor/{namespace}/{monitor['metadata']['name']}/{endpoint_index}",
+        "job_name": name,
         **_endpoint_settings(endpoint),
         "static_configs": [{"targets": [address], "labels": meta}],
         "relabel_configs": relabelings,
@@ -276,19 +288,8 @@ def pod_monitor_job(
         {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
         {"target_label": "job", "replacement": f"{namespace}/{monitor['metadata']['name']}"},
     ]
-    if "port" in endpoint:
-        relabelings.append({"target_label": "endpoint", "replacement": endpoint["port"]})
-    relabelings += _relabel_config(endpoint.get("relabelings"))
-    relabelings += _sharding()
-    job = {
-        "job_name": f"podMonitor/{namespace}/{monitor['metadata']['name']}/{endpoint_index}",
-        **_endpoint_settings(endpoint),
-        "static_configs": [{"targets": [address], "labels": meta}],
-        "relabel_configs": relabelings,
-    }
-    if endpoint.get("metricRelabelings"):
-        job["metric_relabel_configs"] = _relabel_config(endpoint["metricRelabelings"])
-    return job
+    name = f"podMonitor/{namespace}/{monitor['metadata']['name']}/{endpoint_index}"
+    return _job(name, endpoint, address, meta, relabelings)
 
 
 def kubernetes_sd_job(

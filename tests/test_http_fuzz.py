@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_web import ServerFactory
+from test_web import ServerFactory, read_to_eof
 
 # Bounded and repeatable for CI: the same examples on every run.
 FUZZ = settings(
@@ -57,16 +57,7 @@ def exchange(port: int, data: bytes) -> bytes:
             sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pass  # it answered and closed before reading everything: fine
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
+        return read_to_eof(sock)
 
 
 def responses(reply: bytes) -> list[int]:
