@@ -4,6 +4,10 @@ promtool checks them and runs their unit tests (deploy/prometheus/tests/); every
 unit-tested both firing and not firing, every recording rule evaluated. The metric names, label
 names and label values the rules use are checked against what the exporter really emits:
 docs/metrics.md (generated from the code) and the golden /metrics output.
+
+The recording rules are roll-ups per node (`instance:`) and per fleet (`job:`) for a global
+Prometheus, Thanos, Mimir or VictoriaMetrics; the federation and remote-write examples that ship
+them must pass `promtool check config` and carry exactly those series, as many as the README says.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ RULES = PROMETHEUS_DIR / "nvml-exporter.rules.yml"
 UNIT_TEST_DIR = PROMETHEUS_DIR / "tests"
 METRICS_DOC = REPO / "docs" / "metrics.md"
 GOLDEN = REPO / "tests" / "golden" / "simulated.prom"
+README = PROMETHEUS_DIR / "README.md"
+FEDERATION = PROMETHEUS_DIR / "federation.yml"
+REMOTE_WRITE = PROMETHEUS_DIR / "remote-write.yml"
 
 SEVERITIES = ("critical", "warning", "info")
 # Labels Prometheus adds to every series of a target; any rule may use them.
@@ -47,6 +54,10 @@ _SELECTOR = re.compile(r"(?<![\w:])(nvml_\w+)\{([^}]*)\}")
 # the alert's labels.
 _MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*(?:"((?:[^"\\]|\\.)*)"|(%q))')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+# A recording rule's output read by another rule.
+_RECORDED = re.compile(r"\b[a-z_]+:nvml_[a-z0-9_]+:[a-z0-9_]+\b")
+# The labels each roll-up level keeps: one series per node, or per fleet.
+ROLLUP_LABELS = {"instance": frozenset({"job", "instance"}), "job": frozenset({"job"})}
 
 
 def promtool() -> str:
@@ -302,3 +313,117 @@ def test_no_exporter_metric_is_rated_unless_it_is_a_counter() -> None:
             r"\b(rate|increase|irate)\(\s*(nvml_\w+)", str(rule["expr"])
         ):
             assert types.get(metric) == "counter", f"{func}({metric}) on a {types.get(metric)}"
+
+
+def test_rollups_keep_one_series_per_node_or_per_fleet() -> None:
+    """A roll-up groups by job and instance, or by job, and nothing finer, so what a global
+    Prometheus receives grows with nodes and fleets, never with GPUs."""
+    for rule in records():
+        name, expr = rule["record"], str(rule["expr"])
+        level = name.split(":", 1)[0]
+        assert level in ROLLUP_LABELS, f"{name}: neither a per-node nor a per-fleet roll-up"
+        assert not re.search(r"\bwithout\s*\(", expr), name
+        groupings = [
+            frozenset(label.strip() for label in labels.split(",") if label.strip())
+            for labels in re.findall(r"\bby\s*\(([^)]*)\)", expr)
+        ]
+        assert all(grouping == ROLLUP_LABELS[level] for grouping in groupings), (name, groupings)
+        if not groupings:
+            # Without an aggregation, the output has the labels of the roll-ups it combines.
+            read = {other.split(":", 1)[0] for other in _RECORDED.findall(expr)}
+            assert read == {level}, f"{name} combines {read} without aggregating"
+            assert not metric_names(expr), f"{name} reads GPU series without aggregating"
+
+
+def test_rollups_read_only_rules_evaluated_before_them_in_their_group() -> None:
+    """A group evaluates its rules in order, each seeing the results of those before it; a
+    roll-up read from another group, or from further down, would lag one evaluation behind."""
+    for group in load_yaml(RULES)["groups"]:
+        earlier: set[str] = set()
+        for rule in group["rules"]:
+            if "record" in rule:
+                for other in _RECORDED.findall(str(rule["expr"])):
+                    assert other in earlier, f"{rule['record']} reads {other}"
+                earlier.add(rule["record"])
+
+
+def exporter_series_names() -> set[str]:
+    """Names of series the exporter emits, as a selector on __name__ would see them."""
+    names = set(documented_metrics()) | set(golden_label_values())
+    return names | {name + suffix for name in names for suffix in SERIES_SUFFIXES}
+
+
+def assert_selects_exactly_the_rollups(patterns: list[str], where: str) -> None:
+    """Prometheus anchors these regexes at both ends, as fullmatch does."""
+    compiled = [re.compile(pattern) for pattern in patterns]
+    missed = sorted(
+        rule["record"]
+        for rule in records()
+        if not any(regex.fullmatch(rule["record"]) for regex in compiled)
+    )
+    assert missed == [], f"{where} leaves out roll-ups"
+    leaked = sorted(
+        name for name in exporter_series_names() if any(r.fullmatch(name) for r in compiled)
+    )
+    assert leaked == [], f"{where} lets the exporter's own series through"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [FEDERATION, REMOTE_WRITE], ids=lambda path: path.name)
+def test_promtool_check_config_passes_on_the_at_scale_examples(path: Path) -> None:
+    result = run("check", "config", str(path))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"SUCCESS: {path} is valid prometheus config file syntax" in output, output
+    assert "WARNING" not in output.upper(), output
+
+
+def test_federation_pulls_only_the_rollups_with_their_own_labels() -> None:
+    (job,) = [
+        job
+        for job in load_yaml(FEDERATION)["scrape_configs"]
+        if job.get("metrics_path") == "/federate"
+    ]
+    # Without it `job` and `instance` would name the cluster's Prometheus, not fleet and node.
+    assert job.get("honor_labels") is True, job["job_name"]
+    patterns = []
+    for selector in job["params"]["match[]"]:
+        match = re.fullmatch(r'\{__name__=~"([^"]+)"\}', selector)
+        assert match, f"match[] {selector!r} does not select by name alone"
+        patterns.append(match.group(1))
+    assert_selects_exactly_the_rollups(patterns, f"{FEDERATION.name}'s match[]")
+
+
+def test_remote_write_sends_only_the_rollups_of_the_rules_it_loads() -> None:
+    config = load_yaml(REMOTE_WRITE)
+    rule_files = {(REMOTE_WRITE.parent / name).resolve() for name in config["rule_files"]}
+    assert rule_files == {RULES.resolve()}, config["rule_files"]
+    # The up-based alerts select this job name.
+    assert [job["job_name"] for job in config["scrape_configs"]] == ["nvml-exporter"]
+    assert config["remote_write"], "no remote_write"
+    for target in config["remote_write"]:
+        (keep,) = [
+            step for step in target.get("write_relabel_configs", []) if step.get("action") == "keep"
+        ]
+        assert keep["source_labels"] == ["__name__"], keep
+        assert_selects_exactly_the_rollups([keep["regex"]], f"{REMOTE_WRITE.name}'s keep")
+
+
+def test_readme_counts_the_series_the_rollups_send() -> None:
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    per_node = sum(1 for rule in records() if rule["record"].startswith("instance:"))
+    per_fleet = sum(1 for rule in records() if rule["record"].startswith("job:"))
+    assert f"**{per_node} series per node**" in text, per_node
+    assert f"**{per_fleet} series per fleet**" in text, per_fleet
+    assert f"1,000 nodes in one fleet send {1000 * per_node + per_fleet:,} series" in text
+    assert f"only the fleet totals and a cluster sends {per_fleet}." in text
+
+
+def test_readme_shows_the_selectors_of_the_example_files() -> None:
+    text = README.read_text(encoding="utf-8")
+    (job,) = load_yaml(FEDERATION)["scrape_configs"]
+    wanted = [*job["params"]["match[]"]]
+    for target in load_yaml(REMOTE_WRITE)["remote_write"]:
+        wanted += [step["regex"] for step in target["write_relabel_configs"]]
+    missing = [selector for selector in wanted if f"'{selector}'" not in text]
+    assert missing == [], f"{README.name}'s snippets differ from the example files"
