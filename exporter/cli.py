@@ -306,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(_normalise_no_flags(sys.argv[1:] if argv is None else argv))
     try:
         config = load(args)
+        # Before the web config is read: what it warns about (a certificate near or past its
+        # end) goes out in the configured format and level, like every other line.
+        logs.setup(config.log.level, config.log.format)
         # Certificates and users are checked before a port is bound, like the rest.
         security = WebSecurity(config.web.config_file) if config.web.config_file else None
     except ConfigError as err:
@@ -314,7 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config_check:
         print(f"nvml-exporter: configuration is valid ({config.source})")
         return 0
-    logs.setup(config.log.level, config.log.format)
     if config.backend == "simulated":
         log.warning(
             "serving a SIMULATED fleet, not real GPUs",

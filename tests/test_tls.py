@@ -4,7 +4,9 @@ real bcrypt hashes, and a real Prometheus scraping over TLS with basic auth."""
 from __future__ import annotations
 
 import base64
+import datetime
 import http.client
+import re
 import ssl
 import statistics
 import time
@@ -316,3 +318,28 @@ def test_a_rotated_certificate_reaches_clients_that_only_trust_the_new_ca(pki: P
         assert info.peer is not None
     finally:
         proc.stop()
+
+
+def test_an_expired_certificate_at_start_is_warned_about_in_the_log_format(pki: Pki) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    expired = pki.ca.issue_cert(
+        "127.0.0.1",
+        "localhost",
+        not_before=now - datetime.timedelta(days=10),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    expired.cert_chain_pems[0].write_to_path(str(pki.directory / "server.crt"))
+    expired.private_key_pem.write_to_path(str(pki.directory / "server.key"))
+    path = pki.directory / "web-config.yml"
+    path.write_text(TLS_ONLY)
+    proc = start_exporter(["--simulate", "2", "--web.config.file", str(path)])
+    try:
+        log = proc.log().splitlines()
+    finally:
+        proc.stop()
+    # One logfmt line like every other, with its level and fields, not Python's bare fallback.
+    [warning] = [line for line in log if "certificate has expired" in line]
+    assert warning.startswith("ts=")
+    assert " level=warn " in warning
+    assert "cert_file=" in warning and "server.crt" in warning
+    assert re.search(r"not_after=\S+Z", warning)
