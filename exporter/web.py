@@ -61,6 +61,10 @@ TLS_READ_BUFFER = 32 * 1024
 # socket before the next, so the connection's ciphertext buffer never grows to a whole body
 # (and stays that large for the connection's life).
 TLS_WRITE_CHUNK = 16 * 1024
+# When every request slot is taken, a response that has waited this long for its client to read
+# it gives its slot up (its connection is closed). A scraper reads its response at once; a
+# client that asks and never reads would otherwise hold a slot until web.read_timeout.
+STALLED_RESPONSE_SECONDS = 2.0
 
 _REASONS = {
     200: "OK",
@@ -187,6 +191,8 @@ class _Connection:
     writer: asyncio.StreamWriter
     task: asyncio.Task[None]
     busy: bool = False  # while a response is prepared and sent
+    # Loop time since which a response has waited for its client to read it, if it does.
+    waiting_since: float | None = None
 
 
 class WebServer:
@@ -206,7 +212,8 @@ class WebServer:
         self._connections: dict[asyncio.Task[None], _Connection] = {}
         # TLS handshakes in progress, oldest first.
         self._handshakes: dict[asyncio.Task[None], _Connection] = {}
-        self._in_flight = 0
+        # Connections whose response holds one of the web.max_requests slots.
+        self._responding: dict[asyncio.Task[None], _Connection] = {}
         self._closing = False
         self._watcher: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []
@@ -513,10 +520,12 @@ class WebServer:
         if route is None:
             await self._send(writer, 404, _text_headers(), b"Not Found\n", keep_alive, head)
             return
-        if self._in_flight >= self._config.max_requests:
+        if len(self._responding) >= self._config.max_requests and not self._free_a_slot():
             await self._send_error(writer, 503, {"Retry-After": "1"}, head=head)
             raise ConnectionAbortedError
-        self._in_flight += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._responding[task] = self._connections[task]
         try:
             try:
                 status, headers, body = route(request)
@@ -526,7 +535,25 @@ class WebServer:
                 raise ConnectionAbortedError from None
             await self._send(writer, status, headers, body, keep_alive, head)
         finally:
-            self._in_flight -= 1
+            self._responding.pop(task, None)
+
+    def _free_a_slot(self) -> bool:
+        """With every request slot taken, closes the connection whose response has waited
+        longest for its client to read it, if that is over STALLED_RESPONSE_SECONDS: clients
+        that ask and never read must not hold the slots Prometheus needs."""
+        now = asyncio.get_running_loop().time()
+        stalled = [
+            (connection.waiting_since, task, connection)
+            for task, connection in self._responding.items()
+            if connection.waiting_since is not None
+            and now - connection.waiting_since >= STALLED_RESPONSE_SECONDS
+        ]
+        if not stalled:
+            return False
+        _, task, connection = min(stalled, key=lambda entry: entry[0] or 0.0)
+        del self._responding[task]
+        self._drop(task, connection)
+        return True
 
     async def _authorize(self, request: Request) -> AuthVerdict:
         security = self._security
@@ -619,12 +646,19 @@ class WebServer:
                 writer.write(view[start : start + TLS_WRITE_CHUNK])
         else:
             writer.write(body)
+        task = asyncio.current_task()
+        connection = self._connections.get(task) if task is not None else None
+        if connection is not None and writer.transport.get_write_buffer_size():
+            connection.waiting_since = asyncio.get_running_loop().time()
         try:
             await asyncio.wait_for(writer.drain(), self._config.read_timeout)
         except TimeoutError:
             # A client that stops reading must not keep a socket and its buffer forever.
             writer.transport.abort()
             raise ConnectionAbortedError from None
+        finally:
+            if connection is not None:
+                connection.waiting_since = None
 
 
 def _text_headers() -> dict[str, str]:

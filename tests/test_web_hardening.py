@@ -232,6 +232,41 @@ def test_connections_sending_a_response_are_not_dropped_for_new_ones(
             sock.close()
 
 
+def test_clients_that_ask_and_never_read_give_their_request_slots_up(
+    start: ServerFactory,
+) -> None:
+    stalling = StallingSnapshot()  # a body far larger than the socket buffers
+    running = start(FakeSource(stalling), max_requests=2, read_timeout=30)
+    pinned = [connect(running.port, rcvbuf=1024) for _ in range(2)]
+    try:
+        for sock in pinned:
+            send(sock, GOOD.format(extra="").encode())  # and never read
+        assert stalling.served.wait(5)
+        time.sleep(0.2)
+        # Both slots are taken by responses nobody reads: at first a newcomer waits its turn ...
+        assert exchange(running.port, request_with("X-Now: 1")).status == 503
+        # ... but once they have stalled for long enough, it gets its answer.
+        time.sleep(web.STALLED_RESPONSE_SECONDS + 0.2)
+        assert exchange(running.port, request_with("X-Later: 1")).status == 200
+        assert sum(closed_or_reset(sock) for sock in pinned) >= 1
+    finally:
+        for sock in pinned:
+            sock.close()
+
+
+def closed_or_reset(sock: socket.socket) -> bool:
+    """Whether the server has ended this connection (after whatever it had sent)."""
+    sock.settimeout(2)
+    try:
+        while sock.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
 # --- TLS -----------------------------------------------------------------------------------------
 
 
