@@ -87,6 +87,8 @@ _REASONS = {
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # RFC 9110 5.5: visible characters, spaces, tabs and obs-text; never NUL, CR, LF or other controls.
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+# A request target is visible ASCII (RFC 9112 3.2, RFC 3986); a fragment is never sent.
+_TARGET = re.compile(r"[\x21-\x22\x24-\x7e]+")
 _DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also takes "²" and "٣"
 
 ALLOWED_METHODS = "GET, HEAD"
@@ -416,7 +418,7 @@ class WebServer:
         method, target, version = parts
         if version not in ("HTTP/1.0", "HTTP/1.1"):
             raise HttpError(505 if version.startswith("HTTP/") else 400)
-        if not _TOKEN.fullmatch(method):
+        if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
             raise HttpError(400)
         headers = await self._read_headers(reader)
         if method == "CONNECT" or (method == "OPTIONS" and target == "*"):
@@ -437,7 +439,7 @@ class WebServer:
             target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
         if not target.startswith("/"):
             raise HttpError(400)
-        return target.split("?", 1)[0].split("#", 1)[0]
+        return target.split("?", 1)[0]
 
     @staticmethod
     async def _read_headers(reader: asyncio.StreamReader) -> dict[str, str]:

@@ -149,6 +149,16 @@ def test_control_characters_bad_names_and_a_second_host_are_400(
     assert exchange(start().port, data).status == 400
 
 
+@pytest.mark.parametrize(
+    "target", [b"/metrics?\x00", b"/metrics?\x01\x1b[31m", b"/metrics#frag", b"/metrics\x7f"]
+)
+def test_control_characters_and_fragments_in_the_target_are_400(
+    start: ServerFactory, target: bytes
+) -> None:
+    data = b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    assert exchange(start().port, data).status == 400
+
+
 def test_obs_text_in_a_field_value_is_accepted(start: ServerFactory) -> None:
     data = b"GET /metrics HTTP/1.1\r\nHost: t\r\nUser-Agent: caf\xe9\r\nConnection: close\r\n\r\n"
     assert exchange(start().port, data).status == 200
