@@ -134,6 +134,21 @@ def idle_connections(port: int, tls: ssl.SSLContext | None, count: int) -> list[
     return sockets
 
 
+def never_reading(port: int, tls: ssl.SSLContext | None, count: int) -> list[socket.socket]:
+    """Connections that ask for /metrics and never read the answer."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname="localhost")
+        sock.sendall(request())
+        sockets.append(sock)
+    return sockets
+
+
 def close_all(sockets: list[socket.socket]) -> None:
     for sock in sockets:
         sock.close()
@@ -167,6 +182,18 @@ def memory_rows(directory: Path) -> list[str]:
                 f"| {base:.1f} | {rss:.1f} | {(rss - base) * 1024 / MAX_CONNECTIONS:.0f} |"
             )
             close_all(sockets)
+        with exporter(directory, web_config) as target:
+            base = target.rss_mib()
+            sockets = never_reading(target.port, context, MAX_CONNECTIONS)
+            settle()
+            rss = target.rss_mib()
+            ok = idle_connections(target.port, context, 1)
+            rows.append(
+                f"| {MAX_CONNECTIONS} connections that ask for /metrics and never read, {kind}; "
+                f"then one real client | {held(sockets)} held; the client served: {len(ok) == 1} "
+                f"| {base:.1f} | {rss:.1f} | {(rss - base) * 1024 / MAX_CONNECTIONS:.0f} |"
+            )
+            close_all(sockets + ok)
     with exporter(directory, tls_config) as tls:
         base = tls.rss_mib()
         stalled = [socket.create_connection(("127.0.0.1", tls.port)) for _ in range(900)]

@@ -57,10 +57,13 @@ SECURITY_CHECK_INTERVAL = 1.0  # seconds between looks at the web config's files
 # given. Requests here are a few hundred bytes and a TLS record is at most 16 KiB, so a buffer
 # of two records costs nothing in speed.
 TLS_READ_BUFFER = 32 * 1024
-# Response bodies go to TLS in pieces of this size: each piece is encrypted and handed to the
-# socket before the next, so the connection's ciphertext buffer never grows to a whole body
-# (and stays that large for the connection's life).
+# Response bodies are written in pieces of these sizes (see _send); a TLS record holds 16 KiB.
+WRITE_CHUNK = 64 * 1024
 TLS_WRITE_CHUNK = 16 * 1024
+# Unsent response bytes a connection may hold before its send waits for the client: asyncio's
+# defaults (64 KiB plain, and 512 KiB more under TLS) would let each client that stops reading
+# pin that much memory, at every one of web.max_connections.
+WRITE_BUFFER_HIGH = 32 * 1024
 # When every request slot is taken, a response that has waited this long for its client to read
 # it gives its slot up (its connection is closed). A scraper reads its response at once; a
 # client that asks and never reads would otherwise hold a slot until web.read_timeout.
@@ -192,7 +195,7 @@ def accepts_gzip(accept_encoding: str) -> bool:
 class _Connection:
     writer: asyncio.StreamWriter
     task: asyncio.Task[None]
-    busy: bool = False  # while a response is prepared and sent
+    busy: bool = False  # while a response holds one of the web.max_requests slots
     # Loop time since which a response has waited for its client to read it, if it does.
     waiting_since: float | None = None
 
@@ -281,12 +284,16 @@ class WebServer:
 
     def _make_room(self) -> bool:
         """At web.max_connections, closes the least recently active connection that is not
-        sending a response (idle, in a TLS handshake, or still sending its request head);
-        False when every connection is sending a response."""
+        being answered in a request slot, or whose answer has waited STALLED_RESPONSE_SECONDS
+        for its client to read it: an idle one, one in a TLS handshake or still sending its
+        head, one waiting for a password check, one whose 404 or 401 its client never reads.
+        False when every connection is being answered."""
         if len(self._connections) < self._config.max_connections:
             return True
+        now = asyncio.get_running_loop().time()
         for task, connection in self._connections.items():
-            if not connection.busy:
+            if not connection.busy or _stalled(connection, now):
+                self._responding.pop(task, None)
                 self._drop(task, connection)
                 return True
         return False
@@ -316,6 +323,7 @@ class WebServer:
             context = self._security.ssl_context if self._security else None
             if context is not None:
                 await self._handshake(task, connection, context)
+            writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
             await self._serve_connection(task, connection, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
@@ -345,6 +353,11 @@ class WebServer:
             await connection.writer.start_tls(
                 context, ssl_handshake_timeout=self._config.read_timeout
             )
+        except BaseException:
+            # A failed handshake never tells the stream it is closed, so a graceful close
+            # would wait out its whole deadline for nothing.
+            connection.writer.transport.abort()
+            raise
         finally:
             self._handshakes.pop(task, None)
 
@@ -386,14 +399,10 @@ class WebServer:
                     await self._send_error(writer, err.status, err.headers)
                     return
                 keep_alive = request.keep_alive and not self._closing
-                # Only now is the connection worth keeping at the cap: one still sending its
-                # head may be a slow client holding a slot, and gives way like an idle one.
-                connection.busy = True
                 await self._respond(request, writer, keep_alive)
                 if not keep_alive:
                     return
             finally:
-                connection.busy = False
                 self._touch(task)
 
     @staticmethod
@@ -526,8 +535,11 @@ class WebServer:
             await self._send_error(writer, 503, {"Retry-After": "1"}, head=head)
             raise ConnectionAbortedError
         task = asyncio.current_task()
-        assert task is not None
-        self._responding[task] = self._connections[task]
+        current = self._connections.get(task) if task is not None else None
+        if task is None or current is None:
+            raise ConnectionAbortedError  # dropped to make room while its head was parsed
+        self._responding[task] = current
+        current.busy = True
         try:
             try:
                 status, headers, body = route(request)
@@ -538,6 +550,7 @@ class WebServer:
             await self._send(writer, status, headers, body, keep_alive, head)
         finally:
             self._responding.pop(task, None)
+            current.busy = False
 
     def _free_a_slot(self) -> bool:
         """With every request slot taken, closes the connection whose response has waited
@@ -545,14 +558,13 @@ class WebServer:
         that ask and never read must not hold the slots Prometheus needs."""
         now = asyncio.get_running_loop().time()
         stalled = [
-            (connection.waiting_since, task, connection)
+            (connection.waiting_since or 0.0, task, connection)
             for task, connection in self._responding.items()
-            if connection.waiting_since is not None
-            and now - connection.waiting_since >= STALLED_RESPONSE_SECONDS
+            if _stalled(connection, now)
         ]
         if not stalled:
             return False
-        _, task, connection = min(stalled, key=lambda entry: entry[0] or 0.0)
+        _, task, connection = min(stalled, key=lambda entry: entry[0])
         del self._responding[task]
         self._drop(task, connection)
         return True
@@ -640,20 +652,24 @@ class WebServer:
         if not keep_alive or self._closing:
             lines.append("Connection: close")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        if head:
-            pass
-        elif len(body) > TLS_WRITE_CHUNK and writer.get_extra_info("sslcontext") is not None:
-            view = memoryview(body)
-            for start in range(0, len(body), TLS_WRITE_CHUNK):
-                writer.write(view[start : start + TLS_WRITE_CHUNK])
-        else:
-            writer.write(body)
         task = asyncio.current_task()
         connection = self._connections.get(task) if task is not None else None
-        if connection is not None and writer.transport.get_write_buffer_size():
-            connection.waiting_since = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.read_timeout
+        # The body goes out a piece at a time, each handed on once the one before has left
+        # (or the connection's small buffer has room): a client that stops reading then holds
+        # at most WRITE_BUFFER_HIGH of it, not a copy of the whole body. Under TLS each piece
+        # is also encrypted on its own, so the ciphertext buffer stays a piece's size.
+        view = memoryview(b"" if head else body)
+        chunk = TLS_WRITE_CHUNK if writer.get_extra_info("sslcontext") else WRITE_CHUNK
         try:
-            await asyncio.wait_for(writer.drain(), self._config.read_timeout)
+            for start in range(0, len(view), chunk):
+                writer.write(view[start : start + chunk])
+                if writer.transport.get_write_buffer_size() <= WRITE_BUFFER_HIGH:
+                    continue  # nothing to wait for: the usual case, kept cheap
+                if connection is not None and connection.waiting_since is None:
+                    connection.waiting_since = loop.time()
+                await asyncio.wait_for(writer.drain(), max(0.0, deadline - loop.time()))
         except TimeoutError:
             # A client that stops reading must not keep a socket and its buffer forever.
             writer.transport.abort()
@@ -661,6 +677,12 @@ class WebServer:
         finally:
             if connection is not None:
                 connection.waiting_since = None
+
+
+def _stalled(connection: _Connection, now: float) -> bool:
+    """Whether the connection's response has waited too long for its client to read it."""
+    since = connection.waiting_since
+    return since is not None and now - since >= STALLED_RESPONSE_SECONDS
 
 
 def _text_headers() -> dict[str, str]:

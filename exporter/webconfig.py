@@ -175,9 +175,11 @@ _GO_DURATION_UNITS = {
 }
 
 RELOAD_CHECK_INTERVAL = 1.0  # seconds between looks at the files' metadata
-# Seconds a verified user/password pair skips bcrypt after its last use: a scraper that comes
-# back within this never waits for bcrypt again, whatever else is hammering the exporter.
-AUTH_CACHE_TTL = 60.0
+# Seconds a verified user/password pair skips bcrypt after its last use: longer than any
+# scrape interval in use, so a scraper that keeps coming back never waits for bcrypt again,
+# whatever else is hammering the exporter. The pair is keyed to the stored hash, so changing or
+# removing the user ends it at the next reload.
+AUTH_CACHE_TTL = 900.0
 # Seconds a refused pair is refused again without bcrypt: a flood that repeats one wrong
 # password costs one check a minute.
 AUTH_FAILURE_TTL = 60.0
@@ -640,8 +642,9 @@ def _load(path: str) -> _Loaded:
 
 def _certificate_expiry(cert_file: str) -> float | None:
     try:
-        return certificate_not_after(Path(cert_file).read_text(encoding="ascii"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        # latin-1 takes any byte: OpenSSL skips text around the PEM block, and so does this.
+        return certificate_not_after(Path(cert_file).read_bytes().decode("latin-1"))
+    except (OSError, ValueError):
         # OpenSSL has just loaded this file, so only an encoding this reader does not know is
         # left; the certificate is served all the same, just without an expiry gauge.
         log.warning("cannot read the serving certificate's expiry", extra={"file": cert_file})

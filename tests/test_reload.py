@@ -3,12 +3,20 @@ watcher, the process attribution) are rebuilt rather than ignored."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
+from types import MappingProxyType
 
 from exporter.attribution import ProcAttribution
 from exporter.cli import App, build_parser, load, make_services
+from exporter.collectors import Services
+from exporter.collectors.base import Container
+from exporter.config import Config, SimulationConfig
 from exporter.nvml import PynvmlDriver
 from exporter.sampler import Sampler
+from exporter.simulate import SimulatedDriver
+from exporter.snapshot import Format
 
 
 def app_for(config_file: Path) -> App:
@@ -46,3 +54,44 @@ def test_an_unchanged_proc_root_keeps_its_attribution(tmp_path: Path) -> None:
     app.reload()
     assert app.sampler.services.attribution is before
     assert app.config.sampling.interval == 2
+
+
+class Hidden:
+    """A /proc without the host's PIDs: no process is visible."""
+
+    def process_name(self, pid: int) -> str | None:
+        return None
+
+    def container(self, pid: int) -> Container | None:
+        return None
+
+
+class Visible:
+    def process_name(self, pid: int) -> str | None:
+        return f"worker-{pid}"
+
+    def container(self, pid: int) -> Container | None:
+        return Container(container_id=f"c{pid}", pod_uid="")
+
+
+def container_ids(sampler: Sampler) -> set[str]:
+    body = sampler.sample_once().body(Format.TEXT, False).decode()
+    series = re.findall(r"nvml_process_memory_used_bytes\{([^}]*)\}", body)
+    assert series
+    return {
+        dict(re.findall(r'(\w+)="([^"]*)"', labels)).get("container_id", "") for labels in series
+    }
+
+
+def test_processes_already_running_are_looked_up_again_through_new_services() -> None:
+    config = dataclasses.replace(
+        Config(),
+        backend="simulated",
+        simulation=SimulationConfig(devices=2),
+        collectors=MappingProxyType({**Config().collectors, "processes": True}),
+    )
+    sampler = Sampler(config, SimulatedDriver(config.simulation), services=Services(Hidden()))
+    assert container_ids(sampler) == {""}
+    # As a reload that points processes.proc_root at the host's /proc would.
+    sampler.reconfigure(config, Services(Visible()))
+    assert all(found.startswith("c") for found in container_ids(sampler))

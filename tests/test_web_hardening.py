@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio.sslproto
 import base64
+import contextlib
 import datetime
 import logging
 import socket
@@ -262,6 +263,65 @@ def test_clients_that_ask_and_never_read_give_their_request_slots_up(
     finally:
         for sock in pinned:
             sock.close()
+
+
+def test_clients_that_pipeline_cheap_requests_and_never_read_give_way_at_the_cap(
+    start: ServerFactory,
+) -> None:
+    running = start(max_connections=4, read_timeout=30, idle_timeout=30)
+    pinned = [connect(running.port, rcvbuf=1024) for _ in range(4)]
+    try:
+        flood = b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n" * 40000  # 404s, no request slot
+        for sock in pinned:
+            sock.settimeout(0.5)
+            with contextlib.suppress(TimeoutError, BlockingIOError):
+                sock.sendall(flood)
+        time.sleep(web.STALLED_RESPONSE_SECONDS + 0.5)
+        # Their answers wait for them; a new scraper still gets in.
+        assert exchange(running.port, request_with("X-New: 1")).status == 200
+    finally:
+        for sock in pinned:
+            sock.close()
+
+
+def test_connections_waiting_for_a_password_check_give_way_at_the_cap(
+    start: ServerFactory, tmp_path: Path
+) -> None:
+    # A costly hash keeps the checks of the wrong passwords waiting while the scraper arrives.
+    hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=13)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(f"basic_auth_users:\n  prometheus: {hashed}\n")
+    running = start(security=WebSecurity(str(config)), max_connections=4, read_timeout=30)
+    good = request_with(f"Authorization: {basic('prometheus', 'right')}")
+    assert exchange(running.port, good).status == 200  # verified once, cached from now on
+    waiting = [connect(running.port) for _ in range(4)]
+    try:
+        for i, sock in enumerate(waiting):
+            send(sock, request_with(f"Authorization: {basic('prometheus', f'guess{i}')}"))
+        time.sleep(0.1)
+        assert exchange(running.port, good).status == 200
+    finally:
+        for sock in waiting:
+            sock.close()
+
+
+def test_a_client_that_stops_reading_pins_a_bounded_amount_of_unsent_response(
+    start: ServerFactory, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    write_pair(tmp_path, ca.issue_cert("localhost"))
+    stalling = StallingSnapshot()
+    running = start(FakeSource(stalling), security=WebSecurity(tls_config(tmp_path)))
+    with (
+        connect(running.port, rcvbuf=1024) as raw,
+        verifying_client(ca).wrap_socket(raw, server_hostname="localhost") as sock,
+    ):
+        sock.sendall(request_with("X-Never-Reads: 1"))
+        assert stalling.served.wait(5)
+        time.sleep(0.3)
+        [(_, connection)] = running.server._connections.items()
+        transport = connection.writer.transport
+        assert transport.get_write_buffer_size() <= 2 * web.WRITE_BUFFER_HIGH
 
 
 def closed_or_reset(sock: socket.socket) -> bool:

@@ -1217,3 +1217,12 @@ def test_web_config_errors_echo_values_briefly(tmp_path: Path) -> None:
         load_web_config(path)
     assert "rate_limit.burst: must be a non-negative integer" in str(error.value)
     assert len(str(error.value)) < 400
+
+
+def test_expiry_is_read_from_a_certificate_file_with_text_around_the_pem(pki: Pki) -> None:
+    # openssl x509 -text writes a human-readable dump (not always ASCII) before the PEM block.
+    pem = pki.server.cert_chain_pems[0].bytes()
+    (pki.dir / "server.crt").write_bytes("Subject: CN=Grüße\n".encode("latin-1") + pem)
+    security = WebSecurity(write_config(pki.dir, TLS))
+    expected = x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
+    assert security.certificate_expiry == expected

@@ -171,6 +171,10 @@ class ProcessesCollector(Collector):
 
     def configure(self, config: Config, services: Services) -> None:
         self._limit = config.processes.max_per_device
+        if services.attribution is not self._attribution or services.pods is not self._pods:
+            # Names and containers were looked up once per process through the old services
+            # (a /proc without the host's PIDs, say): look them up again through the new ones.
+            self._identities.clear()
         self._attribution = services.attribution
         self._pods = services.pods
 
