@@ -248,7 +248,7 @@ class App:
             # The pod watcher and the process attribution are rebuilt from the new settings and
             # handed to the collectors with the rest of the configuration.
             watcher = self.watcher
-            if new.kubernetes != self.config.kubernetes:
+            if "kubernetes" in changed:
                 watcher = start_pod_watcher(new)
                 if self.watcher is not None:
                     # Stopping waits for a poll in flight: not on the event loop.

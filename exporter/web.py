@@ -14,8 +14,8 @@ expressions below, strictly (anything else is a 4xx and the connection closes). 
 second HTTP stack off every GPU node. tests/test_http_fuzz.py feeds it arbitrary bytes.
 
 Every connection counts against `web.max_connections` from the moment it is accepted, TLS
-handshakes included; at the limit the least recently active connection that is not in the
-middle of a request makes room, so clients that hold idle connections cannot lock a scraper out.
+handshakes included; at the limit the least recently active connection that is not being
+answered makes room, so clients that hold connections cannot lock a scraper out.
 Authentication waits outside the `web.max_requests` slots, so a flood of bad passwords cannot
 starve clients whose credentials are already verified.
 """
@@ -194,8 +194,6 @@ def accepts_gzip(accept_encoding: str) -> bool:
 @dataclass(eq=False)
 class _Connection:
     writer: asyncio.StreamWriter
-    task: asyncio.Task[None]
-    busy: bool = False  # while a response holds one of the web.max_requests slots
     # Loop time since which a response has waited for its client to read it, if it does.
     waiting_since: float | None = None
 
@@ -252,11 +250,9 @@ class WebServer:
             self._watcher.cancel()
         for server in self._servers:
             server.close()
-        busy = []
-        for task, connection in list(self._connections.items()):
-            if connection.busy:
-                busy.append(task)
-            else:
+        busy = list(self._responding)
+        for task in list(self._connections):
+            if task not in self._responding:
                 task.cancel()
         if busy:
             _, late = await asyncio.wait(busy, timeout=grace)
@@ -292,8 +288,7 @@ class WebServer:
             return True
         now = asyncio.get_running_loop().time()
         for task, connection in self._connections.items():
-            if not connection.busy or _stalled(connection, now):
-                self._responding.pop(task, None)
+            if task not in self._responding or _stalled(connection, now):
                 self._drop(task, connection)
                 return True
         return False
@@ -301,6 +296,7 @@ class WebServer:
     def _drop(self, task: asyncio.Task[None], connection: _Connection) -> None:
         del self._connections[task]
         self._handshakes.pop(task, None)
+        self._responding.pop(task, None)
         connection.writer.transport.abort()
         task.cancel()
 
@@ -317,14 +313,14 @@ class WebServer:
         if self._closing or not self._make_room():
             writer.transport.abort()
             return
-        connection = _Connection(writer, task)
+        connection = _Connection(writer)
         self._connections[task] = connection
         try:
             context = self._security.ssl_context if self._security else None
             if context is not None:
                 await self._handshake(task, connection, context)
             writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
-            await self._serve_connection(task, connection, reader, writer)
+            await self._serve_connection(task, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         except (ssl.SSLError, TimeoutError):
@@ -364,7 +360,6 @@ class WebServer:
     async def _serve_connection(
         self,
         task: asyncio.Task[None],
-        connection: _Connection,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
@@ -539,7 +534,6 @@ class WebServer:
         if task is None or current is None:
             raise ConnectionAbortedError  # dropped to make room while its head was parsed
         self._responding[task] = current
-        current.busy = True
         try:
             try:
                 status, headers, body = route(request)
@@ -550,7 +544,6 @@ class WebServer:
             await self._send(writer, status, headers, body, keep_alive, head)
         finally:
             self._responding.pop(task, None)
-            current.busy = False
 
     def _free_a_slot(self) -> bool:
         """With every request slot taken, closes the connection whose response has waited
@@ -565,7 +558,6 @@ class WebServer:
         if not stalled:
             return False
         _, task, connection = min(stalled, key=lambda entry: entry[0])
-        del self._responding[task]
         self._drop(task, connection)
         return True
 

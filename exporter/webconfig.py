@@ -919,9 +919,7 @@ class WebSecurity:
             if len(self._checking) >= MAX_PENDING_PASSWORD_CHECKS:
                 return AuthVerdict.BUSY
             loop = asyncio.get_running_loop()
-            check = asyncio.ensure_future(
-                loop.run_in_executor(self._bcrypt, _checkpw, password, target)
-            )
+            check = loop.run_in_executor(self._bcrypt, _checkpw, password, target)
             self._checking[key] = check
             check.add_done_callback(lambda _: self._checking.pop(key, None))
         verified = await asyncio.shield(check)
