@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import yaml
 from yaml.composer import ComposerError
@@ -747,26 +747,9 @@ class StrictLoader(yaml.SafeLoader):
                 )
 
 
-_STRICT_LOADERS: dict[type[yaml.SafeLoader], type[yaml.SafeLoader]] = {}
-
-
-def _strict(loader: type[yaml.SafeLoader]) -> type[yaml.SafeLoader]:
-    """`loader` with StrictLoader's protections, whatever else it adds or overrides."""
-    if issubclass(loader, StrictLoader):
-        return loader
-    if loader not in _STRICT_LOADERS:
-        # StrictLoader first in the MRO: its checks run, then `loader`'s own, then SafeLoader's.
-        mixed = type(f"Strict{loader.__name__}", (StrictLoader, loader), {})
-        _STRICT_LOADERS[loader] = cast(type[yaml.SafeLoader], mixed)
-    return _STRICT_LOADERS[loader]
-
-
-def read_yaml(path: str, loader: type[yaml.SafeLoader] = StrictLoader) -> object:
-    """A YAML file's document, or a ConfigError naming the file and, for syntax, the line.
-
-    Whatever `loader` is given, it gets StrictLoader's protections, and the file is read only up
-    to MAX_CONFIG_BYTES.
-    """
+def read_yaml(path: str) -> object:
+    """A YAML file's document, read with StrictLoader and only up to MAX_CONFIG_BYTES, or a
+    ConfigError naming the file and, for syntax, the line."""
     try:
         with Path(path).open("rb") as file:
             info = os.fstat(file.fileno())
@@ -783,7 +766,7 @@ def read_yaml(path: str, loader: type[yaml.SafeLoader] = StrictLoader) -> object
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: cannot read: {err}") from None
     try:
-        return yaml.load(text, Loader=_strict(loader))
+        return yaml.load(text, Loader=StrictLoader)
     except _Unsupported as err:
         mark = err.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections.abc
 import math
 import os
 import socket
@@ -26,12 +25,10 @@ from exporter.config import (
     ConfigError,
     DeviceSelection,
     Overrides,
-    StrictLoader,
     apply_overrides,
     load_config,
     parse_config,
     parse_duration,
-    read_yaml,
     short_repr,
     split_listen_address,
 )
@@ -507,32 +504,6 @@ def test_keys_equal_once_read_are_duplicates(tmp_path: Path) -> None:
 
 
 # --- read_yaml: any loader gets the protections, and errors stay ConfigErrors ----------------
-
-
-class _RecordingLoader(yaml.SafeLoader):
-    """Stands for exporter.webconfig's loader: a SafeLoader subclass with its own hook."""
-
-    mappings = 0
-
-    def construct_mapping(
-        self, node: yaml.MappingNode, deep: bool = False
-    ) -> dict[collections.abc.Hashable, object]:
-        _RecordingLoader.mappings += 1
-        return super().construct_mapping(node, deep=deep)
-
-
-def test_read_yaml_protects_a_loader_passed_in(tmp_path: Path) -> None:
-    aliased = write(tmp_path, "a: &x 1\nb: *x\n")
-    with pytest.raises(ConfigError, match=r"line 2, column 4: YAML aliases \(\*name\) are not"):
-        read_yaml(str(aliased), _RecordingLoader)
-    duplicated = write(tmp_path, "alice: x\nalice: y\n")
-    with pytest.raises(ConfigError, match=r"line 2, column 1: duplicate key 'alice'"):
-        read_yaml(str(duplicated), _RecordingLoader)
-    before = _RecordingLoader.mappings
-    fine = write(tmp_path, "a: {b: 1}\n")
-    assert read_yaml(str(fine), _RecordingLoader) == {"a": {"b": 1}}
-    assert _RecordingLoader.mappings == before + 2
-    assert read_yaml(str(fine)) == read_yaml(str(fine), StrictLoader) == {"a": {"b": 1}}
 
 
 @pytest.mark.parametrize(
