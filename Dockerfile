@@ -11,7 +11,6 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
 FROM python:3.12-slim
 LABEL org.opencontainers.image.title="nvml-exporter" \
       org.opencontainers.image.description="Prometheus exporter for NVIDIA GPUs via NVML" \
-      org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.licenses="Apache-2.0"
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=utility \
