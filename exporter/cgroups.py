@@ -21,7 +21,6 @@ reader's pod, the pod.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,19 +111,3 @@ def process_name(pid: int, proc_root: Path = Path("/proc")) -> str | None:
     """/proc/<pid>/comm stripped, None if not visible."""
     text = _read(proc_root / str(pid) / "comm")
     return None if text is None else text.strip()
-
-
-def sees_host_pids(pids: Iterable[int], proc_root: Path = Path("/proc")) -> bool:
-    """True when at least one of the given host PIDs (as NVML reports them) is under proc_root.
-
-    False for no PIDs at all, so ask only when NVML reported some. In a private PID namespace
-    a host PID may still name some unrelated process of the container's own, but the PIDs of
-    GPU processes are rarely that small, so this is a hint for a log line, not a guarantee.
-    """
-    for pid in pids:
-        try:
-            (proc_root / str(pid)).stat()
-        except OSError:
-            continue
-        return True
-    return False

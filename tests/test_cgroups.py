@@ -13,7 +13,6 @@ from exporter.cgroups import (
     parse_cgroup,
     process_name,
     read_container,
-    sees_host_pids,
 )
 
 PROC = Path(__file__).parent / "fixtures" / "proc"
@@ -278,12 +277,3 @@ def test_only_a_full_length_bare_id_is_a_container() -> None:
 @pytest.mark.parametrize("text", ["", "\n\n", "0::\n", "garbage\n:::\n", "0:/docker\n"])
 def test_nothing_to_go_on_is_no_container(text: str) -> None:
     assert parse_cgroup(text) == NONE
-
-
-def test_sees_host_pids() -> None:
-    root = PROC / "docker_cgroupfs_v1"
-    assert sees_host_pids([99999, 4101], root)
-    assert sees_host_pids(iter([4101]), root)
-    assert not sees_host_pids([99999, 4102], root)
-    assert not sees_host_pids([], root)
-    assert not sees_host_pids([4101], PROC / "no-such-proc")
