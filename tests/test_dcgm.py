@@ -32,7 +32,8 @@ from exporter.config import (
     load_config,
 )
 from exporter.podresources import PodResourcesWatcher
-from exporter.sampler import SELF_METRICS, Sampler, _FamilyBuilder
+from exporter.sampler import Sampler, _FamilyBuilder
+from exporter.selfmetrics import SELF_METRICS
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format, render_text
 

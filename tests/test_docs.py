@@ -16,7 +16,8 @@ from exporter.collectors import COLLECTORS, MetricSpec, Services
 from exporter.collectors.base import Pod
 from exporter.config import Config, FaultConfig, SimulationConfig
 from exporter.metricsdoc import documented, documented_dcgm, render
-from exporter.sampler import PROCESS_METRICS, SELF_METRICS, WEB_METRICS, Sampler
+from exporter.sampler import Sampler
+from exporter.selfmetrics import PROCESS_METRICS, SELF_METRICS, WEB_METRICS
 from exporter.simulate import MODELS, SimulatedAttribution, SimulatedDriver
 from exporter.snapshot import Snapshot
 
