@@ -24,7 +24,8 @@ from exporter.config import (
     SimulationConfig,
 )
 from exporter.nvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, Device, NvmlError
-from exporter.sampler import DeviceResult, PlanCache, Sampler, _Readers, _SeriesEmitter
+from exporter.readers import Readers
+from exporter.sampler import DeviceResult, PlanCache, Sampler, _SeriesEmitter
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format, Snapshot
 
@@ -187,7 +188,7 @@ def test_a_hanging_gpu_misses_the_deadline_and_is_not_piled_on() -> None:
 
 
 def test_reads_share_one_thread_until_a_read_stalls_and_shrink_back_after() -> None:
-    readers = _Readers()
+    readers: Readers[DeviceResult] = Readers()
     release = threading.Event()
     threads: dict[int, str] = {}
 
@@ -242,7 +243,7 @@ def test_slow_gpus_get_more_readers_instead_of_missing_the_deadline() -> None:
 
 
 def test_reads_still_queued_at_the_deadline_are_dropped_not_run_late() -> None:
-    readers = _Readers()
+    readers: Readers[DeviceResult] = Readers()
     release = threading.Event()
     ran: list[int] = []
 
