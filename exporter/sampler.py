@@ -16,24 +16,30 @@ import platform
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import ProcessCollector
 
-from exporter import __version__, dcgm
+from exporter import __version__
 from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec, Services
-from exporter.collectors.base import IDENTITY_LABELS, FieldPlan, Sample, field_value
-from exporter.config import Config, SamplingConfig
+from exporter.collectors.base import IDENTITY_LABELS, Sample
+from exporter.config import Config
+from exporter.exposition import (
+    FamilyBuilder,
+    PlanCache,
+    SeriesCache,
+    SeriesEmitter,
+    dcgm,
+    family_header,
+)
 from exporter.nvml import (
-    SUCCESS,
     Device,
     DeviceLost,
     Driver,
     FieldRequest,
-    FieldResult,
     Session,
     SessionLost,
     binding_version,
@@ -63,17 +69,10 @@ from exporter.snapshot import (
     Format,
     Header,
     Snapshot,
-    format_value,
     label_pairs,
-    series_prefix,
 )
 
 log = logging.getLogger(__name__)
-
-
-# (spec, extra label values) -> (line prefix, value, line): one GPU's series of the last sample.
-SeriesCache = dict[tuple[MetricSpec, tuple[str, ...]], tuple[str, float, str]]
-PlanCache = dict[FieldPlan, "_PlanState"]
 
 
 @dataclass
@@ -93,183 +92,6 @@ _NO_ERRORS: Counter[str] = Counter()
 
 def _where(collector: Collector, device: Device | None) -> dict[str, object]:
     return {"collector": collector.name, "gpu": "" if device is None else device.index}
-
-
-@dataclass
-class _PlanState:
-    """A field plan's last sample on one GPU."""
-
-    results: list[FieldResult | None]
-    lines: list[str | None]
-    prefixes: list[str]
-    complete: bool  # a line for every series
-    failed: bool  # some entry failed: rendered again next sample, so the error policy sees it
-
-
-class _SeriesEmitter(Emitter):
-    """Renders each series to its exposition line as the collector adds it. The line of the
-    last sample is reused when the value is unchanged, and its prefix (name and labels) always,
-    so a series costs a dictionary lookup, not a label rendering."""
-
-    __slots__ = ("_identity", "_previous", "_previous_plans", "lines", "plans", "series")
-
-    def __init__(self, identity: str, previous: SeriesCache, previous_plans: PlanCache) -> None:
-        super().__init__()
-        self._identity = identity
-        self._previous = previous
-        self._previous_plans = previous_plans
-        self.series: SeriesCache = {}
-        self.plans: PlanCache = {}
-        self.lines: dict[MetricSpec, list[str]] = {}
-
-    def add(self, spec: MetricSpec, value: float, *labels: str) -> None:
-        key = (spec, labels)
-        entry = self._previous.get(key)
-        if entry is None:
-            prefix = self._prefix(spec, labels)
-            entry = (prefix, value, prefix + format_value(value) + "\n")
-        elif entry[1] != value:
-            entry = (entry[0], value, entry[0] + format_value(value) + "\n")
-        self.series[key] = entry
-        lines = self.lines.get(spec)
-        if lines is None:
-            lines = self.lines[spec] = []
-        lines.append(entry[2])
-
-    def _prefix(self, spec: MetricSpec, labels: tuple[str, ...]) -> str:
-        pairs = self._identity
-        if labels:
-            pairs += "," + label_pairs(spec.labels, labels)
-        return series_prefix(spec.name, pairs)
-
-    def add_fields(self, device: Device, plan: FieldPlan) -> None:
-        """A plan's series at once: when its field entries equal the last sample's, all its
-        lines are the last sample's too (one list comparison for, say, 108 NVLink series);
-        otherwise only the entries that changed are rendered again."""
-        results = device.field_results(plan.requests_by_series)
-        state = self._previous_plans.get(plan)
-        if state is None or state.failed or state.results != results:
-            state = self._render_plan(device, plan, results, state)
-        self.plans[plan] = state
-        lines = state.lines
-        for spec, start, end in plan.spans:
-            target = self.lines.get(spec)
-            if target is None:
-                target = self.lines[spec] = []
-            if state.complete:
-                target.extend(lines[start:end])  # type: ignore[arg-type]
-            else:
-                target.extend(line for line in lines[start:end] if line is not None)
-
-    def _render_plan(
-        self,
-        device: Device,
-        plan: FieldPlan,
-        results: list[FieldResult | None],
-        previous: _PlanState | None,
-    ) -> _PlanState:
-        if previous is None:
-            prefixes = [self._prefix(s.spec, s.labels) for s in plan.series]
-        else:
-            prefixes = previous.prefixes
-        state = _PlanState(results, [], prefixes, complete=True, failed=False)
-        for index, (series, result) in enumerate(zip(plan.series, results, strict=True)):
-            if result is None or result[0] != SUCCESS:
-                if result is not None:
-                    device.field(*series.request)  # the error policy sees each failed read
-                    state.failed = True
-                state.lines.append(None)
-                state.complete = False
-            elif previous is not None and previous.results[index] == result:
-                state.lines.append(previous.lines[index])
-            else:
-                value = field_value(series, result[1])  # type: ignore[arg-type]
-                state.lines.append(prefixes[index] + format_value(value) + "\n")
-        return state
-
-
-def _header(spec: MetricSpec | Dcgm, sampling: SamplingConfig) -> Header:
-    interval = f"{sampling.interval:g}s"
-    suffix = f" Sampled every {interval}."
-    if isinstance(spec, Dcgm):
-        return Header(spec.name, spec.type, spec.help + suffix)
-    if not spec.per_device or spec.type == "info":
-        suffix = ""
-    elif spec.cadence:
-        slow = sampling.slow_fields_interval
-        suffix = " " + spec.cadence.format(
-            interval=interval, slow=f"{slow:g}s" if slow > 0 else "sample"
-        )
-    return Header(spec.name, spec.type, spec.help + suffix, spec.unit)
-
-
-class _FamilyBuilder:
-    """Merges series from all devices into one family per metric, in first-seen order."""
-
-    def __init__(
-        self,
-        headers: Callable[[MetricSpec | Dcgm], Header],
-        naming: str = "nvml",
-        host: str = "",
-        prefixes: dict[tuple[MetricSpec, tuple[str, ...]], str] | None = None,
-        hostname_label: str = dcgm.DEFAULT_HOSTNAME_LABEL,
-        rates: dcgm.CounterRates | None = None,
-    ) -> None:
-        self._lines: dict[MetricSpec | Dcgm, list[str]] = {}
-        # The last sample's line prefixes of the series added one by one (the self-metrics);
-        # those used again are carried into `self.prefixes` for the next sample.
-        self._previous = prefixes or {}
-        self.prefixes: dict[tuple[MetricSpec, tuple[str, ...]], str] = {}
-        self._headers = headers
-        self._dcgm = naming == "dcgm"
-        self._host = host
-        self._identity_labels = dcgm.identity_labels(hostname_label)
-        self._rates = rates
-        # Several sources may stand for one DCGM field (GPM, a counter's rate, a gauge): one
-        # family per field name, so its HELP and TYPE appear once.
-        self._dcgm_fields: dict[str, Dcgm] = {}
-
-    def _family(self, spec: MetricSpec | Dcgm) -> list[str]:
-        lines = self._lines.get(spec)
-        if lines is None:
-            lines = self._lines[spec] = []
-        return lines
-
-    def add(self, spec: MetricSpec, labels: tuple[str, ...], value: float) -> None:
-        key = (spec, labels)
-        prefix = self._previous.get(key)
-        if prefix is None:
-            prefix = series_prefix(spec.name, label_pairs(spec.label_names, labels))
-        self.prefixes[key] = prefix
-        self._family(spec).append(prefix + format_value(value) + "\n")
-
-    def add_lines(self, lines: Mapping[MetricSpec, list[str]]) -> None:
-        for spec, series in lines.items():
-            self._family(spec).extend(series)
-
-    def add_device(self, device: Device, samples: Iterable[Sample]) -> None:
-        if self._dcgm:
-            self._add_dcgm(device, samples)
-            return
-        identity = (str(device.index), device.uuid)
-        for spec, labels, value in samples:
-            self.add(spec, identity + labels, value)
-
-    def _add_dcgm(self, device: Device, samples: Iterable[Sample]) -> None:
-        identity = label_pairs(self._identity_labels, dcgm.identity(device, self._host))
-        translated = dcgm.translate(samples, self._rates, device.uuid, device.clock())
-        for target, extra, value in translated:
-            pairs = identity
-            if extra:
-                pairs += "," + label_pairs([k for k, _ in extra], [v for _, v in extra])
-            # dcgm-exporter's counters carry no `_total`; the text renderer keeps the name.
-            line = series_prefix(target.name, pairs) + format_value(value) + "\n"
-            self._family(self._dcgm_fields.setdefault(target.name, target)).append(line)
-
-    def families(self) -> list[Family]:
-        if self._rates is not None:
-            self._rates.sweep()
-        return [Family(self._headers(spec), lines) for spec, lines in self._lines.items()]
 
 
 class WebStatus(Protocol):
@@ -356,7 +178,7 @@ class Sampler:
     # --- sampling ----------------------------------------------------------------------------
 
     def _static_families(self) -> list[Family]:
-        builder = _FamilyBuilder(self._header)
+        builder = FamilyBuilder(self._header)
         builder.add(BUILD_INFO, (__version__, platform.python_version(), binding_version()), 1)
         builder.add(BACKEND_INFO, (self.config.backend,), 1)
         return builder.families()
@@ -364,7 +186,7 @@ class Sampler:
     def _header(self, spec: MetricSpec | Dcgm) -> Header:
         header = self._headers.get(spec)
         if header is None:
-            header = self._headers[spec] = _header(spec, self.config.sampling)
+            header = self._headers[spec] = family_header(spec, self.config.sampling)
         return header
 
     def _read_device(self, device: Device, collectors: Sequence[Collector]) -> DeviceResult:
@@ -375,7 +197,7 @@ class Sampler:
         else:
             identity = label_pairs(IDENTITY_LABELS, (str(device.index), device.uuid))
             series, plans = self._series.get((device.index, device.uuid), ({}, {}))
-            out = _SeriesEmitter(identity, series, plans)
+            out = SeriesEmitter(identity, series, plans)
         device.memo = {}
         requests: list[FieldRequest] = []
         failed: set[str] = set()
@@ -415,7 +237,7 @@ class Sampler:
                 self._collector_recovered(collector)
             ok = not errors
             result.status[collector.name] = (ok, time.perf_counter() - started, errors)
-        if isinstance(out, _SeriesEmitter):
+        if isinstance(out, SeriesEmitter):
             result.lines = out.lines
             result.series = out.series
             result.plans = out.plans
@@ -509,7 +331,7 @@ class Sampler:
     def sample_once(self) -> Snapshot:
         started = self._clock()
         up = self._prepare_session()
-        builder = _FamilyBuilder(
+        builder = FamilyBuilder(
             self._header,
             self.config.naming,
             self._host,

@@ -23,9 +23,10 @@ from exporter.config import (
     SamplingConfig,
     SimulationConfig,
 )
+from exporter.exposition import PlanCache, SeriesEmitter
 from exporter.nvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, Device, NvmlError
 from exporter.readers import Readers
-from exporter.sampler import DeviceResult, PlanCache, Sampler, _SeriesEmitter
+from exporter.sampler import DeviceResult, Sampler
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format, Snapshot
 
@@ -464,7 +465,7 @@ def test_a_field_plan_reuses_unchanged_lines_renders_changes_and_keeps_errors_vi
     device = _FieldDevice({(1, 0): (0, 1), (2, 0): (0, 10), (1, 1): (0, 0), (2, 1): (0, 20)})
 
     def sample(previous: PlanCache) -> tuple[dict[MetricSpec, list[str]], PlanCache]:
-        out = _SeriesEmitter('gpu="0"', {}, previous)
+        out = SeriesEmitter('gpu="0"', {}, previous)
         out.add_fields(device, plan)  # type: ignore[arg-type]
         return out.lines, out.plans
 
