@@ -4,8 +4,9 @@ Devices are read one after another on a reader thread against a deadline; when a
 the rest move to another thread, so a GPU whose NVML calls hang delays neither the other GPUs
 nor any scrape: it is reported down with reason `timeout`, and while its previous read is still
 outstanding it is skipped rather than piled on.
-Each collector runs in its own error boundary: an exception in one shows up as
-`nvml_collector_success{collector} 0` and costs nothing else.
+
+The sampler decides what is read when; exporter.deviceread runs the collectors on one GPU, each
+in its own error boundary, and exporter.exposition renders what they found.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import ProcessCollector
 
 from exporter import __version__
 from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec, Services
-from exporter.collectors.base import IDENTITY_LABELS, Sample
+from exporter.collectors.base import IDENTITY_LABELS
 from exporter.config import Config
+from exporter.deviceread import CollectorFailures, CollectorOutcome, DeviceResult, read_device
 from exporter.exposition import (
     FamilyBuilder,
     PlanCache,
@@ -35,15 +36,7 @@ from exporter.exposition import (
     dcgm,
     family_header,
 )
-from exporter.nvml import (
-    Device,
-    DeviceLost,
-    Driver,
-    FieldRequest,
-    Session,
-    SessionLost,
-    binding_version,
-)
+from exporter.nvml import Device, Driver, Session, SessionLost, binding_version
 from exporter.readers import Readers
 from exporter.selfmetrics import (
     BACKEND_INFO,
@@ -64,34 +57,9 @@ from exporter.selfmetrics import (
     SAMPLE_FAILURES,
     WEB_RELOAD_SUCCESS,
 )
-from exporter.snapshot import (
-    Family,
-    Format,
-    Header,
-    Snapshot,
-    label_pairs,
-)
+from exporter.snapshot import Family, Format, Header, Snapshot, label_pairs
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DeviceResult:
-    samples: list[Sample] = field(default_factory=list)  # naming: dcgm
-    lines: dict[MetricSpec, list[str]] = field(default_factory=dict)  # naming: nvml
-    series: SeriesCache = field(default_factory=dict)
-    plans: PlanCache = field(default_factory=dict)
-    # collector name -> (succeeded, seconds, errors by kind)
-    status: dict[str, tuple[bool, float, Counter[str]]] = field(default_factory=dict)
-    down_reason: str | None = None
-    session_lost: str | None = None
-
-
-_NO_ERRORS: Counter[str] = Counter()
-
-
-def _where(collector: Collector, device: Device | None) -> dict[str, object]:
-    return {"collector": collector.name, "gpu": "" if device is None else device.index}
 
 
 class WebStatus(Protocol):
@@ -132,7 +100,7 @@ class Sampler:
         self._down: dict[int, str] = {}
         self._last_read: dict[tuple[str, str], float] = {}
         self._demand: set[tuple[Format, bool]] = set()
-        self._logged_failures: set[tuple[str, str]] = set()
+        self._failures = CollectorFailures()
         self._process = ProcessCollector(registry=None)
         self._stop = threading.Event()
         self._first_sample = threading.Event()
@@ -190,7 +158,6 @@ class Sampler:
         return header
 
     def _read_device(self, device: Device, collectors: Sequence[Collector]) -> DeviceResult:
-        result = DeviceResult()
         out: Emitter
         if self.config.naming == "dcgm":
             out = Emitter()
@@ -198,74 +165,8 @@ class Sampler:
             identity = label_pairs(IDENTITY_LABELS, (str(device.index), device.uuid))
             series, plans = self._series.get((device.index, device.uuid), ({}, {}))
             out = SeriesEmitter(identity, series, plans)
-        device.memo = {}
-        requests: list[FieldRequest] = []
-        failed: set[str] = set()
-        try:
-            for collector in collectors:
-                try:
-                    requests.extend(collector.fields(device))
-                except (DeviceLost, SessionLost):
-                    raise
-                except Exception as exc:
-                    failed.add(collector.name)
-                    self._log_collector_failure(collector, device, exc)
-            device.fetch_fields(requests, self.config.sampling.slow_fields_interval)
-        except DeviceLost as lost:
-            return DeviceResult(down_reason=lost.reason)
-        except SessionLost as lost:
-            return DeviceResult(down_reason=lost.reason, session_lost=lost.reason)
-        for collector in collectors:
-            started = time.perf_counter()
-            # Copied only when there is something to copy: this runs per collector and GPU.
-            before = Counter(device.errors) if device.errors else _NO_ERRORS
-            errors = _NO_ERRORS
-            try:
-                collector.collect(device, out)
-            except DeviceLost as lost:
-                return DeviceResult(down_reason=lost.reason)
-            except SessionLost as lost:
-                return DeviceResult(down_reason=lost.reason, session_lost=lost.reason)
-            except Exception as exc:
-                errors = Counter(exception=1)
-                self._log_collector_failure(collector, device, exc)
-            if device.errors and device.errors != before:
-                errors = errors + (device.errors - before)
-            if collector.name in failed:
-                errors = errors + Counter(exception=1)
-            elif self._logged_failures and not errors:
-                self._collector_recovered(collector)
-            ok = not errors
-            result.status[collector.name] = (ok, time.perf_counter() - started, errors)
-        if isinstance(out, SeriesEmitter):
-            result.lines = out.lines
-            result.series = out.series
-            result.plans = out.plans
-        else:
-            result.samples = out.samples
-        return result
-
-    def _collector_recovered(self, collector: Collector) -> None:
-        """A collector that works again gets its next failure logged again."""
-        healed = {key for key in self._logged_failures if key[0] == collector.name}
-        if healed:
-            self._logged_failures -= healed
-            log.info("collector works again", extra={"collector": collector.name})
-
-    def _log_collector_failure(
-        self, collector: Collector, device: Device | None, exc: Exception
-    ) -> None:
-        """With traceback once per collector and kind of error; it is counted either way."""
-        key = (collector.name, type(exc).__name__)
-        if key in self._logged_failures:
-            log.debug("collector failed", extra=_where(collector, device), exc_info=exc)
-            return
-        self._logged_failures.add(key)
-        log.error(
-            "collector failed; further failures of this kind are counted, not logged",
-            extra=_where(collector, device),
-            exc_info=exc,
-        )
+        slow_fields_interval = self.config.sampling.slow_fields_interval
+        return read_device(device, collectors, out, self._failures, slow_fields_interval)
 
     def _read_devices(self, devices: Sequence[Device], started: float) -> dict[int, DeviceResult]:
         collectors = self._collectors
@@ -329,8 +230,10 @@ class Sampler:
         return True
 
     def sample_once(self) -> Snapshot:
+        """Reads the GPUs and the collectors' global series, then publishes them all, with the
+        exporter's own health, as the new snapshot."""
         started = self._clock()
-        up = self._prepare_session()
+        up, devices, results = self._read_gpus()
         builder = FamilyBuilder(
             self._header,
             self.config.naming,
@@ -340,31 +243,47 @@ class Sampler:
             hostname_label=self.config.dcgm.hostname_label,
             rates=self._dcgm_rates,
         )
-        devices = self.session.devices if up else []
-        # The deadline counts from here: a slow nvmlInit is not the GPUs' fault.
-        results = self._read_devices(devices, self._clock()) if devices else {}
-        lost = next((r.session_lost for r in results.values() if r.session_lost), None)
-        if lost is not None:
-            self.session.lost(lost)
-            up, devices, results = False, [], {}
         builder.add(NVML_UP, (), 1 if up else 0)
         self._note_transitions(devices, results)
         wall = self._wall()
         if up:
             builder.add(GPU_DEVICES, (), self.session.total_devices)
+        status = self._add_gpus(builder, devices, results, wall)
+        self._add_global_series(builder, status)
+        self._add_collector_health(builder, status)
+        self._add_exporter_health(builder, started)
+        snapshot = self._publish(builder)
+        if any(r.down_reason is None for r in results.values()):
+            self.ready = True
+        return snapshot
+
+    def _read_gpus(self) -> tuple[bool, list[Device], dict[int, DeviceResult]]:
+        """Whether NVML is up, the GPUs to report and what each read found."""
+        if not self._prepare_session():
+            return False, [], {}
+        devices = self.session.devices
+        # The deadline counts from here: a slow nvmlInit is not the GPUs' fault.
+        results = self._read_devices(devices, self._clock()) if devices else {}
+        lost = next((r.session_lost for r in results.values() if r.session_lost), None)
+        if lost is not None:
+            self.session.lost(lost)
+            return False, [], {}
+        return True, devices, results
+
+    def _add_gpus(
+        self,
+        builder: FamilyBuilder,
+        devices: Sequence[Device],
+        results: Mapping[int, DeviceResult],
+        wall: float,
+    ) -> dict[str, list[CollectorOutcome]]:
+        """Each GPU's health and series; returns its collectors' outcomes by collector name."""
         offline = [c for c in self._collectors if not c.reads_nvml]
-        status: dict[str, list[tuple[bool, float, Counter[str]]]] = {}
+        status: dict[str, list[CollectorOutcome]] = {}
         series: dict[tuple[int, str], tuple[SeriesCache, PlanCache]] = {}
         for device in devices:
             result = results[device.index]
-            identity = (str(device.index), device.uuid)
-            builder.add(GPU_UP, identity, 0 if result.down_reason else 1)
-            if result.down_reason is None:
-                self._last_read[identity] = wall
-            else:
-                builder.add(GPU_DOWN, (*identity, result.down_reason), 1)
-            if identity in self._last_read:
-                builder.add(GPU_LAST_SAMPLE, identity, self._last_read[identity])
+            self._add_gpu_health(builder, device, result.down_reason, wall)
             if result.down_reason is not None:
                 # Static identity stays visible for a down GPU, so alerts can name its serial.
                 out = Emitter()
@@ -381,15 +300,37 @@ class Sampler:
                 status.setdefault(name, []).append(outcome)
         # Series of GPUs gone or down are forgotten, so the cache cannot grow with churn.
         self._series = series
+        return status
+
+    def _add_gpu_health(
+        self, builder: FamilyBuilder, device: Device, down_reason: str | None, wall: float
+    ) -> None:
+        identity = (str(device.index), device.uuid)
+        builder.add(GPU_UP, identity, 0 if down_reason else 1)
+        if down_reason is None:
+            self._last_read[identity] = wall
+        else:
+            builder.add(GPU_DOWN, (*identity, down_reason), 1)
+        if identity in self._last_read:
+            builder.add(GPU_LAST_SAMPLE, identity, self._last_read[identity])
+
+    def _add_global_series(
+        self, builder: FamilyBuilder, status: dict[str, list[CollectorOutcome]]
+    ) -> None:
+        """The series collectors report once for the host, each in its own error boundary."""
         for collector in self._collectors:
             out = Emitter()
             try:
                 collector.collect_global(out)
             except Exception as exc:
                 status.setdefault(collector.name, []).append((False, 0.0, Counter(exception=1)))
-                self._log_collector_failure(collector, None, exc)
+                self._failures.failed(collector, None, exc)
             for spec, labels, value in out.samples:
                 builder.add(spec, labels, value)
+
+    def _add_collector_health(
+        self, builder: FamilyBuilder, status: Mapping[str, list[CollectorOutcome]]
+    ) -> None:
         for name, outcomes in status.items():
             for _, _, errors in outcomes:
                 for kind, count in errors.items():
@@ -403,6 +344,8 @@ class Sampler:
         for (name, kind), total in sorted(self._error_totals.items()):
             if name in enabled:
                 builder.add(COLLECTOR_ERRORS, (name, kind), total)
+
+    def _add_exporter_health(self, builder: FamilyBuilder, started: float) -> None:
         finished = self._clock()
         builder.add(SAMPLE_DURATION, (), finished - started)
         builder.add(LAST_SAMPLE, (), self._wall())
@@ -415,6 +358,8 @@ class Sampler:
             expiry = web.certificate_expiry
             if expiry is not None:
                 builder.add(CERTIFICATE_EXPIRY, (), expiry)
+
+    def _publish(self, builder: FamilyBuilder) -> Snapshot:
         self._prefixes = builder.prefixes
         process = [Family.from_metric(metric) for metric in self._process.collect()]
         families = builder.families() + self._static + process
@@ -430,8 +375,6 @@ class Sampler:
         self.snapshot = snapshot
         # Only a published snapshot proves the loop works; /healthz goes by this.
         self.heartbeat = self._clock()
-        if any(r.down_reason is None for r in results.values()):
-            self.ready = True
         return snapshot
 
     # --- the thread --------------------------------------------------------------------------

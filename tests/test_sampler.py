@@ -23,10 +23,11 @@ from exporter.config import (
     SamplingConfig,
     SimulationConfig,
 )
+from exporter.deviceread import DeviceResult
 from exporter.exposition import PlanCache, SeriesEmitter
 from exporter.nvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, Device, NvmlError
 from exporter.readers import Readers
-from exporter.sampler import DeviceResult, Sampler
+from exporter.sampler import Sampler
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format, Snapshot
 

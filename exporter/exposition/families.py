@@ -14,6 +14,7 @@ from exporter.snapshot import Family, Header, format_value, label_pairs, series_
 
 
 def family_header(spec: MetricSpec | Dcgm, sampling: SamplingConfig) -> Header:
+    """A family's HELP, TYPE and UNIT; a GPU metric's HELP says how often it is read."""
     interval = f"{sampling.interval:g}s"
     suffix = f" Sampled every {interval}."
     if isinstance(spec, Dcgm):
