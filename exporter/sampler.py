@@ -399,28 +399,22 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
         self._thread.start()
 
-    def wait_for_first_sample(self, timeout: float) -> bool:
-        return self._first_sample.wait(timeout)
-
     def has_sampled(self) -> bool:
         return self._first_sample.is_set()
 
     # Liveness fails after this many intervals without a published sample.
     STALE_INTERVALS = 10
 
-    def health_problem(self, now: float | None = None) -> str | None:
+    def health_problem(self) -> str | None:
         """Why the exporter should be restarted, or None: a dead or stuck sampler loop."""
         if self._thread is None or not self._thread.is_alive():
             return "the sampler thread is not running"
         sampling = self.config.sampling
         allowance = sampling.deadline + self.STALE_INTERVALS * sampling.interval + 5
-        silent = (self._clock() if now is None else now) - self.heartbeat
+        silent = self._clock() - self.heartbeat
         if silent > allowance:
             return f"no sample published for {silent:.0f}s"
         return None
-
-    def alive(self, now: float | None = None) -> bool:
-        return self.health_problem(now) is None
 
     def readiness_problem(self) -> str | None:
         """Why Prometheus should not scrape yet, or None. Latched once ready, so that a later

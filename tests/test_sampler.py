@@ -336,15 +336,17 @@ def test_reconfigure_switches_collectors_from_the_next_sample() -> None:
 def test_loop_publishes_new_snapshots_and_stops_cleanly() -> None:
     sampler = simulated(devices=2, interval=0.05)
     sampler.start()
-    assert sampler.wait_for_first_sample(5)
-    first = sampler.snapshot
     deadline = time.monotonic() + 5
+    while not sampler.has_sampled():
+        assert time.monotonic() < deadline, "no first sample"
+        time.sleep(0.01)
+    first = sampler.snapshot
     while sampler.snapshot is first and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sampler.snapshot is not first
-    assert sampler.alive()
+    assert sampler.health_problem() is None
     assert sampler.stop(2) is True
-    assert not sampler.alive()
+    assert sampler.health_problem() is not None
 
 
 def test_snapshot_renders_each_body_once() -> None:
