@@ -245,10 +245,9 @@ class Sampler:
         )
         builder.add(NVML_UP, (), 1 if up else 0)
         self._note_transitions(devices, results)
-        wall = self._wall()
         if up:
             builder.add(GPU_DEVICES, (), self.session.total_devices)
-        status = self._add_gpus(builder, devices, results, wall)
+        status = self._add_gpus(builder, devices, results)
         self._add_global_series(builder, status)
         self._add_collector_health(builder, status)
         self._add_exporter_health(builder, started)
@@ -275,9 +274,9 @@ class Sampler:
         builder: FamilyBuilder,
         devices: Sequence[Device],
         results: Mapping[int, DeviceResult],
-        wall: float,
     ) -> dict[str, list[CollectorOutcome]]:
         """Each GPU's health and series; returns its collectors' outcomes by collector name."""
+        wall = self._wall()  # the time of the reads that succeeded
         offline = [c for c in self._collectors if not c.reads_nvml]
         status: dict[str, list[CollectorOutcome]] = {}
         series: dict[tuple[int, str], tuple[SeriesCache, PlanCache]] = {}
