@@ -68,6 +68,7 @@ def child(samples: int, processes: bool, top: int, pause: float) -> None:
     from exporter.attribution import ProcAttribution
     from exporter.collectors import Services
     from exporter.config import parse_config
+    from exporter.exposition import FamilyBuilder
     from exporter.nvml import Device, PynvmlDriver
     from exporter.snapshot import Format, Snapshot
 
@@ -75,8 +76,8 @@ def child(samples: int, processes: bool, top: int, pause: float) -> None:
     _timed(sampler_module.Sampler, "sample_once", "sample, total", spent)
     _timed(sampler_module.Sampler, "_read_device", "  device reads (NVML + collectors)", spent)
     _timed(Device, "fetch_fields", "    nvmlDeviceGetFieldValues and decoding", spent)
-    _timed(sampler_module._FamilyBuilder, "add_lines", "  merging into metric families", spent)
-    _timed(sampler_module._FamilyBuilder, "families", "  building families", spent)
+    _timed(FamilyBuilder, "add_lines", "  merging into metric families", spent)
+    _timed(FamilyBuilder, "families", "  building families", spent)
     _timed(ProcessCollector, "collect", "  process_* self-metrics", spent)
     for name, member in vars(PynvmlDriver).items():
         if callable(member) and not name.startswith("_"):

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from exporter.collectors import COLLECTORS, MetricSpec
 from exporter.config import DEFAULT_PORT
-from exporter.sampler import PROCESS_METRICS, SELF_METRICS, WEB_METRICS
+from exporter.selfmetrics import PROCESS_METRICS, SELF_METRICS, WEB_METRICS
 
 HEADER = f"""# Metrics
 

@@ -108,13 +108,6 @@ class Family:
     def name(self) -> str:
         return self.header.name
 
-    def sample_names(self) -> set[str]:
-        names = set()
-        for line in self.lines:
-            end = line.find("{")
-            names.add(line[: end if end >= 0 else line.find(" ")])
-        return names
-
     @classmethod
     def from_metric(cls, metric: Metric) -> Family:
         """A prometheus_client family (the process metrics) in this form."""

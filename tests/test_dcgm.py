@@ -17,7 +17,6 @@ from kubelet_stub import FakeKubelet, container, devices, pod, response
 from prometheus_client.parser import text_string_to_metric_families
 from promserver import PromServer, find_prometheus, labels, prometheus_server, value
 
-from exporter import dcgm
 from exporter.attribution import KubeletPods
 from exporter.collectors import Services
 from exporter.collectors.base import Pod
@@ -31,8 +30,10 @@ from exporter.config import (
     apply_overrides,
     load_config,
 )
+from exporter.exposition import FamilyBuilder, dcgm
 from exporter.podresources import PodResourcesWatcher
-from exporter.sampler import SELF_METRICS, Sampler, _FamilyBuilder
+from exporter.sampler import Sampler
+from exporter.selfmetrics import SELF_METRICS
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format, render_text
 
@@ -390,7 +391,7 @@ def test_the_host_label_is_spelled_as_the_released_dcgm_exporter_or_as_its_main_
     sampler.sample_once()
     device = sampler.session.devices[0]
     samples = sampler._read_device(device, sampler._collectors).samples
-    builder = _FamilyBuilder(sampler._header, "dcgm", "node-7", hostname_label="hostname")
+    builder = FamilyBuilder(sampler._header, "dcgm", "node-7", hostname_label="hostname")
     builder.add_device(device, samples)
     text = render_text(builder.families()).decode()
     assert ',hostname="node-7",' in text and "Hostname" not in text

@@ -16,7 +16,8 @@ from exporter.collectors import COLLECTORS, MetricSpec, Services
 from exporter.collectors.base import Pod
 from exporter.config import Config, FaultConfig, SimulationConfig
 from exporter.metricsdoc import documented, documented_dcgm, render
-from exporter.sampler import PROCESS_METRICS, SELF_METRICS, WEB_METRICS, Sampler
+from exporter.sampler import Sampler
+from exporter.selfmetrics import PROCESS_METRICS, SELF_METRICS, WEB_METRICS
 from exporter.simulate import MODELS, SimulatedAttribution, SimulatedDriver
 from exporter.snapshot import Snapshot
 
@@ -77,7 +78,8 @@ def emitted_by_simulated_fleet(model: str, naming: str = "nvml") -> set[str]:
 
 
 def names(snapshot: Snapshot) -> set[str]:
-    return {name for family in snapshot.families for name in family.sample_names()}
+    lines = (line for family in snapshot.families for line in family.lines)
+    return {line.split("{", 1)[0].split(" ", 1)[0] for line in lines}
 
 
 def test_metrics_doc_is_generated_from_current_code() -> None:

@@ -23,8 +23,11 @@ from exporter.config import (
     SamplingConfig,
     SimulationConfig,
 )
+from exporter.deviceread import DeviceResult
+from exporter.exposition import PlanCache, SeriesEmitter
 from exporter.nvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, Device, NvmlError
-from exporter.sampler import DeviceResult, PlanCache, Sampler, _Readers, _SeriesEmitter
+from exporter.readers import Readers
+from exporter.sampler import Sampler
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format, Snapshot
 
@@ -187,7 +190,7 @@ def test_a_hanging_gpu_misses_the_deadline_and_is_not_piled_on() -> None:
 
 
 def test_reads_share_one_thread_until_a_read_stalls_and_shrink_back_after() -> None:
-    readers = _Readers()
+    readers: Readers[DeviceResult] = Readers()
     release = threading.Event()
     threads: dict[int, str] = {}
 
@@ -242,7 +245,7 @@ def test_slow_gpus_get_more_readers_instead_of_missing_the_deadline() -> None:
 
 
 def test_reads_still_queued_at_the_deadline_are_dropped_not_run_late() -> None:
-    readers = _Readers()
+    readers: Readers[DeviceResult] = Readers()
     release = threading.Event()
     ran: list[int] = []
 
@@ -333,15 +336,17 @@ def test_reconfigure_switches_collectors_from_the_next_sample() -> None:
 def test_loop_publishes_new_snapshots_and_stops_cleanly() -> None:
     sampler = simulated(devices=2, interval=0.05)
     sampler.start()
-    assert sampler.wait_for_first_sample(5)
-    first = sampler.snapshot
     deadline = time.monotonic() + 5
+    while not sampler.has_sampled():
+        assert time.monotonic() < deadline, "no first sample"
+        time.sleep(0.01)
+    first = sampler.snapshot
     while sampler.snapshot is first and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sampler.snapshot is not first
-    assert sampler.alive()
+    assert sampler.health_problem() is None
     assert sampler.stop(2) is True
-    assert not sampler.alive()
+    assert sampler.health_problem() is not None
 
 
 def test_snapshot_renders_each_body_once() -> None:
@@ -463,7 +468,7 @@ def test_a_field_plan_reuses_unchanged_lines_renders_changes_and_keeps_errors_vi
     device = _FieldDevice({(1, 0): (0, 1), (2, 0): (0, 10), (1, 1): (0, 0), (2, 1): (0, 20)})
 
     def sample(previous: PlanCache) -> tuple[dict[MetricSpec, list[str]], PlanCache]:
-        out = _SeriesEmitter('gpu="0"', {}, previous)
+        out = SeriesEmitter('gpu="0"', {}, previous)
         out.add_fields(device, plan)  # type: ignore[arg-type]
         return out.lines, out.plans
 
