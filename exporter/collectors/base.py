@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 from exporter.nvml import Device, FieldRequest
 
@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from exporter.config import Config
 
 IDENTITY_LABELS = ("gpu", "uuid")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,17 @@ class FieldSeries:
 
 
 Row = FieldSeries | CallSeries
+
+
+def part(read: Callable[[Device], T | None], pick: Callable[[T], float]) -> Reader:
+    """One value of an answer that holds several (a mode and its pending value, say); give
+    rows the same `read` where it is cached, so the call is made once."""
+
+    def read_part(device: Device) -> float | None:
+        answer = read(device)
+        return None if answer is None else pick(answer)
+
+    return read_part
 
 
 def convert(value: float, scale: float, divisor: float) -> float:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from exporter.collectors.base import CallSeries, Collector, Dcgm, FieldSeries, MetricSpec, Reader
+from operator import itemgetter
+
+from exporter.collectors.base import CallSeries, Collector, Dcgm, FieldSeries, MetricSpec, part
 from exporter.nvml import (
     FI_ECC_DBE_AGG_TOTAL,
     FI_ECC_DBE_VOL_TOTAL,
@@ -140,16 +142,13 @@ RETIRED_PENDING = MetricSpec(
 )
 
 
-def _ecc_mode(index: int) -> Reader:
-    def read(device: Device) -> float | None:
-        mode = device.recent(MODE_MAX_AGE, device.driver.ecc_mode)
-        return None if mode is None else mode[index]
-
-    return read
+def _ecc_mode(device: Device) -> tuple[int, int] | None:
+    return device.recent(MODE_MAX_AGE, device.driver.ecc_mode)
 
 
 def _ecc_on(device: Device) -> bool:
-    return _ecc_mode(0)(device) == 1
+    mode = _ecc_mode(device)
+    return mode is not None and mode[0] == 1
 
 
 def _error_count(field_id: int, error: str, counter: str) -> FieldSeries:
@@ -160,8 +159,8 @@ def _error_count(field_id: int, error: str, counter: str) -> FieldSeries:
 class EccCollector(Collector):
     name = "ecc"
     table = (
-        CallSeries(ECC_ENABLED, _ecc_mode(0)),
-        CallSeries(ECC_PENDING, _ecc_mode(1)),
+        CallSeries(ECC_ENABLED, part(_ecc_mode, itemgetter(0))),
+        CallSeries(ECC_PENDING, part(_ecc_mode, itemgetter(1))),
         _error_count(FI_ECC_SBE_VOL_TOTAL, "corrected", "volatile"),
         _error_count(FI_ECC_DBE_VOL_TOTAL, "uncorrected", "volatile"),
         _error_count(FI_ECC_SBE_AGG_TOTAL, "corrected", "aggregate"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from exporter.collectors.base import CallSeries, Collector, Dcgm, FieldSeries, MetricSpec, Reader
+from operator import itemgetter
+
+from exporter.collectors.base import CallSeries, Collector, Dcgm, FieldSeries, MetricSpec, part
 from exporter.nvml import (
     FI_POWER_AVERAGE,
     FI_POWER_CURRENT_LIMIT,
@@ -74,12 +76,8 @@ ENERGY = MetricSpec(
 )
 
 
-def _constraint(index: int) -> Reader:
-    def read(device: Device) -> float | None:
-        limits = device.cached(device.driver.power_limit_constraints)
-        return None if limits is None else limits[index]
-
-    return read
+def _constraints(device: Device) -> tuple[int, int] | None:
+    return device.cached(device.driver.power_limit_constraints)
 
 
 def _energy_call(device: Device) -> float | None:
@@ -111,8 +109,8 @@ class PowerCollector(Collector):
         CallSeries(
             POWER_DEFAULT_LIMIT, lambda d: d.cached(d.driver.power_limit_default), divisor=1000
         ),
-        CallSeries(POWER_MIN_LIMIT, _constraint(0), divisor=1000),
-        CallSeries(POWER_MAX_LIMIT, _constraint(1), divisor=1000),
+        CallSeries(POWER_MIN_LIMIT, part(_constraints, itemgetter(0)), divisor=1000),
+        CallSeries(POWER_MAX_LIMIT, part(_constraints, itemgetter(1)), divisor=1000),
         FieldSeries(
             ENERGY,
             (FI_TOTAL_ENERGY_CONSUMPTION, 0),
