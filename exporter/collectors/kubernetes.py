@@ -78,6 +78,5 @@ class KubernetesCollector(Collector):
             return
         up, last_success, errors = self._pods.status()
         out.add(KUBELET_UP, 1 if up else 0)
-        if last_success is not None:
-            out.add(KUBELET_LAST_SUCCESS, last_success)
+        out.add(KUBELET_LAST_SUCCESS, last_success)
         out.add(KUBELET_ERRORS, errors)

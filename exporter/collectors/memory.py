@@ -99,6 +99,5 @@ class MemoryCollector(Collector):
             out.add(MEMORY_TOTAL, info.total)
             out.add(MEMORY_USED, info.used)
             out.add(MEMORY_FREE, info.free)
-            if info.reserved is not None:
-                out.add(MEMORY_RESERVED, info.reserved)
+            out.add(MEMORY_RESERVED, info.reserved)
         self.collect_table(device, out)

@@ -248,8 +248,7 @@ class ProcessesCollector(Collector):
                 pod[1],
                 pod[2],
             )
-            if info.used_memory is not None:
-                out.add(PROCESS_MEMORY, info.used_memory, *labels)
+            out.add(PROCESS_MEMORY, info.used_memory, *labels)
             # A process without samples this interval did not use the engines.
             sm, memory, encoder, decoder = utilization.get(info.pid, (0.0, 0.0, 0.0, 0.0))
             out.add(PROCESS_SM, sm, *labels)
