@@ -26,7 +26,15 @@ from typing import Protocol
 from prometheus_client import ProcessCollector
 
 from exporter import __version__, dcgm
-from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec, Services
+from exporter.collectors import (
+    COLLECTORS,
+    Collector,
+    Dcgm,
+    Emitter,
+    MetricSpec,
+    SampleContext,
+    Services,
+)
 from exporter.collectors.base import IDENTITY_LABELS, FieldPlan, Sample, field_value
 from exporter.config import Config, SamplingConfig
 from exporter.nvml import (
@@ -606,7 +614,7 @@ class Sampler:
             identity = label_pairs(IDENTITY_LABELS, (str(device.index), device.uuid))
             series, plans = self._series.get((device.index, device.uuid), ({}, {}))
             out = _SeriesEmitter(identity, series, plans)
-        device.memo = {}
+        context = SampleContext()
         requests: list[FieldRequest] = []
         failed: set[str] = set()
         try:
@@ -629,7 +637,7 @@ class Sampler:
             before = Counter(device.errors) if device.errors else _NO_ERRORS
             errors = _NO_ERRORS
             try:
-                collector.collect(device, out)
+                collector.collect(device, out, context)
             except DeviceLost as lost:
                 return DeviceResult(down_reason=lost.reason)
             except SessionLost as lost:
@@ -777,7 +785,7 @@ class Sampler:
                 # Static identity stays visible for a down GPU, so alerts can name its serial.
                 out = Emitter()
                 for collector in offline:
-                    collector.collect(device, out)
+                    collector.collect(device, out, SampleContext())
                 builder.add_device(device, out.samples)
                 continue
             if result.lines:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import Device, FieldRequest
 
 if TYPE_CHECKING:
@@ -265,6 +266,8 @@ class Collector:
     # describe a GPU that stopped answering.
     reads_nvml: ClassVar[bool] = True
     table: ClassVar[tuple[Row, ...]] = ()
+    # Collectors whose results in the SampleContext this one reads; they run before it.
+    after: ClassVar[tuple[str, ...]] = ()
     # Every family the collector emits, in the docs' order: those declared, then the table's.
     metrics: ClassVar[tuple[MetricSpec, ...]] = ()
 
@@ -295,7 +298,9 @@ class Collector:
             if isinstance(row, FieldSeries) and (row.when is None or row.when(device))
         )
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
+        """Reads the device once per sample; `context` holds what the collectors of this GPU
+        share in this sample."""
         self.collect_table(device, out)
 
     def collect_table(self, device: Device, out: Emitter) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, FieldSeries, MetricSpec
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import (
     FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN,
     FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN,
@@ -112,7 +113,7 @@ class ClockEventsCollector(Collector):
         for reason, field_id in DURATION_FIELDS
     )
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         mask = device.read(device.driver.clocks_event_reasons)
         if mask is not None:
             for reason, bit in REASONS:

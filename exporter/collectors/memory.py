@@ -5,6 +5,7 @@ from __future__ import annotations
 from operator import attrgetter
 
 from exporter.collectors.base import CallSeries, Collector, Dcgm, Emitter, MetricSpec, part
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import Bar1Memory, Device
 
 _SOURCE = "nvmlDeviceGetMemoryInfo_v2 (v1 on old drivers)"
@@ -93,7 +94,7 @@ class MemoryCollector(Collector):
         CallSeries(BAR1_FREE, part(_bar1, attrgetter("free"))),
     )
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         info = device.read(device.driver.memory)
         if info is not None:
             out.add(MEMORY_TOTAL, info.total)

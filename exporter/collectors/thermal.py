@@ -11,6 +11,7 @@ from exporter.collectors.base import (
     MetricSpec,
     Reader,
 )
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import (
     FI_MEMORY_TEMP,
     TEMPERATURE_GPU,
@@ -107,7 +108,7 @@ class ThermalCollector(Collector):
     )
     metrics = (*(row.spec for row in table), FAN_SPEED)
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         self.collect_table(device, out)
         drv = device.driver
         for fan in range(device.cached(drv.fan_count) or 0):
