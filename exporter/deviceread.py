@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from exporter.collectors import Collector, Emitter, MetricSpec
+from exporter.collectors import Collector, Emitter, MetricSpec, SampleContext
 from exporter.collectors.base import Sample
 from exporter.exposition import PlanCache, SeriesCache, SeriesEmitter
 from exporter.nvml import Device, DeviceLost, FieldRequest, SessionLost
@@ -74,7 +74,7 @@ def read_device(
 ) -> DeviceResult:
     """Runs `collectors` on `device` into `out`, with each collector's outcome."""
     result = DeviceResult()
-    device.memo = {}
+    context = SampleContext()
     requests: list[FieldRequest] = []
     failed: set[str] = set()
     try:
@@ -97,7 +97,7 @@ def read_device(
         before = Counter(device.errors) if device.errors else _NO_ERRORS
         errors = _NO_ERRORS
         try:
-            collector.collect(device, out)
+            collector.collect(device, out, context)
         except DeviceLost as lost:
             return DeviceResult(down_reason=lost.reason)
         except SessionLost as lost:

@@ -24,7 +24,15 @@ from typing import Protocol
 from prometheus_client import ProcessCollector
 
 from exporter import __version__
-from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec, Services
+from exporter.collectors import (
+    COLLECTORS,
+    Collector,
+    Dcgm,
+    Emitter,
+    MetricSpec,
+    SampleContext,
+    Services,
+)
 from exporter.collectors.base import IDENTITY_LABELS
 from exporter.config import Config
 from exporter.deviceread import CollectorFailures, CollectorOutcome, DeviceResult, read_device
@@ -287,7 +295,7 @@ class Sampler:
                 # Static identity stays visible for a down GPU, so alerts can name its serial.
                 out = Emitter()
                 for collector in offline:
-                    collector.collect(device, out)
+                    collector.collect(device, out, SampleContext())
                 builder.add_device(device, out.samples)
                 continue
             if result.lines:

@@ -15,6 +15,7 @@ import pytest
 from conftest import ExporterProcess, Scrape, http_get, start_exporter
 
 from exporter.collectors import COLLECTOR_DEFAULTS, COLLECTORS, Collector, Emitter, MetricSpec
+from exporter.collectors.shared import SampleContext
 from exporter.config import Config, SimulationConfig, WebConfig
 from exporter.nvml import Device
 from exporter.sampler import Sampler
@@ -173,7 +174,7 @@ class ExplodingCollector(Collector):
     name = "exploding"
     metrics: ClassVar[tuple[MetricSpec, ...]] = ()
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         raise RuntimeError("a bug in one collector")
 
 

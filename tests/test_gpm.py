@@ -18,6 +18,7 @@ from exporter import nvml
 from exporter.collectors import COLLECTOR_DEFAULTS
 from exporter.collectors.base import Emitter
 from exporter.collectors.gpm import _METRICS, FORGET_AFTER, GpmCollector
+from exporter.collectors.shared import SampleContext
 from exporter.config import Config, SimulationConfig
 from exporter.nvml import DEC_UTILIZATION_SAMPLES
 from exporter.sampler import Sampler
@@ -312,7 +313,7 @@ def test_samples_of_a_gpu_whose_read_hangs_are_not_freed_under_it() -> None:
 
     driver.gpm_sample_get = hanging_get  # type: ignore[method-assign]
     driver.gpm_sample_free = freed.append  # type: ignore[method-assign,assignment]
-    reader = threading.Thread(target=gpm.collect, args=(device, Emitter()))
+    reader = threading.Thread(target=gpm.collect, args=(device, Emitter(), SampleContext()))
     reader.start()
     assert entered.wait(10)
     for _ in range(FORGET_AFTER + 2):  # the GPU is not seen while its read hangs

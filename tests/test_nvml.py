@@ -18,7 +18,7 @@ from exporter.collectors.base import Emitter
 from exporter.collectors.busy import BUFFER_READ_EVERY, BUFFER_READ_SECONDS
 from exporter.collectors.pcie import PcieCollector
 from exporter.collectors.power import PowerCollector
-from exporter.collectors.shared import GPM_NVDEC_IDLE
+from exporter.collectors.shared import SampleContext
 from exporter.collectors.video import (
     DECODER_BUSY,
     DECODER_UTILIZATION,
@@ -445,7 +445,7 @@ def test_a_failed_power_entry_counts_once_and_does_not_fall_back_to_the_call() -
     for sample in range(1, 4):
         dev.fetch_fields(collector.fields(dev))
         out = Emitter()
-        collector.collect(dev, out)
+        collector.collect(dev, out, SampleContext())
         names = {spec.name for spec, _, _ in out.samples}
         assert "nvml_power_watts" not in names  # missing this sample, not read a second way
         assert {"nvml_power_limit_watts", "nvml_energy_joules_total"} <= names
@@ -514,8 +514,9 @@ def _video_world() -> tuple[VideoDriver, Callable[..., Outputs]]:
         clock.advance(step)
         drv.now_us = round(clock.now * 1e6)
         out = Emitter()
-        dev.memo = {GPM_NVDEC_IDLE: True} if nvdec_idle else {}
-        collector.collect(dev, out)
+        context = SampleContext()
+        context.gpm_nvdec_idle = nvdec_idle
+        collector.collect(dev, out, context)
         return {(spec.name, labels): value for spec, labels, value in out.samples}
 
     return drv, sample
@@ -652,7 +653,7 @@ def test_energy_falls_back_to_its_call_only_where_the_field_is_unsupported() -> 
     for _ in range(12):
         dev.fetch_fields(collector.fields(dev))
         out = Emitter()
-        collector.collect(dev, out)
+        collector.collect(dev, out, SampleContext())
         energy += [v for spec, _, v in out.samples if spec.name == "nvml_energy_joules_total"]
         clock.advance(1.0)
     # Unsupported as a field: the call, as seldom as the field would have been read.
@@ -670,7 +671,7 @@ def test_energy_without_a_value_this_sample_is_not_read_another_way() -> None:
     drv.field_values = answer  # type: ignore[method-assign]
     collector = PowerCollector()
     dev.fetch_fields(collector.fields(dev))
-    collector.collect(dev, Emitter())
+    collector.collect(dev, Emitter(), SampleContext())
     assert drv.calls.get("total_energy", 0) == 0
 
 
@@ -687,5 +688,5 @@ def test_pcie_throughput_only_where_the_byte_counters_are_unsupported(
     drv.field_values = answer  # type: ignore[method-assign]
     collector = PcieCollector()
     dev.fetch_fields(collector.fields(dev))
-    collector.collect(dev, Emitter())
+    collector.collect(dev, Emitter(), SampleContext())
     assert drv.calls.get("pcie_throughput", 0) == throughput_calls

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collectors import COLLECTOR_DEFAULTS, COLLECTORS, Collector, Emitter, MetricSpec
 from exporter.collectors.base import FieldPlan, FieldSeries
+from exporter.collectors.shared import SampleContext
 from exporter.config import (
     Config,
     DeviceSelection,
@@ -94,7 +95,7 @@ class BrokenCollector(Collector):
     name = "broken"
     metrics: ClassVar[tuple[MetricSpec, ...]] = ()
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         raise RuntimeError("a bug in one collector")
 
 
@@ -409,7 +410,7 @@ class SessionBreaker(Collector):
     metrics: ClassVar[tuple[MetricSpec, ...]] = ()
     broken = True
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         if SessionBreaker.broken:
             device.read(_raise_rm_mismatch)
 

@@ -20,6 +20,7 @@ from exporter.collectors.nvlink import NvlinkCollector
 from exporter.collectors.pcie import PcieCollector
 from exporter.collectors.power import PowerCollector
 from exporter.collectors.processes import ProcessCountCollector, ProcessesCollector
+from exporter.collectors.shared import SampleContext
 from exporter.collectors.thermal import ThermalCollector
 from exporter.collectors.utilization import UtilizationCollector
 from exporter.collectors.video import VideoCollector
@@ -50,6 +51,20 @@ COLLECTORS: Mapping[str, type[Collector]] = MappingProxyType(
     }
 )
 
+
+def _check_order(collectors: Mapping[str, type[Collector]]) -> None:
+    """Each collector after those whose per-sample results it reads (the sampler runs a GPU's
+    collectors in this order)."""
+    seen: set[str] = set()
+    for name, cls in collectors.items():
+        missing = [first for first in cls.after if first not in seen]
+        if missing:
+            raise RuntimeError(f"collector {name} must come after {', '.join(missing)}")
+        seen.add(name)
+
+
+_check_order(COLLECTORS)
+
 COLLECTOR_DEFAULTS: Mapping[str, bool] = MappingProxyType(
     {name: cls.default_enabled for name, cls in COLLECTORS.items()}
 )
@@ -61,5 +76,6 @@ __all__ = [
     "Dcgm",
     "Emitter",
     "MetricSpec",
+    "SampleContext",
     "Services",
 ]

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import Device, FieldRequest
 
 if TYPE_CHECKING:
     from exporter.config import Config
 
 IDENTITY_LABELS = ("gpu", "uuid")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,15 +73,98 @@ class MetricSpec:
 Sample = tuple[MetricSpec, tuple[str, ...], float]
 
 
-@dataclass(frozen=True)
+Reader = Callable[[Device], "float | None"]
+
+
+@dataclass(frozen=True, eq=False)
+class CallSeries:
+    """A series read by an NVML call rather than a field: one row of a collector's `table`.
+
+    `read` should be cheap to repeat within a sample (`device.cached` or `device.recent`)
+    where several rows take their values from one answer."""
+
+    spec: MetricSpec
+    read: Reader
+    labels: tuple[str, ...] = ()
+    scale: float = 1  # multiplies NVML's value into the metric's unit
+    divisor: float = 1  # divides it, where NVML's unit is a multiple (mW, ns)
+
+    def value(self, device: Device) -> float | None:
+        raw = self.read(device)
+        return None if raw is None else convert(raw, self.scale, self.divisor)
+
+
+@dataclass(frozen=True, eq=False)
 class FieldSeries:
-    """A series whose value is one field value times `scale`; scale 0 turns the value into
-    1 (non-zero) or 0, for states."""
+    """A series whose value is one NVML field: one row of a collector's `table`.
+
+    `scale` 0 turns the value into 1 (non-zero) or 0, for states. Where the GPU does not
+    support the field, the `alternatives` are asked in its place, in order; where no field
+    answers, `fallback` (a dedicated call, possibly for a metric of its own) is read instead.
+    """
 
     spec: MetricSpec
     request: FieldRequest
     labels: tuple[str, ...] = ()
     scale: float = 1
+    divisor: float = 1
+    alternatives: tuple[int, ...] = ()
+    fallback: CallSeries | None = None
+    # The fallback only while the field is unsupported, not whenever it gave no value: a slow
+    # field between its reads has none, and mixing two sources of one counter could make it
+    # go back.
+    fallback_only_unsupported: bool = False
+    # Asked and emitted only where this holds for the device (ECC counters with ECC on).
+    when: Callable[[Device], bool] | None = None
+
+    def wanted(self, device: Device) -> FieldRequest:
+        """The field to ask for: the first of the field and its alternatives not known to be
+        unsupported (the last, if all are)."""
+        field_id, scope = self.request
+        for candidate in (field_id, *self.alternatives[:-1]):
+            if not device.field_absent(candidate, scope):
+                return (candidate, scope)
+        return (self.alternatives[-1], scope) if self.alternatives else self.request
+
+    def emit(self, device: Device, out: Emitter) -> None:
+        field_id, scope = self.request
+        for candidate in (field_id, *self.alternatives):
+            value = device.field(candidate, scope)
+            if value is not None:
+                out.add(self.spec, field_value(self, value), *self.labels)
+                return
+            if device.field_failed(candidate, scope):
+                return  # counted once; asking another way would count it twice
+            if self.fallback_only_unsupported and not device.field_absent(candidate, scope):
+                return
+        if self.fallback is not None:
+            out.add(self.fallback.spec, self.fallback.value(device), *self.fallback.labels)
+
+
+Row = FieldSeries | CallSeries
+
+
+def part(read: Callable[[Device], T | None], pick: Callable[[T], float]) -> Reader:
+    """One value of an answer that holds several (a mode and its pending value, say); give
+    rows the same `read` where it is cached, so the call is made once."""
+
+    def read_part(device: Device) -> float | None:
+        answer = read(device)
+        return None if answer is None else pick(answer)
+
+    return read_part
+
+
+def convert(value: float, scale: float, divisor: float) -> float:
+    if scale != 1:
+        value = value * scale
+    return value / divisor if divisor != 1 else value
+
+
+def field_value(series: FieldSeries, value: float) -> float:
+    if not series.scale:
+        return 1 if value else 0
+    return convert(value, series.scale, series.divisor)
 
 
 class FieldPlan:
@@ -102,12 +188,6 @@ class FieldPlan:
         self.spans = tuple(spans)
 
 
-def field_value(series: FieldSeries, value: float) -> float:
-    if not series.scale:
-        return 1 if value else 0
-    return value * series.scale if series.scale != 1 else value
-
-
 class Emitter:
     """Collects one device's samples; the sampler merges them into metric families."""
 
@@ -116,8 +196,10 @@ class Emitter:
     def __init__(self) -> None:
         self.samples: list[Sample] = []
 
-    def add(self, spec: MetricSpec, value: float, *labels: str) -> None:
-        self.samples.append((spec, labels, value))
+    def add(self, spec: MetricSpec, value: float | None, *labels: str) -> None:
+        """Adds a series; a value of None (not read this time) adds nothing."""
+        if value is not None:
+            self.samples.append((spec, labels, value))
 
     def add_fields(self, device: Device, plan: FieldPlan) -> None:
         """The plan's series from the device's field values of this sample."""
@@ -169,9 +251,13 @@ class Services:
 class Collector:
     """A group of metrics read from each device once per sampling interval.
 
-    Subclasses declare `name`, `default_enabled` and `metrics`, and implement `collect`, which
-    reads through `device.read` (so NVML's quirks are handled in one place) and adds samples.
-    An instance lives as long as the sampler, so it may keep state between intervals.
+    Subclasses declare `name`, `default_enabled`, and their metrics in `table`, one row per
+    series read from a field or a call, in the order they are emitted; `fields` and `collect`
+    follow from the table. Metrics that need more than a row (a loop over fans, a state kept
+    between samples) are listed in `metrics` and read by an overridden `collect`, which calls
+    `collect_table` where the table's series belong. Reads go through `device` (so NVML's
+    quirks are handled in one place). An instance lives as long as the sampler, so it may keep
+    state between intervals.
     """
 
     name: ClassVar[str]
@@ -179,7 +265,20 @@ class Collector:
     # False for collectors that only restate what enumeration read, so they can still
     # describe a GPU that stopped answering.
     reads_nvml: ClassVar[bool] = True
-    metrics: ClassVar[tuple[MetricSpec, ...]]
+    table: ClassVar[tuple[Row, ...]] = ()
+    # Collectors whose results in the SampleContext this one reads; they run before it.
+    after: ClassVar[tuple[str, ...]] = ()
+    # Every family the collector emits, in the docs' order: those declared, then the table's.
+    metrics: ClassVar[tuple[MetricSpec, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        specs: list[MetricSpec] = [*cls.metrics]
+        for row in cls.table:
+            specs.append(row.spec)
+            if isinstance(row, FieldSeries) and row.fallback is not None:
+                specs.append(row.fallback.spec)
+        cls.metrics = tuple(dict.fromkeys(specs))
 
     def configure(self, config: Config, services: Services) -> None:
         """Called when the sampler starts and on every reload."""
@@ -193,7 +292,20 @@ class Collector:
     def fields(self, device: Device) -> tuple[FieldRequest, ...]:
         """Field values this collector reads; the sampler fetches all collectors' fields of a
         device in one nvmlDeviceGetFieldValues call before `collect` runs."""
-        return ()
+        return tuple(
+            row.wanted(device)
+            for row in self.table
+            if isinstance(row, FieldSeries) and (row.when is None or row.when(device))
+        )
 
-    def collect(self, device: Device, out: Emitter) -> None:
-        raise NotImplementedError
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
+        """Reads the device once per sample; `context` holds what the collectors of this GPU
+        share in this sample."""
+        self.collect_table(device, out)
+
+    def collect_table(self, device: Device, out: Emitter) -> None:
+        for row in self.table:
+            if isinstance(row, CallSeries):
+                out.add(row.spec, row.value(device), *row.labels)
+            elif row.when is None or row.when(device):
+                row.emit(device, out)

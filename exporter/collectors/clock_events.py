@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.collectors.base import Collector, Dcgm, Emitter, FieldSeries, MetricSpec
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import (
     FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN,
     FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN,
@@ -14,7 +15,6 @@ from exporter.nvml import (
     FI_PERF_POLICY_SYNC_BOOST,
     FI_PERF_POLICY_THERMAL,
     Device,
-    FieldRequest,
 )
 
 # nvmlClocksEventReason* bits.
@@ -107,17 +107,15 @@ EVENT_SECONDS = MetricSpec(
 
 class ClockEventsCollector(Collector):
     name = "clock_events"
-    metrics = (EVENT_ACTIVE, EVENT_SECONDS)
+    metrics = (EVENT_ACTIVE,)
+    table = tuple(
+        FieldSeries(EVENT_SECONDS, (field_id, 0), (reason,), divisor=1e9)
+        for reason, field_id in DURATION_FIELDS
+    )
 
-    def fields(self, device: Device) -> tuple[FieldRequest, ...]:
-        return tuple((field_id, 0) for _, field_id in DURATION_FIELDS)
-
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         mask = device.read(device.driver.clocks_event_reasons)
         if mask is not None:
             for reason, bit in REASONS:
                 out.add(EVENT_ACTIVE, 1 if mask & bit else 0, reason)
-        for reason, field_id in DURATION_FIELDS:
-            nanoseconds = device.field(field_id)
-            if nanoseconds is not None:
-                out.add(EVENT_SECONDS, nanoseconds / 1e9, reason)
+        self.collect_table(device, out)

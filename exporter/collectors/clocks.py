@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.collectors.base import CallSeries, Collector, Dcgm, MetricSpec, Reader
 from exporter.nvml import CLOCK_GRAPHICS, CLOCK_MEM, CLOCK_SM, CLOCK_VIDEO, PSTATE_UNKNOWN, Device
 
 CLOCK = MetricSpec(
@@ -44,24 +44,22 @@ PERFORMANCE_STATE = MetricSpec(
     dcgm=(Dcgm("DCGM_FI_DEV_PSTATE", "Performance state (P-State) 0-15. 0=highest"),),
 )
 
-_DOMAINS = (
-    ("graphics", CLOCK_GRAPHICS),
-    ("sm", CLOCK_SM),
-    ("memory", CLOCK_MEM),
-    ("video", CLOCK_VIDEO),
-)
+
+def _clock(clock_type: int) -> Reader:
+    return lambda device: device.read(device.driver.clock, clock_type)
+
+
+def _performance_state(device: Device) -> float | None:
+    pstate = device.read(device.driver.performance_state)
+    return None if pstate == PSTATE_UNKNOWN else pstate
 
 
 class ClocksCollector(Collector):
     name = "clocks"
-    metrics = (CLOCK, PERFORMANCE_STATE)
-
-    def collect(self, device: Device, out: Emitter) -> None:
-        drv = device.driver
-        for label, clock_type in _DOMAINS:
-            mhz = device.read(drv.clock, clock_type)
-            if mhz is not None:
-                out.add(CLOCK, mhz * 1_000_000, label)
-        pstate = device.read(drv.performance_state)
-        if pstate is not None and pstate != PSTATE_UNKNOWN:
-            out.add(PERFORMANCE_STATE, pstate)
+    table = (
+        CallSeries(CLOCK, _clock(CLOCK_GRAPHICS), ("graphics",), scale=1_000_000),
+        CallSeries(CLOCK, _clock(CLOCK_SM), ("sm",), scale=1_000_000),
+        CallSeries(CLOCK, _clock(CLOCK_MEM), ("memory",), scale=1_000_000),
+        CallSeries(CLOCK, _clock(CLOCK_VIDEO), ("video",), scale=1_000_000),
+        CallSeries(PERFORMANCE_STATE, _performance_state),
+    )

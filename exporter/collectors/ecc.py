@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from operator import itemgetter
+
+from exporter.collectors.base import CallSeries, Collector, Dcgm, FieldSeries, MetricSpec, part
 from exporter.nvml import (
     FI_ECC_DBE_AGG_TOTAL,
     FI_ECC_DBE_VOL_TOTAL,
@@ -17,7 +19,6 @@ from exporter.nvml import (
     FI_RETIRED_PENDING,
     FI_RETIRED_SBE,
     Device,
-    FieldRequest,
 )
 
 # ECC mode changes only with an administrator's command and a reset.
@@ -140,58 +141,35 @@ RETIRED_PENDING = MetricSpec(
     dcgm=(Dcgm("DCGM_FI_DEV_RETIRED_PENDING", "Total number of pages pending retirement."),),
 )
 
-_ECC_FIELDS = (
-    (FI_ECC_SBE_VOL_TOTAL, "corrected", "volatile"),
-    (FI_ECC_DBE_VOL_TOTAL, "uncorrected", "volatile"),
-    (FI_ECC_SBE_AGG_TOTAL, "corrected", "aggregate"),
-    (FI_ECC_DBE_AGG_TOTAL, "uncorrected", "aggregate"),
-)
-_OTHER_FIELDS = (
-    (FI_REMAPPED_COR, REMAPPED_ROWS, ("correctable",)),
-    (FI_REMAPPED_UNC, REMAPPED_ROWS, ("uncorrectable",)),
-    (FI_REMAPPED_PENDING, REMAP_PENDING, ()),
-    (FI_REMAPPED_FAILURE, REMAP_FAILURE, ()),
-    (FI_RETIRED_SBE, RETIRED_PAGES, ("single_bit",)),
-    (FI_RETIRED_DBE, RETIRED_PAGES, ("double_bit",)),
-    (FI_RETIRED_PENDING, RETIRED_PENDING, ()),
-)
+
+def _ecc_mode(device: Device) -> tuple[int, int] | None:
+    return device.recent(MODE_MAX_AGE, device.driver.ecc_mode)
+
+
+def _ecc_on(device: Device) -> bool:
+    mode = _ecc_mode(device)
+    return mode is not None and mode[0] == 1
+
+
+def _error_count(field_id: int, error: str, counter: str) -> FieldSeries:
+    # A driver serves no ECC counter with ECC off.
+    return FieldSeries(ECC_ERRORS, (field_id, 0), (error, counter), when=_ecc_on)
 
 
 class EccCollector(Collector):
     name = "ecc"
-    metrics = (
-        ECC_ENABLED,
-        ECC_PENDING,
-        ECC_ERRORS,
-        REMAPPED_ROWS,
-        REMAP_PENDING,
-        REMAP_FAILURE,
-        RETIRED_PAGES,
-        RETIRED_PENDING,
+    table = (
+        CallSeries(ECC_ENABLED, part(_ecc_mode, itemgetter(0))),
+        CallSeries(ECC_PENDING, part(_ecc_mode, itemgetter(1))),
+        _error_count(FI_ECC_SBE_VOL_TOTAL, "corrected", "volatile"),
+        _error_count(FI_ECC_DBE_VOL_TOTAL, "uncorrected", "volatile"),
+        _error_count(FI_ECC_SBE_AGG_TOTAL, "corrected", "aggregate"),
+        _error_count(FI_ECC_DBE_AGG_TOTAL, "uncorrected", "aggregate"),
+        FieldSeries(REMAPPED_ROWS, (FI_REMAPPED_COR, 0), ("correctable",)),
+        FieldSeries(REMAPPED_ROWS, (FI_REMAPPED_UNC, 0), ("uncorrectable",)),
+        FieldSeries(REMAP_PENDING, (FI_REMAPPED_PENDING, 0)),
+        FieldSeries(REMAP_FAILURE, (FI_REMAPPED_FAILURE, 0)),
+        FieldSeries(RETIRED_PAGES, (FI_RETIRED_SBE, 0), ("single_bit",)),
+        FieldSeries(RETIRED_PAGES, (FI_RETIRED_DBE, 0), ("double_bit",)),
+        FieldSeries(RETIRED_PENDING, (FI_RETIRED_PENDING, 0)),
     )
-
-    def fields(self, device: Device) -> tuple[FieldRequest, ...]:
-        requests = tuple((field_id, 0) for field_id, _, _ in _OTHER_FIELDS)
-        if self._ecc_on(device):
-            requests += tuple((field_id, 0) for field_id, _, _ in _ECC_FIELDS)
-        return requests
-
-    @staticmethod
-    def _ecc_on(device: Device) -> bool:
-        mode = device.recent(MODE_MAX_AGE, device.driver.ecc_mode)
-        return mode is not None and mode[0] == 1
-
-    def collect(self, device: Device, out: Emitter) -> None:
-        mode = device.recent(MODE_MAX_AGE, device.driver.ecc_mode)
-        if mode is not None:
-            out.add(ECC_ENABLED, mode[0])
-            out.add(ECC_PENDING, mode[1])
-            if mode[0] == 1:
-                for field_id, error, counter in _ECC_FIELDS:
-                    count = device.field(field_id)
-                    if count is not None:
-                        out.add(ECC_ERRORS, count, error, counter)
-        for field_id, spec, labels in _OTHER_FIELDS:
-            value = device.field(field_id)
-            if value is not None:
-                out.add(spec, value, *labels)

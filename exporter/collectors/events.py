@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_PSTATE,
@@ -310,7 +311,7 @@ class EventsCollector(Collector):
         if watcher is not None and not watcher.stop(WAIT_MS / 1000 + 0.5):
             log.warning("the GPU event waiter did not stop in time")
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         watcher = self._watcher_for(device)
         watcher.register(device)
         counts = watcher.counts(device.uuid)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
 from exporter.collectors.pcie import DCGM_PCIE_RX_HELP, DCGM_PCIE_TX_HELP
-from exporter.collectors.shared import GPM_NVDEC_IDLE, mig_instances
+from exporter.collectors.shared import SampleContext, mig_instances
 from exporter.nvml import (
     ABSENT_CODES,
     SUCCESS,
@@ -220,7 +220,7 @@ class GpmCollector(Collector):
         self._drivers: dict[tuple[str, int | None, str], Driver] = {}
         self._lock = threading.Lock()
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         drv = device.driver
         # A GPU's answer (its architecture's) stands for good; only its absence is asked again.
         if not device.cached(drv.gpm_supported):
@@ -233,7 +233,7 @@ class GpmCollector(Collector):
             if m.compute_instance == 0  # GPM samples a GPU instance, not a compute instance
         ]
         for gpu_instance, labels in targets:
-            self._collect_one(device, gpu_instance, labels, out)
+            self._collect_one(device, gpu_instance, labels, out, context)
 
     def _collect_one(
         self,
@@ -241,6 +241,7 @@ class GpmCollector(Collector):
         gpu_instance: int | None,
         labels: tuple[str, str, str],
         out: Emitter,
+        context: SampleContext,
     ) -> None:
         drv = device.driver
         # By the instance's UUID too: a repartitioned GPU may reuse a GPU instance id.
@@ -263,7 +264,7 @@ class GpmCollector(Collector):
         # not freed under it.
         samples.in_flight = True
         try:
-            self._sample(device, samples, gpu_instance, labels, out)
+            self._sample(device, samples, gpu_instance, labels, out, context)
         finally:
             samples.in_flight = False
 
@@ -274,6 +275,7 @@ class GpmCollector(Collector):
         gpu_instance: int | None,
         labels: tuple[str, str, str],
         out: Emitter,
+        context: SampleContext,
     ) -> None:
         drv = device.driver
         current = samples.free_buffer()
@@ -293,12 +295,12 @@ class GpmCollector(Collector):
             or now - samples.window_at >= SLOW_WINDOW_SECONDS
         ):
             # Whatever the answer, the window closes: a failure is not retried every sample.
-            samples.held = self._metrics(device, samples.window, current, labels, slow=True)
+            samples.held = self._metrics(device, samples.window, current, labels, True, context)
             samples.window, samples.first_window_closed = None, True
         if samples.window is None:
             samples.window, samples.window_at, samples.window_intervals = current, now, 0
         fast = (
-            self._metrics(device, samples.previous, current, labels, slow=False)
+            self._metrics(device, samples.previous, current, labels, False, context)
             if samples.previous is not None
             else []
         )
@@ -313,6 +315,7 @@ class GpmCollector(Collector):
         second: Handle,
         labels: tuple[str, str, str],
         slow: bool,
+        context: SampleContext,
     ) -> list[Held]:
         """The fast or the slow metrics over two samples, as (spec, value, label values)."""
         # Metrics the GPU answered NOT_SUPPORTED for are remembered by the device, not here:
@@ -343,7 +346,7 @@ class GpmCollector(Collector):
                 nvdec_busy = bool(nvdec_busy) or code != SUCCESS or value != 0
         if whole_gpu and nvdec_busy is False:
             # For the video collector: its decoder samples would say nothing new.
-            device.memo[GPM_NVDEC_IDLE] = True
+            context.gpm_nvdec_idle = True
         return found
 
     def collect_global(self, out: Emitter) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from exporter.collectors.base import Collector, Emitter, MetricSpec
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import Device
 
 GPU_INFO = MetricSpec(
@@ -30,7 +31,7 @@ class InfoCollector(Collector):
     reads_nvml = False
     metrics = (GPU_INFO,)
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         ident = device.identity
         out.add(
             GPU_INFO,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from exporter.collectors.base import Collector, Emitter, MetricSpec, PodSource, Services
-from exporter.collectors.shared import mig_instances
+from exporter.collectors.shared import SampleContext, mig_instances
 from exporter.nvml import Device
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class KubernetesCollector(Collector):
     def configure(self, config: Config, services: Services) -> None:
         self._pods = services.pods
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         if self._pods is None:
             return
         pods = self._pods.pods()
@@ -78,6 +78,5 @@ class KubernetesCollector(Collector):
             return
         up, last_success, errors = self._pods.status()
         out.add(KUBELET_UP, 1 if up else 0)
-        if last_success is not None:
-            out.add(KUBELET_LAST_SUCCESS, last_success)
+        out.add(KUBELET_LAST_SUCCESS, last_success)
         out.add(KUBELET_ERRORS, errors)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
-from exporter.nvml import Device
+from operator import attrgetter
+
+from exporter.collectors.base import CallSeries, Collector, Dcgm, Emitter, MetricSpec, part
+from exporter.collectors.shared import SampleContext
+from exporter.nvml import Bar1Memory, Device
 
 _SOURCE = "nvmlDeviceGetMemoryInfo_v2 (v1 on old drivers)"
 MIB = 1024 * 1024
@@ -78,28 +81,24 @@ BAR1_FREE = MetricSpec(
 )
 
 
+def _bar1(device: Device) -> Bar1Memory | None:
+    return device.recent(BAR1_MAX_AGE, device.driver.bar1_memory)
+
+
 class MemoryCollector(Collector):
     name = "memory"
-    metrics = (
-        MEMORY_TOTAL,
-        MEMORY_USED,
-        MEMORY_FREE,
-        MEMORY_RESERVED,
-        BAR1_TOTAL,
-        BAR1_USED,
-        BAR1_FREE,
+    metrics = (MEMORY_TOTAL, MEMORY_USED, MEMORY_FREE, MEMORY_RESERVED)
+    table = (
+        CallSeries(BAR1_TOTAL, part(_bar1, attrgetter("total"))),
+        CallSeries(BAR1_USED, part(_bar1, attrgetter("used"))),
+        CallSeries(BAR1_FREE, part(_bar1, attrgetter("free"))),
     )
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         info = device.read(device.driver.memory)
         if info is not None:
             out.add(MEMORY_TOTAL, info.total)
             out.add(MEMORY_USED, info.used)
             out.add(MEMORY_FREE, info.free)
-            if info.reserved is not None:
-                out.add(MEMORY_RESERVED, info.reserved)
-        bar1 = device.recent(BAR1_MAX_AGE, device.driver.bar1_memory)
-        if bar1 is not None:
-            out.add(BAR1_TOTAL, bar1.total)
-            out.add(BAR1_USED, bar1.used)
-            out.add(BAR1_FREE, bar1.free)
+            out.add(MEMORY_RESERVED, info.reserved)
+        self.collect_table(device, out)

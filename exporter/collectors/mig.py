@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 from exporter.collectors.base import Collector, Emitter, MetricSpec
-from exporter.collectors.shared import mig_instances, running_processes
+from exporter.collectors.shared import SampleContext, mig_instances, running_processes
 from exporter.nvml import Device
 
 MIG_LABELS = ("gpu_instance", "compute_instance", "mig_profile", "mig_uuid")
@@ -61,12 +61,13 @@ class MigCollector(Collector):
     name = "mig"
     metrics = (MIG_INFO, MIG_MEMORY_TOTAL, MIG_MEMORY_USED, MIG_MEMORY_FREE, MIG_PROCESSES)
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         instances = mig_instances(device)
         if not instances:
             return
         per_instance = Counter(
-            (p.info.gpu_instance, p.info.compute_instance) for p in running_processes(device)
+            (p.info.gpu_instance, p.info.compute_instance)
+            for p in running_processes(device, context)
         )
         for instance in instances:
             labels = (

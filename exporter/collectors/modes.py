@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from exporter.collectors.base import Collector, Emitter, MetricSpec
+from operator import itemgetter
+
+from exporter.collectors.base import CallSeries, Collector, MetricSpec, part
 from exporter.nvml import Device
 
 # These change only by an administrator's command; reading them every interval is waste.
@@ -40,19 +42,15 @@ MIG_PENDING = MetricSpec(
 )
 
 
+def _mig_mode(device: Device) -> tuple[int, int] | None:
+    return device.recent(MODE_MAX_AGE, device.driver.mig_mode)
+
+
 class ModesCollector(Collector):
     name = "modes"
-    metrics = (PERSISTENCE, COMPUTE_MODE, MIG_ENABLED, MIG_PENDING)
-
-    def collect(self, device: Device, out: Emitter) -> None:
-        drv = device.driver
-        persistence = device.recent(MODE_MAX_AGE, drv.persistence_mode)
-        if persistence is not None:
-            out.add(PERSISTENCE, persistence)
-        compute = device.recent(MODE_MAX_AGE, drv.compute_mode)
-        if compute is not None:
-            out.add(COMPUTE_MODE, compute)
-        mig = device.recent(MODE_MAX_AGE, drv.mig_mode)
-        if mig is not None:
-            out.add(MIG_ENABLED, mig[0])
-            out.add(MIG_PENDING, mig[1])
+    table = (
+        CallSeries(PERSISTENCE, lambda d: d.recent(MODE_MAX_AGE, d.driver.persistence_mode)),
+        CallSeries(COMPUTE_MODE, lambda d: d.recent(MODE_MAX_AGE, d.driver.compute_mode)),
+        CallSeries(MIG_ENABLED, part(_mig_mode, itemgetter(0))),
+        CallSeries(MIG_PENDING, part(_mig_mode, itemgetter(1))),
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, FieldPlan, FieldSeries, MetricSpec
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import (
     FI_NVLINK_ERROR_DL_CRC,
     FI_NVLINK_ERROR_DL_RECOVERY,
@@ -142,5 +143,5 @@ class NvlinkCollector(Collector):
     def fields(self, device: Device) -> tuple[FieldRequest, ...]:
         return _plan(self._links(device)).requests
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         out.add_fields(device, _plan(self._links(device)))

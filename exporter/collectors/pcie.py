@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.collectors.base import CallSeries, Collector, Dcgm, FieldSeries, MetricSpec, Reader
 from exporter.nvml import (
     FI_PCIE_COUNT_RX_BYTES,
     FI_PCIE_COUNT_TX_BYTES,
     FI_PCIE_REPLAY_COUNTER,
     PCIE_RX_BYTES,
     PCIE_TX_BYTES,
-    Device,
-    FieldRequest,
 )
 
 # The link trains down when idle and back up under load; a few seconds of lag is plenty.
@@ -92,50 +90,31 @@ LINK_MAX_WIDTH = MetricSpec(
 )
 
 
-class PcieCollector(Collector):
-    name = "pcie"
-    metrics = (
-        TX_BYTES,
-        RX_BYTES,
-        TX_THROUGHPUT,
-        RX_THROUGHPUT,
-        REPLAYS,
-        LINK_GENERATION,
-        LINK_WIDTH,
-        LINK_MAX_GENERATION,
-        LINK_MAX_WIDTH,
+def _throughput(direction: int) -> Reader:
+    return lambda device: device.read(device.driver.pcie_throughput, direction)
+
+
+def _bytes(spec: MetricSpec, field_id: int, rate: MetricSpec, direction: int) -> FieldSeries:
+    # Older GPUs only have the throughput call, which blocks for its measuring window.
+    return FieldSeries(
+        spec,
+        (field_id, 0),
+        fallback=CallSeries(rate, _throughput(direction), scale=1024),
+        fallback_only_unsupported=True,
     )
 
-    def fields(self, device: Device) -> tuple[FieldRequest, ...]:
-        return (
-            (FI_PCIE_COUNT_TX_BYTES, 0),
-            (FI_PCIE_COUNT_RX_BYTES, 0),
-            (FI_PCIE_REPLAY_COUNTER, 0),
-        )
 
-    def collect(self, device: Device, out: Emitter) -> None:
-        drv = device.driver
-        for field_id, counter, gauge, direction in (
-            (FI_PCIE_COUNT_TX_BYTES, TX_BYTES, TX_THROUGHPUT, PCIE_TX_BYTES),
-            (FI_PCIE_COUNT_RX_BYTES, RX_BYTES, RX_THROUGHPUT, PCIE_RX_BYTES),
-        ):
-            total = device.field(field_id)
-            if total is not None:
-                out.add(counter, total)
-            elif device.field_absent(field_id):
-                # Older GPUs only have the throughput call, which blocks ~20 ms per direction
-                # (0.7 ms of it on the CPU, on an H200).
-                kib_per_second = device.read(drv.pcie_throughput, direction)
-                if kib_per_second is not None:
-                    out.add(gauge, kib_per_second * 1024)
-        replays = device.field(FI_PCIE_REPLAY_COUNTER)
-        if replays is not None:
-            out.add(REPLAYS, replays)
-        for spec, value in (
-            (LINK_GENERATION, device.recent(LINK_STATE_MAX_AGE, drv.pcie_link_generation)),
-            (LINK_WIDTH, device.recent(LINK_STATE_MAX_AGE, drv.pcie_link_width)),
-            (LINK_MAX_GENERATION, device.cached(drv.pcie_max_link_generation)),
-            (LINK_MAX_WIDTH, device.cached(drv.pcie_max_link_width)),
-        ):
-            if value is not None:
-                out.add(spec, value)
+class PcieCollector(Collector):
+    name = "pcie"
+    metrics = (TX_BYTES, RX_BYTES, TX_THROUGHPUT, RX_THROUGHPUT)
+    table = (
+        _bytes(TX_BYTES, FI_PCIE_COUNT_TX_BYTES, TX_THROUGHPUT, PCIE_TX_BYTES),
+        _bytes(RX_BYTES, FI_PCIE_COUNT_RX_BYTES, RX_THROUGHPUT, PCIE_RX_BYTES),
+        FieldSeries(REPLAYS, (FI_PCIE_REPLAY_COUNTER, 0)),
+        CallSeries(
+            LINK_GENERATION, lambda d: d.recent(LINK_STATE_MAX_AGE, d.driver.pcie_link_generation)
+        ),
+        CallSeries(LINK_WIDTH, lambda d: d.recent(LINK_STATE_MAX_AGE, d.driver.pcie_link_width)),
+        CallSeries(LINK_MAX_GENERATION, lambda d: d.cached(d.driver.pcie_max_link_generation)),
+        CallSeries(LINK_MAX_WIDTH, lambda d: d.cached(d.driver.pcie_max_link_width)),
+    )

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from operator import itemgetter
+
+from exporter.collectors.base import CallSeries, Collector, Dcgm, FieldSeries, MetricSpec, part
 from exporter.nvml import (
     FI_POWER_AVERAGE,
     FI_POWER_CURRENT_LIMIT,
     FI_POWER_INSTANT,
     FI_TOTAL_ENERGY_CONSUMPTION,
     Device,
-    FieldRequest,
 )
 
 POWER = MetricSpec(
@@ -75,44 +76,47 @@ ENERGY = MetricSpec(
 )
 
 
+def _constraints(device: Device) -> tuple[int, int] | None:
+    return device.cached(device.driver.power_limit_constraints)
+
+
+def _energy_call(device: Device) -> float | None:
+    # As slow as the field it stands in for.
+    return device.recent(device.slow_fields_interval, device.driver.total_energy)
+
+
 class PowerCollector(Collector):
     name = "power"
-    metrics = (POWER, POWER_LIMIT, POWER_DEFAULT_LIMIT, POWER_MIN_LIMIT, POWER_MAX_LIMIT, ENERGY)
-
-    def fields(self, device: Device) -> tuple[FieldRequest, ...]:
-        # The instantaneous reading only where the GPU lacks the 1 s average.
-        power = FI_POWER_INSTANT if device.field_absent(FI_POWER_AVERAGE) else FI_POWER_AVERAGE
-        return ((FI_TOTAL_ENERGY_CONSUMPTION, 0), (power, 0), (FI_POWER_CURRENT_LIMIT, 0))
-
-    def collect(self, device: Device, out: Emitter) -> None:
-        drv = device.driver
-        # Each from the sampler's one field-values call; the dedicated call only where the
-        # field gave nothing (unsupported, or not asked for yet), so at most once per sample.
-        # An entry that failed with an error is counted once, as any failed read, and the
-        # value is missing for this sample rather than asked for twice.
-        milliwatts = device.field(FI_POWER_AVERAGE)
-        if milliwatts is None and not device.field_failed(FI_POWER_AVERAGE):
-            milliwatts = device.field(FI_POWER_INSTANT)
-            if milliwatts is None and not device.field_failed(FI_POWER_INSTANT):
-                milliwatts = device.read(drv.power_usage)
-        if milliwatts is not None:
-            out.add(POWER, milliwatts / 1000)
-        limit = device.field(FI_POWER_CURRENT_LIMIT)
-        if limit is None and not device.field_failed(FI_POWER_CURRENT_LIMIT):
-            limit = device.read(drv.enforced_power_limit)
-        if limit is not None:
-            out.add(POWER_LIMIT, limit / 1000)
-        default = device.cached(drv.power_limit_default)
-        if default is not None:
-            out.add(POWER_DEFAULT_LIMIT, default / 1000)
-        constraints = device.cached(drv.power_limit_constraints)
-        if constraints is not None:
-            out.add(POWER_MIN_LIMIT, constraints[0] / 1000)
-            out.add(POWER_MAX_LIMIT, constraints[1] / 1000)
-        millijoules = device.field(FI_TOTAL_ENERGY_CONSUMPTION)
-        if millijoules is None and device.field_absent(FI_TOTAL_ENERGY_CONSUMPTION):
-            # Only where the field is unsupported, never mixed with it (an older cached
-            # answer would make the counter go back); as slow as the field would be.
-            millijoules = device.recent(device.slow_fields_interval, drv.total_energy)
-        if millijoules is not None:
-            out.add(ENERGY, millijoules / 1000)
+    # The 1 s average field; the instantaneous one only where the GPU lacks it, and the
+    # dedicated call only where neither field answered, so each is read at most once per
+    # sample. A field that failed with an error is counted once and left missing.
+    table = (
+        FieldSeries(
+            POWER,
+            (FI_POWER_AVERAGE, 0),
+            divisor=1000,
+            alternatives=(FI_POWER_INSTANT,),
+            fallback=CallSeries(POWER, lambda d: d.read(d.driver.power_usage), divisor=1000),
+        ),
+        FieldSeries(
+            POWER_LIMIT,
+            (FI_POWER_CURRENT_LIMIT, 0),
+            divisor=1000,
+            fallback=CallSeries(
+                POWER_LIMIT, lambda d: d.read(d.driver.enforced_power_limit), divisor=1000
+            ),
+        ),
+        CallSeries(
+            POWER_DEFAULT_LIMIT, lambda d: d.cached(d.driver.power_limit_default), divisor=1000
+        ),
+        CallSeries(POWER_MIN_LIMIT, part(_constraints, itemgetter(0)), divisor=1000),
+        CallSeries(POWER_MAX_LIMIT, part(_constraints, itemgetter(1)), divisor=1000),
+        FieldSeries(
+            ENERGY,
+            (FI_TOTAL_ENERGY_CONSUMPTION, 0),
+            divisor=1000,
+            # Never mixed with the field: an older cached answer would make the counter go back.
+            fallback=CallSeries(ENERGY, _energy_call, divisor=1000),
+            fallback_only_unsupported=True,
+        ),
+    )

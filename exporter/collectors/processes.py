@@ -23,7 +23,7 @@ from exporter.collectors.base import (
     PodSource,
     Services,
 )
-from exporter.collectors.shared import instance_uuid, running_processes
+from exporter.collectors.shared import SampleContext, instance_uuid, running_processes
 from exporter.nvml import Device, ProcessInfo, ProcessSample
 
 if TYPE_CHECKING:
@@ -74,9 +74,9 @@ class ProcessCountCollector(Collector):
     def configure(self, config: Config, services: Services) -> None:
         self._attribution = services.attribution
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         counts: dict[str, int] = defaultdict(int)
-        for process in running_processes(device):
+        for process in running_processes(device, context):
             counts[process.type] += 1
             self._seen_pids.append(process.info.pid)
         for kind in ("compute", "graphics"):
@@ -223,9 +223,9 @@ class ProcessesCollector(Collector):
         self._last_utilization[device.uuid] = averages
         return averages
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         processes = sorted(
-            running_processes(device), key=lambda p: p.info.used_memory or 0, reverse=True
+            running_processes(device, context), key=lambda p: p.info.used_memory or 0, reverse=True
         )
         kept, dropped = processes[: self._limit], len(processes) - self._limit
         out.add(DROPPED, max(0, dropped))
@@ -248,8 +248,7 @@ class ProcessesCollector(Collector):
                 pod[1],
                 pod[2],
             )
-            if info.used_memory is not None:
-                out.add(PROCESS_MEMORY, info.used_memory, *labels)
+            out.add(PROCESS_MEMORY, info.used_memory, *labels)
             # A process without samples this interval did not use the engines.
             sm, memory, encoder, decoder = utilization.get(info.pid, (0.0, 0.0, 0.0, 0.0))
             out.add(PROCESS_SM, sm, *labels)

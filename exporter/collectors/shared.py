@@ -12,10 +12,6 @@ from exporter.nvml import Device, MigInstance, ProcessInfo
 MIG_MAX_AGE = 10.0
 MIG_MODE_MAX_AGE = 30.0
 
-# device.memo key: True when the gpm collector, in this sample, measured every NVDEC engine of
-# the whole GPU at exactly 0 over the interval since its previous sample.
-GPM_NVDEC_IDLE = "gpm_nvdec_idle"
-
 
 @dataclass(frozen=True)
 class GpuProcess:
@@ -23,11 +19,26 @@ class GpuProcess:
     type: str  # compute, graphics, or compute+graphics
 
 
-def running_processes(device: Device) -> list[GpuProcess]:
+class SampleContext:
+    """What the collectors of one GPU share within one sample; each sample starts a new one.
+
+    A collector that reads what another leaves here names that collector in its `after`, so
+    the registry runs them in that order."""
+
+    __slots__ = ("gpm_nvdec_idle", "processes")
+
+    def __init__(self) -> None:
+        # Read once by the first collector that asks (running_processes).
+        self.processes: list[GpuProcess] | None = None
+        # Set by the gpm collector when it measured every NVDEC engine of the whole GPU at
+        # exactly 0 over the interval since its previous sample.
+        self.gpm_nvdec_idle = False
+
+
+def running_processes(device: Device, context: SampleContext) -> list[GpuProcess]:
     """Compute and graphics processes, read once per sample however many collectors ask."""
-    cached = device.memo.get("processes")
-    if isinstance(cached, list):
-        return cached
+    if context.processes is not None:
+        return context.processes
     drv = device.driver
     kinds: dict[int, list[str]] = defaultdict(list)
     infos: dict[int, ProcessInfo] = {}
@@ -39,7 +50,7 @@ def running_processes(device: Device) -> list[GpuProcess]:
             kinds[info.pid].append(kind)
             infos.setdefault(info.pid, info)
     processes = [GpuProcess(infos[pid], "+".join(kinds[pid])) for pid in infos]
-    device.memo["processes"] = processes
+    context.processes = processes
     return processes
 
 
@@ -63,9 +74,3 @@ def instance_uuid(device: Device, info: ProcessInfo) -> str | None:
         ):
             return instance.uuid
     return None
-
-
-def gpm_nvdec_idle(device: Device) -> bool:
-    """Whether GPM saw the video decoders idle over this sample's interval. False when it could
-    not tell: GPM unsupported, disabled, not yet primed, or failed this time."""
-    return device.memo.get(GPM_NVDEC_IDLE) is True

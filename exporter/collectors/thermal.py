@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
+from exporter.collectors.base import (
+    CallSeries,
+    Collector,
+    Dcgm,
+    Emitter,
+    FieldSeries,
+    MetricSpec,
+    Reader,
+)
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import (
     FI_MEMORY_TEMP,
     TEMPERATURE_GPU,
@@ -11,7 +20,6 @@ from exporter.nvml import (
     THRESHOLD_SHUTDOWN,
     THRESHOLD_SLOWDOWN,
     Device,
-    FieldRequest,
 )
 
 TEMPERATURE = MetricSpec(
@@ -83,34 +91,26 @@ FAN_SPEED = MetricSpec(
     ),
 )
 
-_THRESHOLDS = (
-    ("shutdown", THRESHOLD_SHUTDOWN),
-    ("slowdown", THRESHOLD_SLOWDOWN),
-    ("gpu_max", THRESHOLD_GPU_MAX),
-    ("memory_max", THRESHOLD_MEM_MAX),
-)
+
+def _threshold(threshold: int) -> Reader:
+    return lambda device: device.cached(device.driver.temperature_threshold, threshold)
 
 
 class ThermalCollector(Collector):
     name = "thermal"
-    metrics = (TEMPERATURE, MEMORY_TEMPERATURE, TEMPERATURE_THRESHOLD, FAN_SPEED)
+    table = (
+        CallSeries(TEMPERATURE, lambda d: d.read(d.driver.temperature, TEMPERATURE_GPU)),
+        FieldSeries(MEMORY_TEMPERATURE, (FI_MEMORY_TEMP, 0)),
+        CallSeries(TEMPERATURE_THRESHOLD, _threshold(THRESHOLD_SHUTDOWN), ("shutdown",)),
+        CallSeries(TEMPERATURE_THRESHOLD, _threshold(THRESHOLD_SLOWDOWN), ("slowdown",)),
+        CallSeries(TEMPERATURE_THRESHOLD, _threshold(THRESHOLD_GPU_MAX), ("gpu_max",)),
+        CallSeries(TEMPERATURE_THRESHOLD, _threshold(THRESHOLD_MEM_MAX), ("memory_max",)),
+    )
+    metrics = (*(row.spec for row in table), FAN_SPEED)
 
-    def fields(self, device: Device) -> tuple[FieldRequest, ...]:
-        return ((FI_MEMORY_TEMP, 0),)
-
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
+        self.collect_table(device, out)
         drv = device.driver
-        celsius = device.read(drv.temperature, TEMPERATURE_GPU)
-        if celsius is not None:
-            out.add(TEMPERATURE, celsius)
-        memory = device.field(FI_MEMORY_TEMP)
-        if memory is not None:
-            out.add(MEMORY_TEMPERATURE, memory)
-        for label, threshold in _THRESHOLDS:
-            limit = device.cached(drv.temperature_threshold, threshold)
-            if limit is not None:
-                out.add(TEMPERATURE_THRESHOLD, limit, label)
         for fan in range(device.cached(drv.fan_count) or 0):
             percent = device.read(drv.fan_speed, fan)
-            if percent is not None:
-                out.add(FAN_SPEED, percent / 100, str(fan))
+            out.add(FAN_SPEED, None if percent is None else percent / 100, str(fan))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
 from exporter.collectors.busy import BUFFER_CADENCE, BUFFER_READS, BusyTracker
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import GPU_UTILIZATION_SAMPLES, MEMORY_UTILIZATION_SAMPLES, Device
 
 _INSTANT = "nvmlDeviceGetUtilizationRates .{} (the driver's last sample period, 1/6 s to 1 s); "
@@ -57,7 +58,7 @@ class UtilizationCollector(Collector):
         self._gpu = BusyTracker(GPU_UTILIZATION_SAMPLES)
         self._memory = BusyTracker(MEMORY_UTILIZATION_SAMPLES)
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         now = device.clock()
         rates = device.read(device.driver.utilization)
         for tracker, percent, gauge, counter in (

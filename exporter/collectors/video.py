@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
 from exporter.collectors.busy import BUFFER_CADENCE, BUFFER_READS, BusyTracker
-from exporter.collectors.shared import gpm_nvdec_idle
+from exporter.collectors.shared import SampleContext
 from exporter.nvml import DEC_UTILIZATION_SAMPLES, ENC_UTILIZATION_SAMPLES, Device, Handle
 
 ENCODER_UTILIZATION = MetricSpec(
@@ -79,6 +79,7 @@ ENCODER_LATENCY = MetricSpec(
 
 class VideoCollector(Collector):
     name = "video"
+    after = ("gpm",)  # its finding that the decoders were idle spares their reads
     metrics = (
         ENCODER_UTILIZATION,
         ENCODER_BUSY,
@@ -95,7 +96,7 @@ class VideoCollector(Collector):
         # Encoder sessions at each GPU's previous sample.
         self._sessions: dict[str, int | None] = {}
 
-    def collect(self, device: Device, out: Emitter) -> None:
+    def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:
         drv = device.driver
         now = device.clock()
         # Read first: it decides whether the encoder's value is worth a call.
@@ -116,7 +117,7 @@ class VideoCollector(Collector):
                 self._decoder,
                 (DECODER_UTILIZATION, DECODER_BUSY),
                 drv.decoder_utilization,
-                gpm_nvdec_idle(device),
+                context.gpm_nvdec_idle,
             ),
         ):
             self._read(device, tracker, specs, instant, idle, now, out)

@@ -42,7 +42,9 @@ class SeriesEmitter(Emitter):
         self.plans: PlanCache = {}
         self.lines: dict[MetricSpec, list[str]] = {}
 
-    def add(self, spec: MetricSpec, value: float, *labels: str) -> None:
+    def add(self, spec: MetricSpec, value: float | None, *labels: str) -> None:
+        if value is None:
+            return
         key = (spec, labels)
         entry = self._previous.get(key)
         if entry is None:
