@@ -25,7 +25,6 @@ from exporter.collectors.base import Attribution
 from exporter.config import (
     DEFAULT_LISTEN_ADDRESS,
     Config,
-    ConfigError,
     Overrides,
     apply_overrides,
     load_config,
@@ -34,6 +33,7 @@ from exporter.nvml import Driver, PynvmlDriver
 from exporter.podresources import PodResourcesWatcher
 from exporter.sampler import Sampler
 from exporter.simulate import SimulatedAttribution, SimulatedDriver, fleet_description
+from exporter.validation import ConfigError
 from exporter.web import WebServer
 from exporter.webconfig import WebSecurity
 

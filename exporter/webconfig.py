@@ -48,13 +48,13 @@ from typing import NoReturn
 
 import bcrypt
 
-from exporter.config import (
+from exporter.validation import (
     ConfigError,
-    _bool,
-    _choice,
-    _Invalid,
-    _join,
-    _mapping,
+    InvalidValue,
+    join_path,
+    parse_bool,
+    parse_choice,
+    parse_mapping,
     read_yaml,
     short_repr,
 )
@@ -228,13 +228,13 @@ class WebSettings:
     rate_limit: RateLimit | None = None
 
 
-# --- value parsers: each takes (value, key path) and raises _Invalid naming the path ----------
+# --- value parsers: each takes (value, key path) and raises InvalidValue naming the path --------
 
 
 def _text(value: object, path: str) -> str:
     # The toolkit's YAML decoder turns any scalar into a string field (`X-XSS-Protection: 1`).
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise _Invalid(path, f"must be a string, got {short_repr(value)}")
+        raise InvalidValue(path, f"must be a string, got {short_repr(value)}")
     return str(value)
 
 
@@ -252,7 +252,7 @@ def _go_duration(value: object, path: str) -> float:
             if math.isfinite(seconds):
                 return seconds
     # A bare number other than 0 would be nanoseconds to the toolkit: surely not what was meant.
-    raise _Invalid(path, f"must be a duration like 1s or 500ms, got {short_repr(value)}")
+    raise InvalidValue(path, f"must be a duration like 1s or 500ms, got {short_repr(value)}")
 
 
 def _file(value: object, path: str, base: Path) -> str | None:
@@ -264,48 +264,48 @@ def _file(value: object, path: str, base: Path) -> str | None:
         with Path(resolved).open("rb"):
             pass
     except OSError as err:
-        raise _Invalid(path, f"cannot read {resolved}: {err.strerror or err}") from None
+        raise InvalidValue(path, f"cannot read {resolved}: {err.strerror or err}") from None
     return resolved
 
 
 def _parse_tls(raw: object, path: str, base: Path) -> TlsSettings | None:
-    data = _mapping(raw, path, _TLS_KEYS)
+    data = parse_mapping(raw, path, _TLS_KEYS)
     for key, reason in _UNSUPPORTED.items():
         if key in data and data[key] not in _UNSET_VALUES[key]:
-            raise _Invalid(_join(path, key), reason)
+            raise InvalidValue(join_path(path, key), reason)
 
     def at(key: str) -> str:
-        return _join(path, key)
+        return join_path(path, key)
 
     if not any(data.get(key) not in (None, "") for key in _TLS_SWITCHES):
         # The toolkit would serve plain HTTP here; an operator who set a TLS option surely
         # expected TLS, so say so instead.
         for key, value in data.items():
             if value not in (None, "", []) and key not in (*_TLS_SWITCHES, *_UNSUPPORTED):
-                raise _Invalid(at(key), "has no effect without cert_file and key_file")
+                raise InvalidValue(at(key), "has no effect without cert_file and key_file")
         return None
 
     cert_file = _file(data.get("cert_file"), at("cert_file"), base)
     key_file = _file(data.get("key_file"), at("key_file"), base)
     if cert_file is None:
-        raise _Invalid(at("cert_file"), "is required when TLS is configured")
+        raise InvalidValue(at("cert_file"), "is required when TLS is configured")
     if key_file is None:
-        raise _Invalid(at("key_file"), "is required when TLS is configured")
+        raise InvalidValue(at("key_file"), "is required when TLS is configured")
     client_ca_file = _file(data.get("client_ca_file"), at("client_ca_file"), base)
 
     auth = data.get("client_auth_type")
     if auth in (None, ""):
         auth = "NoClientCert"
     auth = _CLIENT_AUTH_ALIASES.get(auth, auth) if isinstance(auth, str) else auth
-    client_auth_type = _choice(auth, at("client_auth_type"), CLIENT_AUTH_TYPES)
+    client_auth_type = parse_choice(auth, at("client_auth_type"), CLIENT_AUTH_TYPES)
     if _VERIFY_MODES[client_auth_type] != ssl.CERT_NONE and client_ca_file is None:
-        raise _Invalid(
+        raise InvalidValue(
             at("client_ca_file"),
             f"is required with client_auth_type {client_auth_type}: client certificates are "
             "verified against it",
         )
     if client_auth_type == "NoClientCert" and client_ca_file is not None:
-        raise _Invalid(
+        raise InvalidValue(
             at("client_ca_file"),
             "is set but client_auth_type is NoClientCert, so no client certificate would be "
             "checked; use RequireAndVerifyClientCert",
@@ -315,13 +315,13 @@ def _parse_tls(raw: object, path: str, base: Path) -> TlsSettings | None:
     min_version = data.get("min_version")
     max_version = data.get("max_version")
     if min_version is not None:
-        min_version = _choice(min_version, at("min_version"), versions)
+        min_version = parse_choice(min_version, at("min_version"), versions)
     if max_version is not None:
-        max_version = _choice(max_version, at("max_version"), versions)
+        max_version = parse_choice(max_version, at("max_version"), versions)
     low = min_version or DEFAULT_MIN_VERSION
     high = max_version or DEFAULT_MAX_VERSION
     if TLS_VERSIONS[high] < TLS_VERSIONS[low]:
-        raise _Invalid(at("max_version"), f"must not be below min_version {low}, got {high}")
+        raise InvalidValue(at("max_version"), f"must not be below min_version {low}, got {high}")
 
     cipher_suites = _cipher_suites(data.get("cipher_suites"), at("cipher_suites"))
     if (
@@ -329,7 +329,7 @@ def _parse_tls(raw: object, path: str, base: Path) -> TlsSettings | None:
         and not any(name in TLS12_CIPHER_SUITES for name in cipher_suites)
         and TLS_VERSIONS[high] < ssl.TLSVersion.TLSv1_3
     ):
-        raise _Invalid(
+        raise InvalidValue(
             at("cipher_suites"),
             f"lists only TLS 1.3 suites, so nothing could be negotiated up to max_version {high}",
         )
@@ -345,7 +345,7 @@ def _parse_tls(raw: object, path: str, base: Path) -> TlsSettings | None:
         cipher_suites=cipher_suites,
         prefer_server_cipher_suites=True
         if prefer is None
-        else _bool(prefer, at("prefer_server_cipher_suites")),
+        else parse_bool(prefer, at("prefer_server_cipher_suites")),
     )
 
 
@@ -353,11 +353,11 @@ def _cipher_suites(raw: object, path: str) -> tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise _Invalid(path, f"must be a list, got {type(raw).__name__}")
+        raise InvalidValue(path, f"must be a list, got {type(raw).__name__}")
     known = (*TLS12_CIPHER_SUITES, *TLS13_CIPHER_SUITES)
     for i, name in enumerate(raw):
         if name not in known:
-            raise _Invalid(
+            raise InvalidValue(
                 f"{path}[{i}]",
                 f"unknown cipher suite {short_repr(name)} (known: {', '.join(known)})",
             )
@@ -365,21 +365,23 @@ def _cipher_suites(raw: object, path: str) -> tuple[str, ...]:
 
 
 def _parse_http(raw: object, path: str) -> Mapping[str, str]:
-    data = _mapping(raw, path, ("http2", "headers"))
+    data = parse_mapping(raw, path, ("http2", "headers"))
     if "http2" in data:
         # Validated so the file means the same everywhere; this server only speaks HTTP/1.1,
         # which both values permit (HTTP/2 was only ever offered, never required).
-        _bool(data["http2"], _join(path, "http2"))
-    headers_path = _join(path, "headers")
+        parse_bool(data["http2"], join_path(path, "http2"))
+    headers_path = join_path(path, "headers")
     headers: dict[str, str] = {}
-    for name, raw_value in _mapping(data.get("headers"), headers_path, tuple(HEADERS)).items():
-        where = _join(headers_path, name)
+    for name, raw_value in parse_mapping(data.get("headers"), headers_path, tuple(HEADERS)).items():
+        where = join_path(headers_path, name)
         value = "" if raw_value is None else _text(raw_value, where)
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-            raise _Invalid(where, "must not contain control characters")
+            raise InvalidValue(where, "must not contain control characters")
         allowed = HEADERS[name]
         if value and allowed and value not in allowed:
-            raise _Invalid(where, f"must be one of {', '.join(allowed)}, got {short_repr(value)}")
+            raise InvalidValue(
+                where, f"must be one of {', '.join(allowed)}, got {short_repr(value)}"
+            )
         if value:  # a blank value means "do not send the header"
             headers[name] = value
     return MappingProxyType(headers)
@@ -389,18 +391,18 @@ def _parse_users(raw: object, path: str) -> Mapping[str, str]:
     if raw is None:
         return MappingProxyType({})
     if not isinstance(raw, dict):
-        raise _Invalid(
+        raise InvalidValue(
             path, f"must be a mapping of user names to bcrypt hashes, got {short_repr(raw)}"
         )
     users: dict[str, str] = {}
     for raw_name, hashed in raw.items():
         name = _text(raw_name, path)
-        where = _join(path, name)
+        where = join_path(path, name)
         if ":" in name:
-            raise _Invalid(where, "user names cannot contain ':' (basic auth splits on it)")
+            raise InvalidValue(where, "user names cannot contain ':' (basic auth splits on it)")
         # The value is a secret: the reason never repeats it.
         if not isinstance(hashed, str) or not _BCRYPT_HASH.fullmatch(hashed):
-            raise _Invalid(
+            raise InvalidValue(
                 where,
                 "must be a bcrypt hash ($2a$, $2b$ or $2y$, cost 04-31), "
                 "e.g. from `htpasswd -nBC 10 '' | tr -d ':\\n'`",
@@ -410,18 +412,18 @@ def _parse_users(raw: object, path: str) -> Mapping[str, str]:
 
 
 def _parse_rate_limit(raw: object, path: str) -> RateLimit | None:
-    data = _mapping(raw, path, ("interval", "burst"))
-    interval = _go_duration(data.get("interval", 0), _join(path, "interval"))
+    data = parse_mapping(raw, path, ("interval", "burst"))
+    interval = _go_duration(data.get("interval", 0), join_path(path, "interval"))
     burst = data.get("burst", 0)
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
-        raise _Invalid(
-            _join(path, "burst"), f"must be a non-negative integer, got {short_repr(burst)}"
+        raise InvalidValue(
+            join_path(path, "burst"), f"must be a non-negative integer, got {short_repr(burst)}"
         )
     if interval == 0:  # the documented way to switch the limiter off
         return None
     if burst < 1:
-        raise _Invalid(
-            _join(path, "burst"),
+        raise InvalidValue(
+            join_path(path, "burst"),
             "must be at least 1 when rate_limit.interval is set, or every request is refused",
         )
     return RateLimit(interval=interval, burst=burst)
@@ -431,11 +433,11 @@ def _parse(raw: object, base: Path) -> WebSettings:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise _Invalid("", f"must be a mapping, got {type(raw).__name__}")
+        raise InvalidValue("", f"must be a mapping, got {type(raw).__name__}")
     known = ("tls_server_config", "http_server_config", "basic_auth_users", "rate_limit")
     for key in raw:
         if key not in known:
-            raise _Invalid(str(key), f"unknown key (known: {', '.join(known)})")
+            raise InvalidValue(str(key), f"unknown key (known: {', '.join(known)})")
     return WebSettings(
         tls=_parse_tls(raw.get("tls_server_config"), "tls_server_config", base),
         users=_parse_users(raw.get("basic_auth_users"), "basic_auth_users"),
@@ -460,11 +462,11 @@ def _load_cert_chain(ctx: ssl.SSLContext, tls: TlsSettings) -> None:
     try:
         ctx.load_cert_chain(tls.cert_file, tls.key_file, password=_refuse_password)
     except _NoPassword:
-        raise _Invalid(
+        raise InvalidValue(
             "tls_server_config.key_file", "is encrypted; an unencrypted key is needed"
         ) from None
     except ssl.SSLError as err:
-        raise _Invalid(
+        raise InvalidValue(
             "tls_server_config.key_file",
             f"cannot be loaded or does not match cert_file: {err.reason or err}",
         ) from None
@@ -478,7 +480,7 @@ def _read_client_cas(tls: TlsSettings) -> str | None:
         return Path(tls.client_ca_file).read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else "not PEM text"
-        raise _Invalid("tls_server_config.client_ca_file", f"cannot read: {reason}") from None
+        raise InvalidValue("tls_server_config.client_ca_file", f"cannot read: {reason}") from None
 
 
 def _build_context(tls: TlsSettings, client_cas: str | None) -> ssl.SSLContext:
@@ -488,13 +490,15 @@ def _build_context(tls: TlsSettings, client_cas: str | None) -> ssl.SSLContext:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=tls.cert_file)
     except (ssl.SSLError, ValueError) as err:
-        raise _Invalid("tls_server_config.cert_file", f"is not a PEM certificate: {err}") from None
+        raise InvalidValue(
+            "tls_server_config.cert_file", f"is not a PEM certificate: {err}"
+        ) from None
     _load_cert_chain(ctx, tls)
     if client_cas is not None:
         try:
             ctx.load_verify_locations(cadata=client_cas)
         except (ssl.SSLError, ValueError) as err:
-            raise _Invalid(
+            raise InvalidValue(
                 "tls_server_config.client_ca_file", f"holds no usable PEM certificate: {err}"
             ) from None
     ctx.verify_mode = _VERIFY_MODES[tls.client_auth_type]
@@ -509,7 +513,7 @@ def _build_context(tls: TlsSettings, client_cas: str | None) -> ssl.SSLContext:
         try:
             ctx.set_ciphers(":".join(openssl_names))
         except ssl.SSLError:
-            raise _Invalid(
+            raise InvalidValue(
                 "tls_server_config.cipher_suites",
                 "none of these suites is available in this OpenSSL build",
             ) from None
@@ -635,7 +639,7 @@ def _load(path: str) -> _Loaded:
             client_cas = _read_client_cas(settings.tls)
             context = _build_context(settings.tls, client_cas)
             expiry = _certificate_expiry(settings.tls.cert_file)
-    except _Invalid as err:
+    except InvalidValue as err:
         raise ConfigError(f"{path}: {err}") from None
     return _Loaded(settings, context, client_cas, signature, expiry)
 
@@ -664,7 +668,7 @@ def _update_context(
     # An SSLContext's trust store only grows: a CA dropped from the file would stay trusted,
     # which is exactly what removing it is meant to prevent.
     if verifying and not set(live.get_ca_certs(True)) <= set(new.get_ca_certs(True)):
-        raise _Invalid(
+        raise InvalidValue(
             "tls_server_config.client_ca_file", "removing a CA certificate needs a restart"
         )
     # The files were read for `new` a moment ago. Should they have changed since and fail
@@ -864,7 +868,7 @@ class WebSecurity:
         if live is not None and new is not None and tls is not None:
             try:
                 _update_context(live, new, tls, loaded.client_cas)
-            except _Invalid as err:
+            except InvalidValue as err:
                 raise ConfigError(f"{self._path}: {err}") from None
         self._state = self._new_state(loaded, self._state)
 

@@ -16,21 +16,23 @@ import yaml
 from exporter.cli import main
 from exporter.collectors import COLLECTOR_DEFAULTS
 from exporter.config import (
-    MAX_CONFIG_BYTES,
-    MAX_MESSAGE_CHARS,
-    MAX_VALUE_CHARS,
-    MAX_YAML_DEPTH,
-    MAX_YAML_NODES,
     Config,
-    ConfigError,
     DeviceSelection,
     Overrides,
     apply_overrides,
     load_config,
     parse_config,
+    split_listen_address,
+)
+from exporter.validation import (
+    MAX_CONFIG_BYTES,
+    MAX_MESSAGE_CHARS,
+    MAX_VALUE_CHARS,
+    MAX_YAML_DEPTH,
+    MAX_YAML_NODES,
+    ConfigError,
     parse_duration,
     short_repr,
-    split_listen_address,
 )
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,9 +22,7 @@ from hypothesis import strategies as st
 from exporter.collectors import COLLECTOR_DEFAULTS
 from exporter.config import (
     FAULT_KINDS,
-    MAX_MESSAGE_CHARS,
     Config,
-    ConfigError,
     DeviceSelection,
     FaultConfig,
     KubernetesConfig,
@@ -38,6 +36,7 @@ from exporter.config import (
 )
 from exporter.nvml import DEVICE_CALLS
 from exporter.simulate import MODELS
+from exporter.validation import MAX_MESSAGE_CHARS, ConfigError
 
 
 def _fuzz(max_examples: int) -> settings:

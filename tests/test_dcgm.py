@@ -24,7 +24,6 @@ from exporter.collectors.base import Pod
 from exporter.collectors.events import xid_labels
 from exporter.config import (
     Config,
-    ConfigError,
     FaultConfig,
     Overrides,
     SimulationConfig,
@@ -35,6 +34,7 @@ from exporter.podresources import PodResourcesWatcher
 from exporter.sampler import SELF_METRICS, Sampler, _FamilyBuilder
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format, render_text
+from exporter.validation import ConfigError
 
 MIB = 1024 * 1024
 

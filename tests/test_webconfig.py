@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from exporter import webconfig
-from exporter.config import ConfigError
+from exporter.validation import ConfigError
 from exporter.webconfig import (
     CLIENT_AUTH_TYPES,
     TLS12_CIPHER_SUITES,
