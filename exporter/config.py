@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from exporter.collectors import COLLECTOR_DEFAULTS
 from exporter.validation import (
     ConfigError,
     InvalidValue,
@@ -177,16 +176,23 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     log: LogConfig = field(default_factory=LogConfig)
     devices: DeviceSelection = field(default_factory=DeviceSelection)
-    collectors: Mapping[str, bool] = field(
-        default_factory=lambda: MappingProxyType(dict(COLLECTOR_DEFAULTS))
-    )
+    # The collectors the file or the flags switch on or off; the others keep their defaults,
+    # which only the collector registry knows (exporter.collectors.enabled_collectors).
+    collectors: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     processes: ProcessesConfig = field(default_factory=ProcessesConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
     dcgm: DcgmConfig = field(default_factory=DcgmConfig)
 
-    def enabled_collectors(self) -> tuple[str, ...]:
-        return tuple(name for name, on in self.collectors.items() if on)
+
+@dataclass(frozen=True)
+class KnownNames:
+    """Names a file may use that the layers above the configuration define: whoever parses a
+    file hands them in, so that an unknown name is refused with its key path before anything
+    starts, and the configuration imports none of those layers."""
+
+    collectors: tuple[str, ...]  # in the order an error lists them
+    device_calls: tuple[str, ...]  # the per-device driver calls a simulated fault may target
 
 
 @dataclass(frozen=True)
@@ -325,15 +331,14 @@ def _parse_devices(raw: object, path: str) -> DeviceSelection:
     return DeviceSelection(include=_device_refs(raw, path))
 
 
-def _parse_collectors(raw: object, path: str) -> Mapping[str, bool]:
-    data = parse_mapping(raw, path, tuple(COLLECTOR_DEFAULTS))
-    merged = dict(COLLECTOR_DEFAULTS)
-    for name, on in data.items():
-        merged[name] = parse_bool(on, join_path(path, name))
-    return MappingProxyType(merged)
+def _parse_collectors(raw: object, path: str, names: tuple[str, ...]) -> Mapping[str, bool]:
+    data = parse_mapping(raw, path, names)
+    return MappingProxyType(
+        {name: parse_bool(on, join_path(path, name)) for name, on in data.items()}
+    )
 
 
-def _parse_fault(raw: object, path: str) -> FaultConfig:
+def _parse_fault(raw: object, path: str, device_calls: tuple[str, ...]) -> FaultConfig:
     if raw is None or (isinstance(raw, dict) and "kind" not in raw):
         raise InvalidValue(
             join_path(path, "kind"), f"is required (one of {', '.join(FAULT_KINDS)})"
@@ -345,7 +350,7 @@ def _parse_fault(raw: object, path: str) -> FaultConfig:
         {
             "kind": lambda v, p: parse_choice(v, p, FAULT_KINDS),
             "device": optional(lambda v, p: parse_int(v, p, minimum=0, maximum=1023)),
-            "function": optional(_device_call),
+            "function": optional(lambda v, p: parse_choice(v, p, device_calls)),
             "start": parse_non_negative_duration,
             "duration": optional(
                 lambda v, p: parse_positive_duration(v, p, minimum=0.001, maximum=10**7)
@@ -362,18 +367,12 @@ def _parse_fault(raw: object, path: str) -> FaultConfig:
     return fault
 
 
-def _device_call(value: object, path: str) -> str:
-    from exporter.nvml import DEVICE_CALLS
-
-    return parse_choice(value, path, DEVICE_CALLS)
-
-
-def _parse_faults(raw: object, path: str) -> tuple[FaultConfig, ...]:
+def _parse_faults(raw: object, path: str, device_calls: tuple[str, ...]) -> tuple[FaultConfig, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
         raise InvalidValue(path, f"must be a list, got {type(raw).__name__}")
-    return tuple(_parse_fault(item, f"{path}[{i}]") for i, item in enumerate(raw))
+    return tuple(_parse_fault(item, f"{path}[{i}]", device_calls) for i, item in enumerate(raw))
 
 
 def _model(value: object, path: str) -> str:
@@ -382,7 +381,7 @@ def _model(value: object, path: str) -> str:
     return parse_choice(value, path, tuple(MODELS))
 
 
-def _parse_simulation(raw: object, path: str) -> SimulationConfig:
+def _parse_simulation(raw: object, path: str, device_calls: tuple[str, ...]) -> SimulationConfig:
     simulation = parse_section(
         SimulationConfig,
         raw,
@@ -393,7 +392,7 @@ def _parse_simulation(raw: object, path: str) -> SimulationConfig:
             "seed": lambda v, p: parse_int(v, p, minimum=0, maximum=2**31),
             "processes_per_device": lambda v, p: parse_int(v, p, minimum=0, maximum=1000),
             "mig_devices": lambda v, p: parse_int(v, p, minimum=0, maximum=64),
-            "faults": _parse_faults,
+            "faults": lambda v, p: _parse_faults(v, p, device_calls),
         },
     )
     _check_simulation(simulation, path)
@@ -454,37 +453,40 @@ def _parse_kubernetes(raw: object, path: str) -> KubernetesConfig:
     return kubernetes
 
 
-_TOP_LEVEL: Mapping[str, Callable[[object, str], Any]] = {
-    "backend": lambda v, p: parse_choice(v, p, BACKENDS),
-    "naming": lambda v, p: parse_choice(v, p, NAMINGS),
-    "web": _parse_web,
-    "sampling": _parse_sampling,
-    "log": _parse_log,
-    "devices": _parse_devices,
-    "collectors": _parse_collectors,
-    "simulation": _parse_simulation,
-    "processes": _parse_processes,
-    "kubernetes": _parse_kubernetes,
-    "dcgm": _parse_dcgm,
-}
+def _sections(known: KnownNames) -> Mapping[str, Callable[[object, str], Any]]:
+    """The top-level keys' parsers, in the order an error lists the keys."""
+    return {
+        "backend": lambda v, p: parse_choice(v, p, BACKENDS),
+        "naming": lambda v, p: parse_choice(v, p, NAMINGS),
+        "web": _parse_web,
+        "sampling": _parse_sampling,
+        "log": _parse_log,
+        "devices": _parse_devices,
+        "collectors": lambda v, p: _parse_collectors(v, p, known.collectors),
+        "simulation": lambda v, p: _parse_simulation(v, p, known.device_calls),
+        "processes": _parse_processes,
+        "kubernetes": _parse_kubernetes,
+        "dcgm": _parse_dcgm,
+    }
 
 
-def parse_config(raw: object, source: str = "<config>") -> Config:
+def parse_config(raw: object, source: str = "<config>", *, known: KnownNames) -> Config:
     """Validates an already-loaded YAML document."""
+    sections = _sections(known)
     try:
-        data = parse_mapping(raw, "", tuple(_TOP_LEVEL))
-        values = {key: _TOP_LEVEL[key](data[key], key) for key in data}
+        data = parse_mapping(raw, "", tuple(sections))
+        values = {key: sections[key](data[key], key) for key in data}
     except InvalidValue as err:
         raise ConfigError(f"{source}: {err}") from None
     return Config(source=source, **values)
 
 
-def load_config(path: str | None) -> Config:
+def load_config(path: str | None, *, known: KnownNames) -> Config:
     """Reads and validates a YAML file; no path means the built-in defaults."""
     if path is None:
         return Config()
     raw = read_yaml(path)
-    return parse_config({} if raw is None else raw, path)
+    return parse_config({} if raw is None else raw, path, known=known)
 
 
 def apply_overrides(config: Config, overrides: Overrides) -> Config:

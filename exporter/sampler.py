@@ -26,7 +26,15 @@ from typing import Protocol
 from prometheus_client import ProcessCollector
 
 from exporter import __version__, dcgm
-from exporter.collectors import COLLECTORS, Collector, Dcgm, Emitter, MetricSpec, Services
+from exporter.collectors import (
+    COLLECTORS,
+    Collector,
+    Dcgm,
+    Emitter,
+    MetricSpec,
+    Services,
+    enabled_collectors,
+)
 from exporter.collectors.base import IDENTITY_LABELS, FieldPlan, Sample, field_value
 from exporter.config import Config, SamplingConfig
 from exporter.nvml import (
@@ -560,7 +568,7 @@ class Sampler:
 
     def _select(self, config: Config) -> list[Collector]:
         selected = []
-        for name in config.enabled_collectors():
+        for name in enabled_collectors(config.collectors, self._registry):
             if name not in self._instances:
                 self._instances[name] = self._registry[name]()
             collector = self._instances[name]
