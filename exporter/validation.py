@@ -152,6 +152,14 @@ def parse_non_empty_string(value: object, path: str) -> str:
     return value
 
 
+def parse_scalar_text(value: object, path: str) -> str:
+    """Any scalar as text, as exporter-toolkit's YAML decoder reads a string field (web config
+    files say `X-XSS-Protection: 1`)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise InvalidValue(path, f"must be a string, got {short_repr(value)}")
+    return str(value)
+
+
 def parse_choice(value: object, path: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise InvalidValue(path, f"must be one of {', '.join(choices)}, got {short_repr(value)}")
