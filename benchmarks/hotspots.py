@@ -66,6 +66,7 @@ def child(samples: int, processes: bool, top: int, pause: float) -> None:
 
     from exporter import sampler as sampler_module
     from exporter.attribution import ProcAttribution
+    from exporter.cli import KNOWN_NAMES
     from exporter.collectors import Services
     from exporter.config import parse_config
     from exporter.exposition import FamilyBuilder
@@ -83,7 +84,9 @@ def child(samples: int, processes: bool, top: int, pause: float) -> None:
         if callable(member) and not name.startswith("_"):
             # Inside the collectors' figures: what the binding and the library take.
             _timed(PynvmlDriver, name, f"        driver.{name}", spent)
-    config = parse_config({"collectors": {"processes": True}} if processes else {})
+    config = parse_config(
+        {"collectors": {"processes": True}} if processes else {}, known=KNOWN_NAMES
+    )
     sampler = sampler_module.Sampler(
         config, PynvmlDriver(), services=Services(ProcAttribution("/proc"), None)
     )

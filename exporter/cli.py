@@ -20,20 +20,21 @@ from collections.abc import Sequence
 
 from exporter import __version__, logs
 from exporter.attribution import KubeletPods, ProcAttribution
-from exporter.collectors import COLLECTORS, Services
+from exporter.collectors import COLLECTORS, Services, enabled_collectors
 from exporter.collectors.base import Attribution
 from exporter.config import (
     DEFAULT_LISTEN_ADDRESS,
     Config,
-    ConfigError,
+    KnownNames,
     Overrides,
     apply_overrides,
     load_config,
 )
-from exporter.nvml import Driver, PynvmlDriver
+from exporter.nvml import DEVICE_CALLS, Driver, PynvmlDriver
 from exporter.podresources import PodResourcesWatcher
 from exporter.sampler import Sampler
 from exporter.simulate import SimulatedAttribution, SimulatedDriver, fleet_description
+from exporter.validation import ConfigError
 from exporter.web import WebServer
 from exporter.webconfig import WebSecurity
 
@@ -43,6 +44,8 @@ EXIT_CONFIG = 2
 # Graceful stop must fit in the 5 s most orchestrators wait before SIGKILL... with margin.
 HTTP_GRACE_SECONDS = 2.5
 SAMPLER_GRACE_SECONDS = 1.5
+# What a configuration file may name of the collectors and of the driver's calls.
+KNOWN_NAMES = KnownNames(collectors=tuple(COLLECTORS), device_calls=DEVICE_CALLS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +161,7 @@ def overrides_from(args: argparse.Namespace) -> Overrides:
 
 
 def load(args: argparse.Namespace) -> Config:
-    return apply_overrides(load_config(args.config_file), overrides_from(args))
+    return apply_overrides(load_config(args.config_file, known=KNOWN_NAMES), overrides_from(args))
 
 
 def start_pod_watcher(config: Config) -> PodResourcesWatcher | None:
@@ -328,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "version": __version__,
             "config": config.source,
             "interval": f"{config.sampling.interval:g}s",
-            "collectors": ",".join(config.enabled_collectors()),
+            "collectors": ",".join(enabled_collectors(config.collectors)),
         },
     )
     # The event loop serving scrapes waits less for the GIL behind the sampler's threads.

@@ -32,6 +32,7 @@ from exporter.collectors import (
     MetricSpec,
     SampleContext,
     Services,
+    enabled_collectors,
 )
 from exporter.collectors.base import IDENTITY_LABELS
 from exporter.config import Config
@@ -130,7 +131,7 @@ class Sampler:
 
     def _select(self, config: Config) -> list[Collector]:
         selected = []
-        for name in config.enabled_collectors():
+        for name in enabled_collectors(config.collectors, self._registry):
             if name not in self._instances:
                 self._instances[name] = self._registry[name]()
             collector = self._instances[name]

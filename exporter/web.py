@@ -34,9 +34,9 @@ from email.utils import formatdate
 from typing import Protocol
 
 from exporter import __version__
+from exporter.auth import AuthVerdict
 from exporter.config import WebConfig, split_listen_address
 from exporter.snapshot import Format, Snapshot
-from exporter.webconfig import AuthVerdict
 
 log = logging.getLogger(__name__)
 

@@ -13,24 +13,26 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exporter.cli import main
-from exporter.collectors import COLLECTOR_DEFAULTS
+from exporter.cli import KNOWN_NAMES, main
+from exporter.collectors import COLLECTOR_DEFAULTS, enabled_collectors
 from exporter.config import (
-    MAX_CONFIG_BYTES,
-    MAX_MESSAGE_CHARS,
-    MAX_VALUE_CHARS,
-    MAX_YAML_DEPTH,
-    MAX_YAML_NODES,
     Config,
-    ConfigError,
     DeviceSelection,
     Overrides,
     apply_overrides,
     load_config,
     parse_config,
+    split_listen_address,
+)
+from exporter.validation import (
+    MAX_CONFIG_BYTES,
+    MAX_MESSAGE_CHARS,
+    MAX_VALUE_CHARS,
+    MAX_YAML_DEPTH,
+    MAX_YAML_NODES,
+    ConfigError,
     parse_duration,
     short_repr,
-    split_listen_address,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,23 +46,26 @@ def expectation(path: Path) -> str:
 
 
 def test_no_file_gives_documented_defaults() -> None:
-    config = load_config(None)
+    config = load_config(None, known=KNOWN_NAMES)
     assert config.backend == "nvml"
     assert config.web.listen_address == ":9471"
     assert config.sampling.interval == 1.0 and config.sampling.deadline == 1.0
     assert config.devices == DeviceSelection()
     assert config.naming == "nvml"
-    assert dict(config.collectors) == dict(COLLECTOR_DEFAULTS)
+    assert enabled_collectors(config.collectors) == tuple(
+        name for name, on in COLLECTOR_DEFAULTS.items() if on
+    )
 
 
 def test_annotated_example_states_the_defaults() -> None:
-    example = load_config(str(REPO / "config" / "exporter.yaml"))
-    defaults = Config(source=example.source)
+    example = load_config(str(REPO / "config" / "exporter.yaml"), known=KNOWN_NAMES)
+    assert example.collectors == COLLECTOR_DEFAULTS  # every collector listed, as it defaults
+    defaults = Config(source=example.source, collectors=example.collectors)
     assert example == defaults
 
 
 def test_simulation_example_is_valid() -> None:
-    config = load_config(str(REPO / "config" / "simulate.yaml"))
+    config = load_config(str(REPO / "config" / "simulate.yaml"), known=KNOWN_NAMES)
     assert config.backend == "simulated" and config.simulation.devices == 8
     assert config.simulation.faults[0].kind == "lost"
     assert config.simulation.faults[0].start == 600
@@ -75,8 +80,8 @@ def test_durations_in_prometheus_style(text: object, seconds: float) -> None:
 
 
 def test_slow_fields_can_be_read_every_sample() -> None:
-    assert load_config(None).sampling.slow_fields_interval == 10.0
-    config = parse_config({"sampling": {"slow_fields_interval": "0s"}})
+    assert load_config(None, known=KNOWN_NAMES).sampling.slow_fields_interval == 10.0
+    config = parse_config({"sampling": {"slow_fields_interval": "0s"}}, known=KNOWN_NAMES)
     assert config.sampling.slow_fields_interval == 0.0
     merged = apply_overrides(config, Overrides(interval="250ms"))
     assert merged.sampling.slow_fields_interval == 0.0
@@ -87,12 +92,12 @@ def test_slow_fields_can_be_read_every_sample() -> None:
     [(":9471", None, 9471), ("127.0.0.1:0", "127.0.0.1", 0), ("[::1]:9471", "::1", 9471)],
 )
 def test_listen_addresses(address: str, host: str | None, port: int) -> None:
-    config = parse_config({"web": {"listen_address": address}})
+    config = parse_config({"web": {"listen_address": address}}, known=KNOWN_NAMES)
     assert split_listen_address(config.web.listen_address) == (host, port)
 
 
 def test_devices_by_index_uuid_and_pci_bus_id() -> None:
-    config = parse_config({"devices": [0, "GPU-abc", "0000:18:00.0"]})
+    config = parse_config({"devices": [0, "GPU-abc", "0000:18:00.0"]}, known=KNOWN_NAMES)
     assert config.devices == DeviceSelection(include=(0, "GPU-abc", "0000:18:00.0"))
     selection = config.devices
     assert selection.selects(0, "GPU-x", "00000000:01:00.0")
@@ -102,18 +107,22 @@ def test_devices_by_index_uuid_and_pci_bus_id() -> None:
 
 
 def test_devices_include_and_exclude() -> None:
-    selection = parse_config({"devices": {"exclude": [3, "GPU-bad", "1b:00.0"]}}).devices
+    selection = parse_config(
+        {"devices": {"exclude": [3, "GPU-bad", "1b:00.0"]}}, known=KNOWN_NAMES
+    ).devices
     assert selection.selects(0, "GPU-a", "00000000:18:00.0")
     assert not selection.selects(3, "GPU-b", "00000000:20:00.0")
     assert not selection.selects(4, "GPU-bad", "00000000:21:00.0")
     assert not selection.selects(5, "GPU-c", "00000000:1B:00.0")
-    both = parse_config({"devices": {"include": [0, 1], "exclude": [1]}}).devices
+    both = parse_config({"devices": {"include": [0, 1], "exclude": [1]}}, known=KNOWN_NAMES).devices
     assert [i for i in range(3) if both.selects(i, f"GPU-{i}", "")] == [0]
 
 
 def test_flags_override_the_file() -> None:
     config = parse_config(
-        {"web": {"listen_address": ":1"}, "collectors": {"thermal": False}}, "f.yaml"
+        {"web": {"listen_address": ":1"}, "collectors": {"thermal": False}},
+        "f.yaml",
+        known=KNOWN_NAMES,
     )
     merged = apply_overrides(
         config,
@@ -154,7 +163,7 @@ def test_every_failure_case_has_a_file() -> None:
 @pytest.mark.parametrize("path", BAD_CONFIGS, ids=lambda p: p.stem)
 def test_bad_config_names_key_and_reason(path: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(str(path))
+        load_config(str(path), known=KNOWN_NAMES)
     message = str(err.value)
     assert message.startswith(f"{path}: ")
     assert expectation(path) in message
@@ -208,13 +217,13 @@ def test_bad_config_exits_2_before_binding_a_port(path: Path) -> None:
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope.yaml: cannot read: No such file"):
-        load_config(str(tmp_path / "nope.yaml"))
+        load_config(str(tmp_path / "nope.yaml"), known=KNOWN_NAMES)
 
 
 def test_empty_file_means_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing set\n")
-    assert load_config(str(path)) == Config(source=str(path))
+    assert load_config(str(path), known=KNOWN_NAMES) == Config(source=str(path))
 
 
 def test_yaml_round_trip_of_faults() -> None:
@@ -222,7 +231,7 @@ def test_yaml_round_trip_of_faults() -> None:
         "simulation:\n  devices: 4\n  faults:\n"
         "    - {kind: slow, device: 2, function: power_usage, delay: 250ms, start: 1m}\n"
     )
-    fault = parse_config(raw).simulation.faults[0]
+    fault = parse_config(raw, known=KNOWN_NAMES).simulation.faults[0]
     assert (fault.kind, fault.device, fault.function, fault.delay, fault.start) == (
         "slow",
         2,
@@ -248,7 +257,7 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
 
 def config_error(path: Path) -> str:
     with pytest.raises(ConfigError) as err:
-        load_config(str(path))
+        load_config(str(path), known=KNOWN_NAMES)
     return str(err.value)
 
 
@@ -328,12 +337,12 @@ def test_a_merge_key_with_an_alias_is_refused(tmp_path: Path) -> None:
 
 def test_an_anchor_alone_is_harmless(tmp_path: Path) -> None:
     path = write(tmp_path, "sampling: &sampling\n  interval: &every 2s\n")
-    assert load_config(str(path)).sampling.interval == 2.0
+    assert load_config(str(path), known=KNOWN_NAMES).sampling.interval == 2.0
 
 
 def test_an_inline_merge_key_still_works(tmp_path: Path) -> None:
     path = write(tmp_path, "sampling:\n  <<: {interval: 2s}\n  timeout: 1s\n")
-    sampling = load_config(str(path)).sampling
+    sampling = load_config(str(path), known=KNOWN_NAMES).sampling
     assert (sampling.interval, sampling.timeout) == (2.0, 1.0)
 
 
@@ -350,13 +359,13 @@ def test_a_file_of_exactly_the_size_cap_is_read(tmp_path: Path) -> None:
     head = "backend: simulated\n"
     path = write(tmp_path, head + "#" * (MAX_CONFIG_BYTES - len(head) - 1) + "\n")
     assert path.stat().st_size == MAX_CONFIG_BYTES
-    assert load_config(str(path)).backend == "simulated"
+    assert load_config(str(path), known=KNOWN_NAMES).backend == "simulated"
 
 
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
 def test_the_size_cap_holds_for_a_device_that_reports_no_size() -> None:
     with pytest.raises(ConfigError) as err:
-        load_config("/dev/zero")
+        load_config("/dev/zero", known=KNOWN_NAMES)
     assert str(err.value) == (
         f"/dev/zero: is more than {MAX_CONFIG_BYTES} bytes; at most {MAX_CONFIG_BYTES} are read"
     )
@@ -420,7 +429,7 @@ def test_huge_values_given_directly_get_short_messages() -> None:
         {"sampling": {"interval": 10**5000}},
     ):
         with pytest.raises(ConfigError) as err:
-            parse_config(raw, "f.yaml")
+            parse_config(raw, "f.yaml", known=KNOWN_NAMES)
         assert len(str(err.value)) < 300
 
 
@@ -536,7 +545,7 @@ def test_a_control_character_names_line_and_column(tmp_path: Path) -> None:
 @pytest.mark.parametrize("address", [":\u00b2", ":\u0663", ":" + "0" * 5000])
 def test_a_port_is_ascii_digits(address: str) -> None:
     with pytest.raises(ConfigError, match=r"web.listen_address: must be host:port"):
-        parse_config({"web": {"listen_address": address}})
+        parse_config({"web": {"listen_address": address}}, known=KNOWN_NAMES)
 
 
 def test_a_set_tag_on_a_scalar_is_a_config_error(tmp_path: Path) -> None:
@@ -557,7 +566,7 @@ def test_a_null_fault_asks_for_its_kind(tmp_path: Path) -> None:
 def test_simulate_flag_rechecks_faults_against_the_new_number_of_devices(tmp_path: Path) -> None:
     path = tmp_path / "simulate.yaml"
     path.write_text("simulation: {devices: 8, faults: [{kind: lost, device: 7}]}\n")
-    config = load_config(str(path))
+    config = load_config(str(path), known=KNOWN_NAMES)
     assert apply_overrides(config, Overrides(simulate=8)).simulation.devices == 8
     with pytest.raises(ConfigError, match=r"faults\[0\]\.device: must be below.*--simulate 2"):
         apply_overrides(config, Overrides(simulate=2))
@@ -567,4 +576,4 @@ def test_a_fault_cannot_start_before_the_exporter(tmp_path: Path) -> None:
     path = tmp_path / "simulate.yaml"
     path.write_text("simulation: {faults: [{kind: lost, start: -5s}]}\n")
     with pytest.raises(ConfigError, match=r"faults\[0\]\.start: must be >= 0"):
-        load_config(str(path))
+        load_config(str(path), known=KNOWN_NAMES)

@@ -19,12 +19,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from exporter.cli import KNOWN_NAMES
 from exporter.collectors import COLLECTOR_DEFAULTS
 from exporter.config import (
     FAULT_KINDS,
-    MAX_MESSAGE_CHARS,
     Config,
-    ConfigError,
     DeviceSelection,
     FaultConfig,
     KubernetesConfig,
@@ -38,6 +37,7 @@ from exporter.config import (
 )
 from exporter.nvml import DEVICE_CALLS
 from exporter.simulate import MODELS
+from exporter.validation import MAX_MESSAGE_CHARS, ConfigError
 
 
 def _fuzz(max_examples: int) -> settings:
@@ -152,7 +152,7 @@ def _documents() -> st.SearchStrategy[object]:
 
 def assert_loads_or_fails_cleanly(path: Path) -> None:
     try:
-        config = load_config(str(path))
+        config = load_config(str(path), known=KNOWN_NAMES)
     except ConfigError as err:
         message = str(err)
         assert len(message) <= MAX_MESSAGE_CHARS
@@ -229,7 +229,7 @@ def _python_values() -> st.SearchStrategy[object]:
 )
 def test_parse_config_of_any_value_is_a_config_or_a_short_error(raw: object) -> None:
     try:
-        parse_config(raw, "f.yaml")
+        parse_config(raw, "f.yaml", known=KNOWN_NAMES)
     except ConfigError as err:
         assert len(str(err)) <= MAX_MESSAGE_CHARS
         assert str(err).startswith("f.yaml: ")
@@ -328,7 +328,7 @@ def valid_configs(draw: st.DrawFn) -> tuple[dict[str, Any], Config]:
 
     switches = draw(st.dictionaries(st.sampled_from(list(COLLECTOR_DEFAULTS)), st.booleans()))
     raw["collectors"] = switches
-    expected["collectors"] = {**COLLECTOR_DEFAULTS, **switches}
+    expected["collectors"] = switches
 
     simulation = _Section(draw)
     simulation.maybe("devices", _same(st.integers(1, 64)))
@@ -431,9 +431,11 @@ def test_every_valid_config_loads_and_round_trips(
     raw, expected = case
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    loaded = load_config(str(path))
+    loaded = load_config(str(path), known=KNOWN_NAMES)
     assert loaded == dataclasses.replace(expected, source=str(path))
 
     again = tmp_path / "again.yaml"
     again.write_text(yaml.safe_dump(to_raw(loaded), sort_keys=False))
-    assert load_config(str(again)) == dataclasses.replace(loaded, source=str(again))
+    assert load_config(str(again), known=KNOWN_NAMES) == dataclasses.replace(
+        loaded, source=str(again)
+    )

@@ -18,12 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from promserver import PromServer, find_prometheus, labels, prometheus_server, value
 
 from exporter.attribution import KubeletPods
+from exporter.cli import KNOWN_NAMES
 from exporter.collectors import Services
 from exporter.collectors.base import Pod
 from exporter.collectors.events import xid_labels
 from exporter.config import (
     Config,
-    ConfigError,
     FaultConfig,
     Overrides,
     SimulationConfig,
@@ -36,6 +36,7 @@ from exporter.sampler import Sampler
 from exporter.selfmetrics import SELF_METRICS
 from exporter.simulate import SimulatedDriver
 from exporter.snapshot import Format, render_text
+from exporter.validation import ConfigError
 
 MIB = 1024 * 1024
 
@@ -493,7 +494,7 @@ def test_dcgm_dashboard_queries_return_data(dcgm_prometheus: PromServer, panel: 
 def test_the_hostname_label_follows_the_config(tmp_path: Path) -> None:
     config = tmp_path / "exporter.yaml"
     config.write_text("naming: dcgm\ndcgm: {hostname_label: hostname}\n")
-    loaded = apply_overrides(load_config(str(config)), Overrides(simulate=2))
+    loaded = apply_overrides(load_config(str(config), known=KNOWN_NAMES), Overrides(simulate=2))
     assert loaded.dcgm.hostname_label == "hostname"
     driver = SimulatedDriver(loaded.simulation)
     sampler = Sampler(loaded, driver)
@@ -509,4 +510,4 @@ def test_an_unknown_hostname_label_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"dcgm.hostname_label: must be one of Hostname, hostname"
     ):
-        load_config(str(config))
+        load_config(str(config), known=KNOWN_NAMES)

@@ -23,6 +23,7 @@ import yaml
 from conftest import ExporterProcess
 
 from exporter import __version__
+from exporter.cli import KNOWN_NAMES
 from exporter.config import DEFAULT_PORT, parse_config, split_listen_address
 
 REPO = Path(__file__).resolve().parent.parent
@@ -327,7 +328,9 @@ def test_probes_and_port_are_the_exporters() -> None:
 
 
 def test_configmap_holds_a_valid_config_listening_on_the_probed_port() -> None:
-    config = parse_config(yaml.safe_load(exporter_config_text()), "configmap.yaml")
+    config = parse_config(
+        yaml.safe_load(exporter_config_text()), "configmap.yaml", known=KNOWN_NAMES
+    )
     assert config.kubernetes.enabled
     assert config.web.listen_address == f":{DEFAULT_PORT}"
     host, port = split_listen_address(config.web.listen_address)
@@ -347,7 +350,7 @@ def test_config_file_and_pod_resources_socket_are_mounted() -> None:
     assert volumes[mount["name"]]["configMap"]["name"] == one("ConfigMap")["metadata"]["name"]
     assert config_file.name == CONFIG_KEY
 
-    config = parse_config(yaml.safe_load(exporter_config_text()))
+    config = parse_config(yaml.safe_load(exporter_config_text()), known=KNOWN_NAMES)
     socket_dir = PurePosixPath(config.kubernetes.socket).parent
     assert socket_dir == PurePosixPath("/var/lib/kubelet/pod-resources")
     mount = mounts[socket_dir]

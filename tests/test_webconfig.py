@@ -27,20 +27,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from exporter import webconfig
-from exporter.config import ConfigError
-from exporter.webconfig import (
+from exporter import auth, webconfig
+from exporter.auth import AuthVerdict, RateLimit
+from exporter.tls import (
     CLIENT_AUTH_TYPES,
     TLS12_CIPHER_SUITES,
     TLS13_CIPHER_SUITES,
-    AuthVerdict,
-    RateLimit,
     TlsSettings,
-    WebSecurity,
-    WebSettings,
     certificate_not_after,
-    load_web_config,
 )
+from exporter.validation import ConfigError
+from exporter.webconfig import WebSecurity, WebSettings, load_web_config
 
 T = TypeVar("T")
 
@@ -1066,10 +1063,10 @@ def test_verified_credentials_stay_cached_while_they_are_used(
     assert len(bcrypt_calls) == 1
     # A scraper that keeps coming back within the TTL never waits for bcrypt again.
     for _ in range(10):
-        clock.now += webconfig.AUTH_CACHE_TTL * 0.9
+        clock.now += auth.AUTH_CACHE_TTL * 0.9
         assert run(security.authenticate(right)) is AuthVerdict.ACCEPTED
     assert len(bcrypt_calls) == 1
-    clock.now += webconfig.AUTH_CACHE_TTL
+    clock.now += auth.AUTH_CACHE_TTL
     assert run(security.authenticate(right)) is AuthVerdict.ACCEPTED
     assert len(bcrypt_calls) == 2
 
@@ -1083,9 +1080,9 @@ def test_refused_credentials_are_refused_again_without_bcrypt_for_a_while(
         assert run(security.authenticate(basic("mallory", "guess"))) is AuthVerdict.REFUSED
     assert len(bcrypt_calls) == 2
     # Repeating a refused pair does not keep it refused: it is checked again after the TTL.
-    clock.now += webconfig.AUTH_FAILURE_TTL * 0.9
+    clock.now += auth.AUTH_FAILURE_TTL * 0.9
     assert run(security.authenticate(basic("alice", "guess"))) is AuthVerdict.REFUSED
-    clock.now += webconfig.AUTH_FAILURE_TTL * 0.2
+    clock.now += auth.AUTH_FAILURE_TTL * 0.2
     assert run(security.authenticate(basic("alice", "guess"))) is AuthVerdict.REFUSED
     assert len(bcrypt_calls) == 3
     # The right password is not affected by the wrong ones.
@@ -1110,7 +1107,7 @@ def test_new_passwords_beyond_the_pending_limit_are_busy_not_queued(
 ) -> None:
     security = WebSecurity(users_file)
     right = basic("alice", "alice-pw")
-    limit = webconfig.MAX_PENDING_PASSWORD_CHECKS
+    limit = auth.MAX_PENDING_PASSWORD_CHECKS
 
     async def flood() -> tuple[list[AuthVerdict], AuthVerdict, AuthVerdict]:
         assert await security.authenticate(right) is AuthVerdict.ACCEPTED  # cached from now on
@@ -1132,7 +1129,7 @@ def test_new_passwords_beyond_the_pending_limit_are_busy_not_queued(
 def test_cache_is_bounded(
     tmp_path: Path, bcrypt_calls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(webconfig, "_AUTH_CACHE_SIZE", 2)
+    monkeypatch.setattr(auth, "_AUTH_CACHE_SIZE", 2)
     users = "".join(f"  u{i}: {bcrypt_hash(f'p{i}')}\n" for i in range(3))
     security = WebSecurity(write_config(tmp_path, "basic_auth_users:\n" + users))
     for i in (0, 1, 2, 2, 1):

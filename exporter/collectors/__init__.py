@@ -69,6 +69,15 @@ COLLECTOR_DEFAULTS: Mapping[str, bool] = MappingProxyType(
     {name: cls.default_enabled for name, cls in COLLECTORS.items()}
 )
 
+
+def enabled_collectors(
+    choices: Mapping[str, bool], registry: Mapping[str, type[Collector]] = COLLECTORS
+) -> tuple[str, ...]:
+    """The collectors of `registry` that run, in its order: each as the configuration's
+    `choices` switch it, else as its default."""
+    return tuple(name for name, cls in registry.items() if choices.get(name, cls.default_enabled))
+
+
 __all__ = [
     "COLLECTORS",
     "COLLECTOR_DEFAULTS",
@@ -78,4 +87,5 @@ __all__ = [
     "MetricSpec",
     "SampleContext",
     "Services",
+    "enabled_collectors",
 ]
