@@ -10,12 +10,12 @@ seed and t, not on when or how often it is read: tests can pin the clock and get
 """
 
 from exporter.simulate.driver import (
-    STEP_SECONDS,
     SimulatedAttribution,
     SimulatedDriver,
     fleet_description,
 )
 from exporter.simulate.models import MODELS
+from exporter.simulate.physics import STEP_SECONDS
 
 __all__ = [
     "MODELS",
