@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from exporter.collectors.base import Container
-from exporter.config import FaultConfig, SimulationConfig
+from exporter.config import SimulationConfig
 from exporter.nvml import (
     CLOCK_GRAPHICS,
     CLOCK_MEM,
@@ -53,7 +52,6 @@ from exporter.nvml import (
     FI_RETIRED_PENDING,
     FI_RETIRED_SBE,
     FI_TOTAL_ENERGY_CONSUMPTION,
-    GPU_IS_LOST,
     GPU_UTILIZATION_SAMPLES,
     INVALID_ARGUMENT,
     MEMORY_UTILIZATION_SAMPLES,
@@ -75,6 +73,7 @@ from exporter.nvml import (
     ProcessSample,
     Utilization,
 )
+from exporter.simulate.faults import FaultInjector
 from exporter.simulate.models import (
     BAR1_BYTES,
     HOPPER,
@@ -139,18 +138,16 @@ class SimulatedDriver:
         self._clock = clock
         self._start = clock()
         self._model = MODELS[config.model]
-        self._faults = config.faults
+        self._faults = FaultInjector(config.faults, self.elapsed)
         self._states = [
             new_device_state(
                 i, self._model, config.seed, config.processes_per_device, i < config.mig_devices
             )
             for i in range(config.devices)
         ]
-        self._events_lock = threading.Lock()
-        self._delivered: set[int] = set()  # xid faults already reported
         self.power_limit_w = [self._model.tdp_watts for _ in self._states]
 
-    # --- simulated time --------------------------------------------------------------------
+    # --- simulated time and injected faults ------------------------------------------------
 
     def elapsed(self) -> float:
         return self._clock() - self._start
@@ -161,45 +158,21 @@ class SimulatedDriver:
         due = int(self.elapsed() / STEP_SECONDS + 1e-6)
         advance(state, due, self.power_limit_w[state.index])
 
-    # --- faults ------------------------------------------------------------------------------
-
-    def _active(self, fault: FaultConfig) -> bool:
-        t = self.elapsed()
-        return t >= fault.start and (fault.duration is None or t < fault.start + fault.duration)
-
     def _device(self, handle: Handle, function: str) -> DeviceState:
         """Resolves a handle, applying injected faults, and advances the device's model."""
         state = self._states[handle]
-        code = self._fault(handle, function)
+        code = self._faults.apply(handle, function)
         if code != SUCCESS:
             raise NvmlError(code, function)
         with state.lock:
             self._advance(state)
         return state
 
-    def _fault(self, handle: Handle, function: str, named_only: bool = False) -> int:
-        """Applies the faults active for `function` on the device: sleeps for a slow one;
-        returns the code a failing one answers with, else SUCCESS. `named_only` leaves out
-        faults that name no function, for a call that already had them applied."""
-        accepted = (function,) if named_only else (None, function)
-        for fault in self._faults:
-            if fault.device not in (None, handle) or not self._active(fault):
-                continue
-            if fault.kind == "lost":
-                return GPU_IS_LOST
-            if fault.function in accepted:
-                if fault.kind == "unsupported":
-                    return NOT_SUPPORTED
-                if fault.kind == "slow":
-                    time.sleep(fault.delay)
-        return SUCCESS
-
     # --- Driver ------------------------------------------------------------------------------
 
     def init(self) -> None:
-        for fault in self._faults:
-            if fault.kind == "init_failure" and self._active(fault):
-                raise NvmlError(DRIVER_NOT_LOADED, "init")
+        if self._faults.init_fails():
+            raise NvmlError(DRIVER_NOT_LOADED, "init")
 
     def shutdown(self) -> None:
         pass
@@ -363,7 +336,7 @@ class SimulatedDriver:
             if field_id in power_fields:
                 function, value = power_fields[field_id]
                 if function not in faulted:
-                    faulted[function] = self._fault(handle, function, named_only=True)
+                    faulted[function] = self._faults.apply(handle, function, named_only=True)
                 if faulted[function] == SUCCESS:
                     device_wide[field_id] = value
         results: list[FieldResult] = []
@@ -551,13 +524,10 @@ class SimulatedDriver:
     def wait_event(self, event_set: Handle, timeout_ms: int) -> NvmlEvent | None:
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
-            with self._events_lock:
-                for number, fault in enumerate(self._faults):
-                    due = fault.kind == "xid" and self.elapsed() >= fault.start
-                    if due and number not in self._delivered and fault.device is not None:
-                        self._delivered.add(number)
-                        uuid = self.uuid(fault.device)
-                        return NvmlEvent(uuid=uuid, type=EVENT_XID, data=fault.xid or 0)
+            xid = self._faults.take_due_xid()
+            if xid is not None:
+                device, code = xid
+                return NvmlEvent(uuid=self.uuid(device), type=EVENT_XID, data=code)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
