@@ -9,11 +9,8 @@ The model advances in fixed steps of simulated time, so the state at time t depe
 seed and t, not on when or how often it is read: tests can pin the clock and get exact values.
 """
 
-from exporter.simulate.driver import (
-    SimulatedAttribution,
-    SimulatedDriver,
-    fleet_description,
-)
+from exporter.simulate.attribution import SimulatedAttribution
+from exporter.simulate.driver import SimulatedDriver, fleet_description
 from exporter.simulate.models import MODELS
 from exporter.simulate.physics import STEP_SECONDS
 

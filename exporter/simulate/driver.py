@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from exporter.collectors.base import Container
 from exporter.config import SimulationConfig
 from exporter.nvml import (
     CLOCK_GRAPHICS,
@@ -73,6 +72,7 @@ from exporter.nvml import (
     ProcessSample,
     Utilization,
 )
+from exporter.simulate import gpm
 from exporter.simulate.faults import FaultInjector
 from exporter.simulate.models import (
     BAR1_BYTES,
@@ -89,37 +89,6 @@ from exporter.simulate.physics import (
     new_device_state,
     process_bytes,
 )
-
-
-class _GpmSample:
-    """A simulated GPM sample: a copy of the activity integrals when it was taken."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, float] | None = None
-
-
-# GPM metric id -> (activity integral, scale to NVML's unit: percent or MiB/s). The H200
-# has seven NVDEC and seven NVJPG engines and one NVOFA; they idle under LLM inference.
-GPM_SOURCES = {
-    1: ("graphics", 100.0),
-    2: ("sm", 100.0),
-    3: ("occupancy", 100.0),
-    4: ("integer", 100.0),
-    5: ("tensor", 100.0),
-    7: ("hmma", 100.0),
-    9: ("imma", 100.0),
-    10: ("dram", 100.0),
-    11: ("fp64", 100.0),
-    12: ("fp32", 100.0),
-    13: ("fp16", 100.0),
-    20: ("pcie_tx", 1 / MIB),
-    21: ("pcie_rx", 1 / MIB),
-    60: ("nvlink_rx", 1 / MIB),
-    61: ("nvlink_tx", 1 / MIB),
-    **{30 + n: ("idle", 1.0) for n in range(7)},
-    **{40 + n: ("idle", 1.0) for n in range(7)},
-    50: ("idle", 1.0),
-}
 
 
 @dataclass(frozen=True)
@@ -542,7 +511,7 @@ class SimulatedDriver:
         return self._device(handle, "gpm_supported").model.architecture >= HOPPER
 
     def gpm_sample_alloc(self) -> Handle:
-        return _GpmSample()
+        return gpm.GpmSample()
 
     def gpm_sample_free(self, sample: Handle) -> None:
         sample.values = None
@@ -551,7 +520,7 @@ class SimulatedDriver:
         s = self._device(handle, "gpm_sample_get")
         if s.model.architecture < HOPPER:
             raise NvmlError(NOT_SUPPORTED, "gpm_sample_get")
-        sample.values = self._gpm_snapshot(s, 1.0)
+        sample.values = gpm.read_activity(s, 1.0)
         return True
 
     def gpm_mig_sample_get(self, handle: Handle, gpu_instance: int, sample: Handle) -> bool:
@@ -561,62 +530,15 @@ class SimulatedDriver:
         )
         if not self._is_mig(handle) or slot < 0:
             raise NvmlError(INVALID_ARGUMENT, "gpm_mig_sample_get")
-        # Each instance gets a steady share of the GPU's activity, by its process's size.
-        weights = [p.base_bytes for p in s.processes]
-        share = weights[slot] / max(weights) if weights else 0.0
-        sample.values = self._gpm_snapshot(s, share)
+        sample.values = gpm.read_activity(s, gpm.instance_share(s, slot))
         return True
-
-    @staticmethod
-    def _gpm_snapshot(s: DeviceState, share: float) -> dict[str, float]:
-        values = {k: v * share for k, v in s.activity.items() if k != "time"}
-        values["time"] = s.activity.get("time", 0.0)
-        values["pcie_tx"] = s.pcie_tx_bytes * share
-        values["pcie_rx"] = s.pcie_rx_bytes * share
-        values["nvlink_tx"] = sum(s.nvlink_kib) * 1024 * share
-        values["nvlink_rx"] = sum(s.nvlink_kib) * 1024 * 0.98 * share
-        return values
 
     def gpm_metrics(
         self, first: Handle, second: Handle, metric_ids: Sequence[int]
     ) -> list[tuple[int, float | None]]:
-        before, after = first.values, second.values
-        if before is None or after is None:
-            raise NvmlError(INVALID_ARGUMENT, "gpm_metrics")
-        elapsed = after["time"] - before["time"]
-        results: list[tuple[int, float | None]] = []
-        for metric_id in metric_ids:
-            key, scale = GPM_SOURCES.get(metric_id, ("", 0.0))
-            if not key:
-                results.append((NOT_SUPPORTED, None))
-                continue
-            delta = after.get(key, 0.0) - before.get(key, 0.0)
-            results.append((SUCCESS, delta / elapsed * scale if elapsed > 0 else 0.0))
-        return results
+        return gpm.metrics(first, second, metric_ids)
 
 
 def fleet_description(config: SimulationConfig) -> str:
     model = MODELS[config.model]
     return f"{config.devices} x {model.name}"
-
-
-class SimulatedAttribution:
-    """Names and containers for the simulated fleet's processes, as if every inference server
-    ran in its own Kubernetes pod."""
-
-    def __init__(self, driver: SimulatedDriver, seed: int) -> None:
-        self._driver = driver
-        self._seed = seed
-
-    def process_name(self, pid: int) -> str | None:
-        try:
-            return self._driver.process_name(pid)
-        except NvmlError:
-            return None
-
-    def container(self, pid: int) -> Container | None:
-        rng = random.Random(f"container-{self._seed}-{pid}")
-        container_id = f"{rng.getrandbits(256):064x}"
-        h = f"{rng.getrandbits(128):032x}"
-        pod_uid = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-        return Container(container_id=container_id, pod_uid=pod_uid)
