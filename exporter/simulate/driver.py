@@ -19,38 +19,6 @@ from exporter.nvml import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_SINGLE_BIT_ECC,
     EVENT_XID,
-    FI_ECC_DBE_AGG_TOTAL,
-    FI_ECC_DBE_VOL_TOTAL,
-    FI_ECC_SBE_AGG_TOTAL,
-    FI_ECC_SBE_VOL_TOTAL,
-    FI_MEMORY_TEMP,
-    FI_NVLINK_ERROR_DL_CRC,
-    FI_NVLINK_ERROR_DL_RECOVERY,
-    FI_NVLINK_ERROR_DL_REPLAY,
-    FI_NVLINK_GET_STATE,
-    FI_NVLINK_LINK_COUNT,
-    FI_NVLINK_THROUGHPUT_DATA_RX,
-    FI_NVLINK_THROUGHPUT_DATA_TX,
-    FI_PCIE_COUNT_RX_BYTES,
-    FI_PCIE_COUNT_TX_BYTES,
-    FI_PCIE_REPLAY_COUNTER,
-    FI_PERF_POLICY_BOARD_LIMIT,
-    FI_PERF_POLICY_LOW_UTILIZATION,
-    FI_PERF_POLICY_POWER,
-    FI_PERF_POLICY_RELIABILITY,
-    FI_PERF_POLICY_SYNC_BOOST,
-    FI_PERF_POLICY_THERMAL,
-    FI_POWER_AVERAGE,
-    FI_POWER_CURRENT_LIMIT,
-    FI_POWER_INSTANT,
-    FI_REMAPPED_COR,
-    FI_REMAPPED_FAILURE,
-    FI_REMAPPED_PENDING,
-    FI_REMAPPED_UNC,
-    FI_RETIRED_DBE,
-    FI_RETIRED_PENDING,
-    FI_RETIRED_SBE,
-    FI_TOTAL_ENERGY_CONSUMPTION,
     GPU_UTILIZATION_SAMPLES,
     INVALID_ARGUMENT,
     MEMORY_UTILIZATION_SAMPLES,
@@ -72,7 +40,7 @@ from exporter.nvml import (
     ProcessSample,
     Utilization,
 )
-from exporter.simulate import gpm
+from exporter.simulate import fields, gpm
 from exporter.simulate.faults import FaultInjector
 from exporter.simulate.models import (
     BAR1_BYTES,
@@ -247,80 +215,12 @@ class SimulatedDriver:
 
     def field_values(self, handle: Handle, requests: Sequence[FieldRequest]) -> list[FieldResult]:
         s = self._device(handle, "field_values")
-        links = s.model.nvlinks
-        per_link: dict[int, Callable[[int], int]] = {
-            FI_NVLINK_GET_STATE: lambda link: 1,
-            FI_NVLINK_THROUGHPUT_DATA_TX: lambda link: int(s.nvlink_kib[link]),
-            FI_NVLINK_THROUGHPUT_DATA_RX: lambda link: int(s.nvlink_kib[link] * 0.98),
-            FI_NVLINK_ERROR_DL_CRC: lambda link: 0,
-            FI_NVLINK_ERROR_DL_REPLAY: lambda link: 0,
-            FI_NVLINK_ERROR_DL_RECOVERY: lambda link: 0,
-        }
-        device_wide: dict[int, float] = {
-            FI_TOTAL_ENERGY_CONSUMPTION: int(s.energy_mj),
-            FI_MEMORY_TEMP: round(s.temperature + 6),
-            FI_PCIE_COUNT_TX_BYTES: int(s.pcie_tx_bytes),
-            FI_PCIE_COUNT_RX_BYTES: int(s.pcie_rx_bytes),
-            FI_PCIE_REPLAY_COUNTER: 0,
-            FI_NVLINK_LINK_COUNT: links,
-            FI_ECC_SBE_VOL_TOTAL: 0,
-            FI_ECC_DBE_VOL_TOTAL: 0,
-            FI_ECC_SBE_AGG_TOTAL: 3 if handle == 0 else 0,
-            FI_ECC_DBE_AGG_TOTAL: 0,
-            FI_PERF_POLICY_POWER: int(s.violation_ns.get(FI_PERF_POLICY_POWER, 0)),
-            FI_PERF_POLICY_THERMAL: 0,
-            FI_PERF_POLICY_SYNC_BOOST: 0,
-            FI_PERF_POLICY_BOARD_LIMIT: 0,
-            FI_PERF_POLICY_LOW_UTILIZATION: int(
-                s.violation_ns.get(FI_PERF_POLICY_LOW_UTILIZATION, 0)
-            ),
-            FI_PERF_POLICY_RELIABILITY: 0,
-        }
-        if s.model.row_remapping:
-            device_wide.update(
-                {
-                    FI_REMAPPED_COR: 0,
-                    FI_REMAPPED_UNC: 0,
-                    FI_REMAPPED_PENDING: 0,
-                    FI_REMAPPED_FAILURE: 0,
-                }
-            )
-        else:
-            device_wide.update({FI_RETIRED_SBE: 0, FI_RETIRED_DBE: 0, FI_RETIRED_PENDING: 0})
-        if not s.model.pcie_byte_counters:
-            del device_wide[FI_PCIE_COUNT_TX_BYTES], device_wide[FI_PCIE_COUNT_RX_BYTES]
-        # The power fields read what power_usage and enforced_power_limit do (the model has no
-        # faster dynamics than its step, so the 1 s average and the instant agree), and a
-        # fault injected into either call applies to its fields as well.
-        power_fields = {
-            FI_POWER_AVERAGE: ("power_usage", round(s.power_w * 1000)),
-            FI_POWER_INSTANT: ("power_usage", round(s.power_w * 1000)),
-            FI_POWER_CURRENT_LIMIT: (
-                "enforced_power_limit",
-                round(self.power_limit_w[handle] * 1000),
-            ),
-        }
-        faulted: dict[str, int] = {}
-        for field_id, _ in requests:
-            if field_id in power_fields:
-                function, value = power_fields[field_id]
-                if function not in faulted:
-                    faulted[function] = self._faults.apply(handle, function, named_only=True)
-                if faulted[function] == SUCCESS:
-                    device_wide[field_id] = value
-        results: list[FieldResult] = []
-        for field_id, scope in requests:
-            if field_id in per_link:
-                ok = 0 <= scope < links
-                results.append(
-                    (SUCCESS, per_link[field_id](scope)) if ok else (NOT_SUPPORTED, None)
-                )
-            elif field_id in device_wide:
-                results.append((SUCCESS, device_wide[field_id]))
-            else:
-                # Fields the model does not have, as a real driver answers them.
-                results.append((NOT_SUPPORTED, None))
-        return results
+        return fields.read(
+            s,
+            requests,
+            self.power_limit_w[handle],
+            lambda function: self._faults.apply(handle, function, named_only=True),
+        )
 
     def samples(self, handle: Handle, sample_type: int, since_us: int) -> list[tuple[int, float]]:
         s = self._device(handle, "samples")
