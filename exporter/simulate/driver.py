@@ -6,8 +6,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from exporter.config import SimulationConfig
 from exporter.nvml import (
     CLOCK_GRAPHICS,
     CLOCK_MEM,
@@ -57,6 +57,10 @@ from exporter.simulate.physics import (
     new_device_state,
     process_bytes,
 )
+
+if TYPE_CHECKING:
+    # Types only: the configuration imports this package's catalogue of models.
+    from exporter.config import SimulationConfig
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from exporter.config import FaultConfig
 from exporter.nvml import GPU_IS_LOST, NOT_SUPPORTED, SUCCESS
+
+if TYPE_CHECKING:
+    # Types only: the configuration imports this package's catalogue of models.
+    from exporter.config import FaultConfig
 
 
 class FaultInjector:
