@@ -33,7 +33,8 @@ from exporter.config import (
 from exporter.nvml import DEVICE_CALLS, Driver, PynvmlDriver
 from exporter.podresources import PodResourcesWatcher
 from exporter.sampler import Sampler
-from exporter.simulate import SimulatedAttribution, SimulatedDriver, fleet_description
+from exporter.simulate.attribution import SimulatedAttribution
+from exporter.simulate.driver import SimulatedDriver, fleet_description
 from exporter.validation import ConfigError
 from exporter.web import WebServer
 from exporter.webconfig import WebSecurity

@@ -36,7 +36,7 @@ from exporter.config import (
     parse_config,
 )
 from exporter.nvml import DEVICE_CALLS
-from exporter.simulate import MODELS
+from exporter.simulate.models import MODELS
 from exporter.validation import MAX_MESSAGE_CHARS, ConfigError
 
 

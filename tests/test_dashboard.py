@@ -35,7 +35,7 @@ from promserver import (
 )
 
 from exporter.config import SimulationConfig
-from exporter.simulate import SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
 
 DASHBOARD = REPO / "deploy" / "grafana" / "nvml-exporter.json"
 METRICS_DOC = REPO / "docs" / "metrics.md"

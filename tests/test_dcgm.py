@@ -34,7 +34,7 @@ from exporter.exposition import FamilyBuilder, dcgm
 from exporter.podresources import PodResourcesWatcher
 from exporter.sampler import Sampler
 from exporter.selfmetrics import SELF_METRICS
-from exporter.simulate import SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format, render_text
 from exporter.validation import ConfigError
 

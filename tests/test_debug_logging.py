@@ -27,7 +27,7 @@ from fakes import FakeClock
 from exporter import logs
 from exporter.config import Config, SimulationConfig
 from exporter.sampler import Sampler
-from exporter.simulate import SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"

@@ -18,7 +18,9 @@ from exporter.config import Config, FaultConfig, SimulationConfig
 from exporter.metricsdoc import documented, documented_dcgm, render
 from exporter.sampler import Sampler
 from exporter.selfmetrics import PROCESS_METRICS, SELF_METRICS, WEB_METRICS
-from exporter.simulate import MODELS, SimulatedAttribution, SimulatedDriver
+from exporter.simulate.attribution import SimulatedAttribution
+from exporter.simulate.driver import SimulatedDriver
+from exporter.simulate.models import MODELS
 from exporter.snapshot import Snapshot
 
 REPO = Path(__file__).resolve().parent.parent

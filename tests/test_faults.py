@@ -19,7 +19,7 @@ from exporter.collectors.shared import SampleContext
 from exporter.config import Config, SimulationConfig, WebConfig
 from exporter.nvml import Device
 from exporter.sampler import Sampler
-from exporter.simulate import SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
 from exporter.web import WebServer
 
 pytestmark = pytest.mark.slow

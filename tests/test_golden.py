@@ -17,7 +17,7 @@ from fakes import FakeClock
 
 from exporter.config import Config, SimulationConfig
 from exporter.sampler import Sampler
-from exporter.simulate import SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format
 
 GOLDEN = Path(__file__).parent / "golden" / "simulated.prom"

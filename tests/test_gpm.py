@@ -22,7 +22,7 @@ from exporter.collectors.shared import SampleContext
 from exporter.config import Config, SimulationConfig
 from exporter.nvml import DEC_UTILIZATION_SAMPLES
 from exporter.sampler import Sampler
-from exporter.simulate import SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format
 
 # metric id -> (exported name, extra labels, scale)

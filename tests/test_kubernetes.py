@@ -13,7 +13,7 @@ from conftest import ExporterProcess
 from kubelet_stub import FakeKubelet, container, devices, pod, response
 
 from exporter.config import SimulationConfig
-from exporter.simulate import SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ from operator_model import (
 from promserver import PromServer, labels, prometheus_server, value
 
 from exporter.config import SimulationConfig
-from exporter.simulate import SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,8 @@ from exporter.collectors import COLLECTORS, Services
 from exporter.collectors.base import Attribution
 from exporter.config import Config, ProcessesConfig, SimulationConfig
 from exporter.sampler import Sampler
-from exporter.simulate import SimulatedAttribution, SimulatedDriver
+from exporter.simulate.attribution import SimulatedAttribution
+from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format
 
 Series = list[tuple[dict[str, str], float]]

@@ -15,7 +15,7 @@ from exporter.collectors.base import Container
 from exporter.config import Config, SimulationConfig
 from exporter.nvml import PynvmlDriver
 from exporter.sampler import Sampler
-from exporter.simulate import SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format
 
 

@@ -36,7 +36,7 @@ from exporter.nvml import (
     NvmlError,
 )
 from exporter.sampler import Sampler
-from exporter.simulate import SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format
 
 GPUS = 8

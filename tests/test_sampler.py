@@ -29,7 +29,7 @@ from exporter.exposition import PlanCache, SeriesEmitter
 from exporter.nvml import DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH, Device, NvmlError
 from exporter.readers import Readers
 from exporter.sampler import Sampler
-from exporter.simulate import SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format, Snapshot
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -10,7 +10,9 @@ from fakes import FakeClock
 from exporter import nvml
 from exporter.config import FaultConfig, SimulationConfig
 from exporter.nvml import CLOCK_SM, TEMPERATURE_GPU, NvmlError
-from exporter.simulate import MODELS, STEP_SECONDS, SimulatedDriver
+from exporter.simulate.driver import SimulatedDriver
+from exporter.simulate.models import MODELS
+from exporter.simulate.physics import STEP_SECONDS
 
 
 def driver(

@@ -31,6 +31,7 @@ from exporter.config.schema import (
     WebConfig,
     pci_key,
 )
+from exporter.simulate.models import MODELS
 from exporter.validation import (
     ConfigError,
     InvalidValue,
@@ -208,7 +209,6 @@ def _parse_faults(raw: object, path: str, device_calls: tuple[str, ...]) -> tupl
 
 
 def _model(value: object, path: str) -> str:
-    from exporter.simulate import MODELS
 
     return parse_choice(value, path, tuple(MODELS))
 
@@ -234,11 +234,8 @@ def _parse_simulation(raw: object, path: str, device_calls: tuple[str, ...]) -> 
 def _check_simulation(simulation: SimulationConfig, path: str) -> None:
     """What holds between the simulation's keys; checked again when --simulate N sets the
     number of devices."""
-    if simulation.mig_devices:
-        from exporter.simulate import MODELS
-
-        if not MODELS[simulation.model].mig_profile:
-            raise InvalidValue(f"{path}.mig_devices", f"{simulation.model} does not support MIG")
+    if simulation.mig_devices and not MODELS[simulation.model].mig_profile:
+        raise InvalidValue(f"{path}.mig_devices", f"{simulation.model} does not support MIG")
     check_not_above(path, "mig_devices", simulation.mig_devices, "devices", simulation.devices)
     for i, fault in enumerate(simulation.faults):
         if fault.device is not None and fault.device >= simulation.devices:

@@ -7,17 +7,7 @@ temperature follows power with a lag, memory used is the sum of the processes' m
 
 The model advances in fixed steps of simulated time, so the state at time t depends only on the
 seed and t, not on when or how often it is read: tests can pin the clock and get exact values.
+
+Its modules are imported by name (`exporter.simulate.driver`, `.models`, ...): the catalogue in
+`models` is light, and the configuration checks model names against it without loading the rest.
 """
-
-from exporter.simulate.attribution import SimulatedAttribution
-from exporter.simulate.driver import SimulatedDriver, fleet_description
-from exporter.simulate.models import MODELS
-from exporter.simulate.physics import STEP_SECONDS
-
-__all__ = [
-    "MODELS",
-    "STEP_SECONDS",
-    "SimulatedAttribution",
-    "SimulatedDriver",
-    "fleet_description",
-]
