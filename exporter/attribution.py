@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from exporter import cgroups
-from exporter.collectors.base import Container, Pod
 from exporter.podresources import PodAssignment, PodResourcesWatcher
+from exporter.workload import Container, Pod
 
 
 class ProcAttribution:

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from exporter import __version__, logs
 from exporter.attribution import KubeletPods, ProcAttribution
 from exporter.collectors import COLLECTORS, Services, enabled_collectors
-from exporter.collectors.base import Attribution
 from exporter.config import (
     DEFAULT_LISTEN_ADDRESS,
     Config,
@@ -38,6 +37,7 @@ from exporter.simulate.driver import SimulatedDriver, fleet_description
 from exporter.validation import ConfigError
 from exporter.web import WebServer
 from exporter.webconfig import WebSecurity
+from exporter.workload import Attribution
 
 log = logging.getLogger("exporter")
 

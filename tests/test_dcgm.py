@@ -20,7 +20,6 @@ from promserver import PromServer, find_prometheus, labels, prometheus_server, v
 from exporter.attribution import KubeletPods
 from exporter.cli import KNOWN_NAMES
 from exporter.collectors import Services
-from exporter.collectors.base import Pod
 from exporter.collectors.events import xid_labels
 from exporter.config import (
     Config,
@@ -37,6 +36,7 @@ from exporter.selfmetrics import SELF_METRICS
 from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format, render_text
 from exporter.validation import ConfigError
+from exporter.workload import Pod
 
 MIB = 1024 * 1024
 

@@ -13,7 +13,6 @@ import pytest
 from fakes import FakeClock
 
 from exporter.collectors import COLLECTORS, MetricSpec, Services
-from exporter.collectors.base import Pod
 from exporter.config import Config, FaultConfig, SimulationConfig
 from exporter.metricsdoc import documented, documented_dcgm, render
 from exporter.sampler import Sampler
@@ -22,6 +21,7 @@ from exporter.simulate.attribution import SimulatedAttribution
 from exporter.simulate.driver import SimulatedDriver
 from exporter.simulate.models import MODELS
 from exporter.snapshot import Snapshot
+from exporter.workload import Pod
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "metrics.md"

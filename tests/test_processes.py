@@ -13,12 +13,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.attribution import ProcAttribution
 from exporter.collectors import COLLECTORS, Services
-from exporter.collectors.base import Attribution
 from exporter.config import Config, ProcessesConfig, SimulationConfig
 from exporter.sampler import Sampler
 from exporter.simulate.attribution import SimulatedAttribution
 from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format
+from exporter.workload import Attribution
 
 Series = list[tuple[dict[str, str], float]]
 

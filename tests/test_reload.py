@@ -11,12 +11,12 @@ from types import MappingProxyType
 from exporter.attribution import ProcAttribution
 from exporter.cli import App, build_parser, load, make_services
 from exporter.collectors import Services
-from exporter.collectors.base import Container
 from exporter.config import Config, SimulationConfig
 from exporter.nvml import PynvmlDriver
 from exporter.sampler import Sampler
 from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format
+from exporter.workload import Container
 
 
 def app_for(config_file: Path) -> App:

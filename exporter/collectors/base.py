@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from exporter.collectors.shared import SampleContext
 from exporter.nvml import Device, FieldRequest
+from exporter.workload import Attribution, PodSource
 
 if TYPE_CHECKING:
     from exporter.config import Config
@@ -207,37 +208,6 @@ class Emitter:
             value = device.field(*series.request)
             if value is not None:
                 self.add(series.spec, field_value(series, value), *series.labels)
-
-
-@dataclass(frozen=True)
-class Container:
-    """Where a process runs, as far as its cgroup tells."""
-
-    container_id: str = ""
-    pod_uid: str = ""
-
-
-@dataclass(frozen=True)
-class Pod:
-    """Who the kubelet allocated a GPU (or MIG device) to."""
-
-    namespace: str
-    pod: str
-    container: str
-
-
-class Attribution(Protocol):
-    """Names and containers of GPU processes: from the host's /proc, or the simulated fleet."""
-
-    def process_name(self, pid: int) -> str | None: ...
-    def container(self, pid: int) -> Container | None: ...  # None: the PID is not visible
-
-
-class PodSource(Protocol):
-    """The kubelet's device allocations, cached; never blocks."""
-
-    def pods(self) -> Mapping[str, tuple[Pod, ...]]: ...  # GPU or MIG UUID -> pods
-    def status(self) -> tuple[bool, float | None, int]: ...  # up, last success, errors
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from exporter.collectors.base import Collector, Emitter, MetricSpec, PodSource, Services
+from exporter.collectors.base import Collector, Emitter, MetricSpec, Services
 from exporter.collectors.shared import SampleContext, mig_instances
 from exporter.nvml import Device
+from exporter.workload import PodSource
 
 if TYPE_CHECKING:
     from exporter.config import Config

@@ -14,17 +14,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from exporter.collectors.base import (
-    Attribution,
     Collector,
-    Container,
     Emitter,
     MetricSpec,
-    Pod,
-    PodSource,
     Services,
 )
 from exporter.collectors.shared import SampleContext, instance_uuid, running_processes
 from exporter.nvml import Device, ProcessInfo, ProcessSample
+from exporter.workload import Attribution, Container, Pod, PodSource
 
 if TYPE_CHECKING:
     from exporter.config import Config

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from exporter.collectors.base import Container
 from exporter.nvml import NvmlError
 from exporter.simulate.driver import SimulatedDriver
+from exporter.workload import Container
 
 
 class SimulatedAttribution:
