@@ -342,6 +342,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampler = Sampler(config, driver, services=make_services(config, driver, watcher))
     sampler.web_status = security
     # Everything loaded so far lives as long as the process: keep it out of the collector's
-    # full passes, which otherwise show up as 10-20 ms stalls.
+    # full passes, each of which would stall the sampler for as long as it walks them.
     gc.freeze()
     return asyncio.run(App(args, config, sampler, security, driver, watcher).serve())

@@ -45,7 +45,7 @@ class Dcgm:
     value_labels: Callable[[float], tuple[tuple[str, str], ...]] | None = None
 
 
-# eq=False: specs are hashed by identity, which the sampler does ~2,000 times per sample.
+# eq=False: specs are hashed by identity, which the sampler does for every series of a sample.
 @dataclass(frozen=True, eq=False)
 class MetricSpec:
     """One metric family: how it is exposed and, for docs/metrics.md, where it comes from."""

@@ -102,8 +102,8 @@ EVENT_NAMES = {
     EVENT_DOUBLE_BIT_ECC: "double_bit_ecc",
     EVENT_PSTATE: "pstate_change",
 }
-# Not clock changes: under a power cap an H200 changed clocks ~40 times a second, which cost the
-# waiter 2% of a core (and the clocks and clock_event collectors show them anyway).
+# Not clock changes: under a power cap the clocks change many times a second, each a wake-up of
+# the waiter (docs/performance.md), and the clocks and clock_event collectors show them anyway.
 WANTED_EVENTS = EVENT_XID | EVENT_SINGLE_BIT_ECC | EVENT_DOUBLE_BIT_ECC | EVENT_PSTATE
 
 

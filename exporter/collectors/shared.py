@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from exporter.nvml import Device, MigInstance, ProcessInfo
 
 # MIG instances change only when an administrator repartitions the GPU; MIG mode only with a
-# GPU reset, so it is re-read as seldom as the other modes (and costs ~160 us on an H200).
+# GPU reset, so it is re-read as seldom as the other modes (it is not a cheap call).
 MIG_MAX_AGE = 10.0
 MIG_MODE_MAX_AGE = 30.0
 
