@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from exporter.cli import KNOWN_NAMES, main
-from exporter.collectors import COLLECTOR_DEFAULTS, enabled_collectors
+from exporter.collectors import COLLECTORS, enabled_collectors
 from exporter.config import (
     Config,
     DeviceSelection,
@@ -53,13 +53,14 @@ def test_no_file_gives_documented_defaults() -> None:
     assert config.devices == DeviceSelection()
     assert config.naming == "nvml"
     assert enabled_collectors(config.collectors) == tuple(
-        name for name, on in COLLECTOR_DEFAULTS.items() if on
+        name for name, cls in COLLECTORS.items() if cls.default_enabled
     )
 
 
 def test_annotated_example_states_the_defaults() -> None:
     example = load_config(str(REPO / "config" / "exporter.yaml"), known=KNOWN_NAMES)
-    assert example.collectors == COLLECTOR_DEFAULTS  # every collector listed, as it defaults
+    # every collector listed, as it defaults
+    assert example.collectors == {name: cls.default_enabled for name, cls in COLLECTORS.items()}
     defaults = Config(source=example.source, collectors=example.collectors)
     assert example == defaults
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.cli import KNOWN_NAMES
-from exporter.collectors import COLLECTOR_DEFAULTS
+from exporter.collectors import COLLECTORS
 from exporter.config import (
     FAULT_KINDS,
     Config,
@@ -60,7 +60,7 @@ SECTIONS: dict[str, list[str]] = {
     "sampling": _field_names(SamplingConfig),
     "log": _field_names(LogConfig),
     "devices": _field_names(DeviceSelection),
-    "collectors": list(COLLECTOR_DEFAULTS),
+    "collectors": list(COLLECTORS),
     "simulation": _field_names(SimulationConfig),
     "processes": _field_names(ProcessesConfig),
     "kubernetes": _field_names(KubernetesConfig),
@@ -326,7 +326,7 @@ def valid_configs(draw: st.DrawFn) -> tuple[dict[str, Any], Config]:
     )
     raw["devices"], expected["devices"] = devices
 
-    switches = draw(st.dictionaries(st.sampled_from(list(COLLECTOR_DEFAULTS)), st.booleans()))
+    switches = draw(st.dictionaries(st.sampled_from(list(COLLECTORS)), st.booleans()))
     raw["collectors"] = switches
     expected["collectors"] = switches
 

@@ -15,7 +15,6 @@ from fakes import FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import nvml
-from exporter.collectors import COLLECTOR_DEFAULTS
 from exporter.collectors.base import Emitter
 from exporter.collectors.gpm import _METRICS, FORGET_AFTER, GpmCollector
 from exporter.collectors.shared import SampleContext
@@ -139,7 +138,7 @@ def _decoder_reads(model: str, gpm: bool, samples: int) -> tuple[list[int], list
     config = dataclasses.replace(
         Config(backend="simulated"),
         simulation=SimulationConfig(devices=2, model=model),
-        collectors={**COLLECTOR_DEFAULTS, "gpm": gpm},
+        collectors={"gpm": gpm},
     )
     clock = FakeClock()
     driver = SimulatedDriver(config.simulation, clock=clock)

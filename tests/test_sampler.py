@@ -14,7 +14,7 @@ import pytest
 from fakes import FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.collectors import COLLECTOR_DEFAULTS, COLLECTORS, Collector, Emitter, MetricSpec
+from exporter.collectors import COLLECTORS, Collector, Emitter, MetricSpec, enabled_collectors
 from exporter.collectors.base import FieldPlan, FieldSeries
 from exporter.collectors.shared import SampleContext
 from exporter.config import (
@@ -83,7 +83,7 @@ def test_one_sample_describes_every_gpu() -> None:
     success = {
         dict(k)["collector"]: v for (n, k), v in found.items() if n == "nvml_collector_success"
     }
-    assert success == {name: 1.0 for name, on in COLLECTOR_DEFAULTS.items() if on}
+    assert success == {name: 1.0 for name in enabled_collectors({})}
 
 
 def test_help_says_values_are_sampled_every_interval() -> None:

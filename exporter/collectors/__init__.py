@@ -65,10 +65,6 @@ def _check_order(collectors: Mapping[str, type[Collector]]) -> None:
 
 _check_order(COLLECTORS)
 
-COLLECTOR_DEFAULTS: Mapping[str, bool] = MappingProxyType(
-    {name: cls.default_enabled for name, cls in COLLECTORS.items()}
-)
-
 
 def enabled_collectors(
     choices: Mapping[str, bool], registry: Mapping[str, type[Collector]] = COLLECTORS
@@ -80,7 +76,6 @@ def enabled_collectors(
 
 __all__ = [
     "COLLECTORS",
-    "COLLECTOR_DEFAULTS",
     "Collector",
     "Dcgm",
     "Emitter",
