@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import inspect
 import logging
 import struct
@@ -169,14 +170,7 @@ class DeviceLost(Exception):
 
 def error_code(exc: BaseException) -> int | None:
     """The NVML return code an exception stands for, or None if it is not an NVML error."""
-    if isinstance(exc, NvmlError):
-        return exc.code
-    if isinstance(exc, pynvml.NVMLError):
-        return int(exc.value)
-    if isinstance(exc, pynvml.NVMLLibraryMismatchError):
-        # pynvml raises this instead of FunctionNotFound for some unversioned wrappers.
-        return FUNCTION_NOT_FOUND
-    return None
+    return exc.code if isinstance(exc, NvmlError) else None
 
 
 @dataclass(frozen=True)
@@ -252,6 +246,9 @@ FieldResult = tuple[int, float | None]
 FieldRequest = tuple[int, int]  # (field id, scope id: an NVLink index, or 0)
 
 Handle = Any
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class Driver(Protocol):
@@ -338,6 +335,23 @@ def binding_version() -> str:
         return "unknown"
 
 
+def _converting_errors(method: Callable[P, T]) -> Callable[P, T]:
+    """pynvml's exceptions become NvmlError here, so that nothing above this driver needs to
+    know pynvml's exception types."""
+
+    @functools.wraps(method)
+    def converting(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except pynvml.NVMLError as err:
+            raise NvmlError(int(err.value), method.__name__) from err
+        except pynvml.NVMLLibraryMismatchError as err:
+            # pynvml raises this instead of FunctionNotFound for some unversioned wrappers.
+            raise NvmlError(FUNCTION_NOT_FOUND, method.__name__) from err
+
+    return converting
+
+
 class PynvmlDriver:
     """`Driver` over the real library through pynvml's ctypes bindings."""
 
@@ -374,6 +388,7 @@ class PynvmlDriver:
             with self._variant_lock:
                 self._variant[name] = index
 
+    @_converting_errors
     def init(self) -> None:
         pynvml.nvmlInit()
         # Buffer sizes are per handle, and handles do not outlive a session.
@@ -384,47 +399,61 @@ class PynvmlDriver:
         with self._variant_lock:
             self._variant.clear()
 
+    @_converting_errors
     def shutdown(self) -> None:
         pynvml.nvmlShutdown()
 
+    @_converting_errors
     def driver_version(self) -> str:
         return str(pynvml.nvmlSystemGetDriverVersion())
 
+    @_converting_errors
     def cuda_driver_version(self) -> int:
         return int(pynvml.nvmlSystemGetCudaDriverVersion())
 
+    @_converting_errors
     def device_count(self) -> int:
         return int(pynvml.nvmlDeviceGetCount())
 
+    @_converting_errors
     def device_handle(self, index: int) -> Handle:
         return pynvml.nvmlDeviceGetHandleByIndex(index)
 
+    @_converting_errors
     def uuid(self, handle: Handle) -> str:
         return str(pynvml.nvmlDeviceGetUUID(handle))
 
+    @_converting_errors
     def name(self, handle: Handle) -> str:
         return str(pynvml.nvmlDeviceGetName(handle))
 
+    @_converting_errors
     def pci_bus_id(self, handle: Handle) -> str:
         bus_id = pynvml.nvmlDeviceGetPciInfo(handle).busId
         return bus_id.decode() if isinstance(bus_id, bytes) else str(bus_id)
 
+    @_converting_errors
     def serial(self, handle: Handle) -> str:
         return str(pynvml.nvmlDeviceGetSerial(handle))
 
+    @_converting_errors
     def vbios_version(self, handle: Handle) -> str:
         return str(pynvml.nvmlDeviceGetVbiosVersion(handle))
 
+    @_converting_errors
     def architecture(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetArchitecture(handle))
 
+    @_converting_errors
     def minor_number(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetMinorNumber(handle))
 
+    @_converting_errors
     def utilization(self, handle: Handle) -> Utilization:
         rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
         return Utilization(gpu=int(rates.gpu), memory=int(rates.memory))
 
+    @_converting_errors
     def memory(self, handle: Handle) -> MemoryInfo:
         info = self._first_working(
             "memory",
@@ -440,6 +469,7 @@ class PynvmlDriver:
             reserved=int(info.reserved) if hasattr(info, "reserved") else None,
         )
 
+    @_converting_errors
     def temperature(self, handle: Handle, sensor: int) -> int:
         return int(
             self._first_working(
@@ -451,21 +481,26 @@ class PynvmlDriver:
             )
         )
 
+    @_converting_errors
     def power_usage(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetPowerUsage(handle))
 
+    @_converting_errors
     def enforced_power_limit(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetEnforcedPowerLimit(handle))
 
+    @_converting_errors
     def total_energy(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
 
     def clock(self, handle: Handle, clock_type: int) -> int:
         return self._scalar("nvmlDeviceGetClockInfo", ctypes.c_uint, handle, clock_type)
 
+    @_converting_errors
     def fan_count(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetNumFans(handle))
 
+    @_converting_errors
     def fan_speed(self, handle: Handle, fan: int) -> int:
         return int(pynvml.nvmlDeviceGetFanSpeed_v2(handle, fan))
 
@@ -494,7 +529,7 @@ class PynvmlDriver:
         call = self._function("nvmlDeviceGetFieldValues")
         ret = call(handle, ctypes.c_int32(len(key)), ctypes.byref(array))
         if ret != SUCCESS:
-            raise pynvml.NVMLError(ret)
+            raise NvmlError(ret, "nvmlDeviceGetFieldValues")
         return _decode_fields(answer.unpack_from(array))
 
     def _scalar(self, name: str, kind: type[Any], handle: Handle, *args: int) -> int:
@@ -504,7 +539,7 @@ class PynvmlDriver:
         out = kind()
         ret = self._function(name)(handle, *args, ctypes.byref(out))
         if ret != SUCCESS:
-            raise pynvml.NVMLError(ret)
+            raise NvmlError(ret, name)
         return int(out.value)
 
     def _function(self, name: str) -> Any:
@@ -512,7 +547,10 @@ class PynvmlDriver:
         call, and the library stays loaded for the life of the process, across nvmlShutdown."""
         function = self._functions.get(name)
         if function is None:
-            function = self._functions[name] = pynvml._nvmlGetFunctionPointer(name)
+            try:
+                function = self._functions[name] = pynvml._nvmlGetFunctionPointer(name)
+            except pynvml.NVMLError as err:
+                raise NvmlError(int(err.value), name) from err
         return function
 
     def samples(self, handle: Handle, sample_type: int, since_us: int) -> list[tuple[int, float]]:
@@ -539,7 +577,7 @@ class PynvmlDriver:
             zero = ctypes.c_ulonglong(0)
             ret = fn(handle, c_type, zero, ctypes.byref(value_type), ctypes.byref(count), None)
             if ret not in (SUCCESS, NOT_FOUND):
-                raise pynvml.NVMLError(ret)
+                raise NvmlError(ret, "nvmlDeviceGetSamples")
             capacity = max(MIN_SAMPLE_CAPACITY, count.value if ret == SUCCESS else 0)
             self._sample_capacity[key] = capacity
         for retry in (False, True):
@@ -555,7 +593,7 @@ class PynvmlDriver:
         if ret == NOT_FOUND:  # no sample newer than `since_us`: not an error
             return []
         if ret != SUCCESS:
-            raise pynvml.NVMLError(ret)
+            raise NvmlError(ret, "nvmlDeviceGetSamples")
         layout = _UNION_LAYOUTS.get(value_type.value, _UNION_LAYOUTS[1])
         raw = ctypes.string_at(array, _SAMPLE_ENTRY.size * min(count.value, capacity))
         return [
@@ -566,55 +604,71 @@ class PynvmlDriver:
     def clocks_event_reasons(self, handle: Handle) -> int:
         return self._scalar("nvmlDeviceGetCurrentClocksEventReasons", ctypes.c_ulonglong, handle)
 
+    @_converting_errors
     def power_limit_default(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle))
 
+    @_converting_errors
     def power_limit_constraints(self, handle: Handle) -> tuple[int, int]:
         low, high = pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
         return int(low), int(high)
 
+    @_converting_errors
     def temperature_threshold(self, handle: Handle, threshold: int) -> int:
         return int(pynvml.nvmlDeviceGetTemperatureThreshold(handle, threshold))
 
+    @_converting_errors
     def pcie_link_generation(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetCurrPcieLinkGeneration(handle))
 
+    @_converting_errors
     def pcie_link_width(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetCurrPcieLinkWidth(handle))
 
+    @_converting_errors
     def pcie_max_link_generation(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetMaxPcieLinkGeneration(handle))
 
+    @_converting_errors
     def pcie_max_link_width(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetMaxPcieLinkWidth(handle))
 
+    @_converting_errors
     def pcie_throughput(self, handle: Handle, counter: int) -> int:
         return int(pynvml.nvmlDeviceGetPcieThroughput(handle, counter))
 
+    @_converting_errors
     def encoder_utilization(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetEncoderUtilization(handle)[0])
 
+    @_converting_errors
     def decoder_utilization(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetDecoderUtilization(handle)[0])
 
+    @_converting_errors
     def encoder_stats(self, handle: Handle) -> EncoderStats:
         sessions, fps, latency = pynvml.nvmlDeviceGetEncoderStats(handle)
         return EncoderStats(int(sessions), int(fps), int(latency))
 
+    @_converting_errors
     def bar1_memory(self, handle: Handle) -> Bar1Memory:
         info = pynvml.nvmlDeviceGetBAR1MemoryInfo(handle)
         return Bar1Memory(int(info.bar1Total), int(info.bar1Used), int(info.bar1Free))
 
+    @_converting_errors
     def persistence_mode(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetPersistenceMode(handle))
 
+    @_converting_errors
     def compute_mode(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetComputeMode(handle))
 
+    @_converting_errors
     def mig_mode(self, handle: Handle) -> tuple[int, int]:
         current, pending = pynvml.nvmlDeviceGetMigMode(handle)
         return int(current), int(pending)
 
+    @_converting_errors
     def ecc_mode(self, handle: Handle) -> tuple[int, int]:
         current, pending = pynvml.nvmlDeviceGetEccMode(handle)
         return int(current), int(pending)
@@ -640,11 +694,12 @@ class PynvmlDriver:
                 raw = ctypes.string_at(array, _PROCESS_ENTRY.size * min(count.value, capacity))
                 return [_process_entry(*entry) for entry in _PROCESS_ENTRY.iter_unpack(raw)]
             if ret != INSUFFICIENT_SIZE:
-                raise pynvml.NVMLError(ret)
+                raise NvmlError(ret, symbol)
             # Oversized like pynvml's wrapper, for processes starting meanwhile.
             capacity = self._process_capacity[key] = max(2 * capacity, 2 * count.value + 5)
-        raise pynvml.NVMLError(INSUFFICIENT_SIZE)
+        raise NvmlError(INSUFFICIENT_SIZE, symbol)
 
+    @_converting_errors
     def process_utilization(self, handle: Handle, since_us: int) -> list[ProcessSample]:
         try:
             entries = pynvml.nvmlDeviceGetProcessUtilization(handle, since_us)
@@ -666,9 +721,11 @@ class PynvmlDriver:
             for e in entries
         ]
 
+    @_converting_errors
     def process_name(self, pid: int) -> str:
         return str(pynvml.nvmlSystemGetProcessName(pid))
 
+    @_converting_errors
     def mig_instances(self, handle: Handle) -> list[MigInstance]:
         instances = []
         for index in range(int(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle))):
@@ -690,15 +747,19 @@ class PynvmlDriver:
             )
         return instances
 
+    @_converting_errors
     def supported_events(self, handle: Handle) -> int:
         return int(pynvml.nvmlDeviceGetSupportedEventTypes(handle))
 
+    @_converting_errors
     def create_event_set(self) -> Handle:
         return pynvml.nvmlEventSetCreate()
 
+    @_converting_errors
     def register_events(self, handle: Handle, event_set: Handle, types: int) -> None:
         pynvml.nvmlDeviceRegisterEvents(handle, types, event_set)
 
+    @_converting_errors
     def wait_event(self, event_set: Handle, timeout_ms: int) -> NvmlEvent | None:
         try:
             data = pynvml.nvmlEventSetWait_v2(event_set, timeout_ms)
@@ -710,22 +771,28 @@ class PynvmlDriver:
         uuid = str(pynvml.nvmlDeviceGetUUID(data.device))
         return NvmlEvent(uuid=uuid, type=int(data.eventType), data=int(data.eventData))
 
+    @_converting_errors
     def free_event_set(self, event_set: Handle) -> None:
         pynvml.nvmlEventSetFree(event_set)
 
+    @_converting_errors
     def gpm_supported(self, handle: Handle) -> bool:
         return bool(pynvml.nvmlGpmQueryDeviceSupport(handle).isSupportedDevice)
 
+    @_converting_errors
     def gpm_sample_alloc(self) -> Handle:
         return pynvml.nvmlGpmSampleAlloc()
 
+    @_converting_errors
     def gpm_sample_free(self, sample: Handle) -> None:
         pynvml.nvmlGpmSampleFree(sample)
 
+    @_converting_errors
     def gpm_sample_get(self, handle: Handle, sample: Handle) -> bool:
         pynvml.nvmlGpmSampleGet(handle, sample)
         return True
 
+    @_converting_errors
     def gpm_mig_sample_get(self, handle: Handle, gpu_instance: int, sample: Handle) -> bool:
         pynvml.nvmlGpmMigSampleGet(handle, gpu_instance, sample)
         return True
@@ -760,7 +827,7 @@ class PynvmlDriver:
         request.sample2 = second
         ret = self._function("nvmlGpmMetricsGet")(ctypes.byref(request))
         if ret != SUCCESS:
-            raise pynvml.NVMLError(ret)
+            raise NvmlError(ret, "nvmlGpmMetricsGet")
         flat = answer.unpack_from(request)
         # Like field values, each metric carries its own return code.
         return [
@@ -848,9 +915,6 @@ _UNION_LAYOUTS = {
     6: struct.Struct("<H"),
 }
 
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 _UNKNOWN = object()
 # What a Device remembers an answer under: a call's name (or "field", or a name a collector
