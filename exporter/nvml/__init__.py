@@ -10,7 +10,6 @@ lifecycle). This module is the package's public face: the names other modules us
 from __future__ import annotations
 
 from exporter.nvml.codes import (
-    ABSENT_CODES,
     ARGUMENT_VERSION_MISMATCH,
     DEPRECATED,
     DRIVER_NOT_LOADED,
@@ -26,11 +25,12 @@ from exporter.nvml.codes import (
     NOT_FOUND,
     NOT_SUPPORTED,
     RESET_REQUIRED,
-    SESSION_CODES,
     SUCCESS,
     TIMEOUT,
     UNINITIALIZED,
     UNKNOWN,
+    ErrorKind,
+    classify,
     error_name,
 )
 from exporter.nvml.device import (
@@ -129,7 +129,6 @@ from exporter.nvml.values import (
 )
 
 __all__ = [
-    "ABSENT_CODES",
     "ARGUMENT_VERSION_MISMATCH",
     "CLOCK_GRAPHICS",
     "CLOCK_MEM",
@@ -197,7 +196,6 @@ __all__ = [
     "PSTATE_UNKNOWN",
     "REPROBE_SECONDS",
     "RESET_REQUIRED",
-    "SESSION_CODES",
     "SLOW_FIELDS",
     "SLOW_FIELD_SECONDS",
     "SUCCESS",
@@ -215,6 +213,7 @@ __all__ = [
     "DeviceLost",
     "Driver",
     "EncoderStats",
+    "ErrorKind",
     "FieldRequest",
     "FieldResult",
     "Handle",
@@ -231,6 +230,7 @@ __all__ = [
     "System",
     "Utilization",
     "binding_version",
+    "classify",
     "error_code",
     "error_name",
 ]

@@ -1,7 +1,10 @@
-"""NVML's return codes and their nvml.h names, spelled once here so that every driver (the
-pynvml one, the simulated one) and everything above them speaks the same language."""
+"""NVML's return codes, their nvml.h names, and what each means to the exporter (`classify`),
+spelled once here so that every driver (the pynvml one, the simulated one) and everything above
+them speaks the same language."""
 
 from __future__ import annotations
+
+import enum
 
 SUCCESS = 0
 UNINITIALIZED = 1
@@ -22,15 +25,6 @@ ARGUMENT_VERSION_MISMATCH = 25
 DEPRECATED = 26
 GPU_NOT_FOUND = 28
 UNKNOWN = 999
-
-ABSENT_CODES = frozenset(
-    {NOT_SUPPORTED, FUNCTION_NOT_FOUND, NO_PERMISSION, ARGUMENT_VERSION_MISMATCH, DEPRECATED}
-)
-LOST_CODES = frozenset({GPU_IS_LOST, RESET_REQUIRED, GPU_NOT_FOUND})
-# The library as a whole stopped working (driver unloaded or upgraded under us).
-SESSION_CODES = frozenset({UNINITIALIZED, DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH})
-# "Nothing to report right now", not a failure.
-NO_VALUE_CODES = frozenset({NOT_FOUND, NO_DATA})
 
 # Every NVML_ERROR_* of nvml.h by its name there, lower case: NVML_ERROR_GPU_IS_LOST ->
 # "gpu_is_lost". These names are the `reason` of logs and error counts.
@@ -71,3 +65,41 @@ _ERROR_NAMES = {
 
 def error_name(code: int) -> str:
     return _ERROR_NAMES.get(code, f"error_{code}")
+
+
+class ErrorKind(enum.Enum):
+    """What a return code other than SUCCESS means for the value asked for."""
+
+    # Not there on this GPU or driver (fans on an SXM board), or not for us to read: not an
+    # error; remembered, and asked again now and then.
+    ABSENT = "absent"
+    # The GPU stopped answering (fell off the bus, needs a reset).
+    LOST = "lost"
+    # The library as a whole stopped working (driver unloaded or upgraded under us).
+    SESSION = "session"
+    # Nothing to report right now, not a failure.
+    NO_VALUE = "no_value"
+    # Anything else: this read failed, and counts as an error.
+    FAULT = "fault"
+
+
+_KINDS = {
+    NOT_SUPPORTED: ErrorKind.ABSENT,
+    FUNCTION_NOT_FOUND: ErrorKind.ABSENT,
+    NO_PERMISSION: ErrorKind.ABSENT,
+    ARGUMENT_VERSION_MISMATCH: ErrorKind.ABSENT,
+    DEPRECATED: ErrorKind.ABSENT,
+    GPU_IS_LOST: ErrorKind.LOST,
+    RESET_REQUIRED: ErrorKind.LOST,
+    GPU_NOT_FOUND: ErrorKind.LOST,
+    UNINITIALIZED: ErrorKind.SESSION,
+    DRIVER_NOT_LOADED: ErrorKind.SESSION,
+    LIB_RM_VERSION_MISMATCH: ErrorKind.SESSION,
+    NOT_FOUND: ErrorKind.NO_VALUE,
+    NO_DATA: ErrorKind.NO_VALUE,
+}
+
+
+def classify(code: int) -> ErrorKind:
+    """The one place that decides what an error code means."""
+    return _KINDS.get(code, ErrorKind.FAULT)

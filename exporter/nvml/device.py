@@ -1,12 +1,12 @@
-"""One GPU as the collectors see it: `Device.read` and its variants apply the error policy to
-every call, whichever driver is behind it:
-- an absent value (NOT_SUPPORTED and the other ABSENT_CODES) is remembered per device and call,
-  so it is not attempted again every interval, but asked once more every REPROBE_SECONDS, and
-  forgotten when the GPU is lost (it is read afresh once back);
-- GPU_IS_LOST, RESET_REQUIRED, GPU_NOT_FOUND: the device is down (`DeviceLost`);
-- UNINITIALIZED, DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH: NVML as a whole is (`SessionLost`);
-- NOT_FOUND, NO_DATA: nothing to report now, not a failure;
-- anything else: the value is absent this time, counted as an error, logged once.
+"""One GPU as the collectors see it. `Device.read` and its variants apply the error policy to
+every call, whichever driver is behind it, by what `classify` makes of the return code:
+- ABSENT: the value is absent; remembered per device and call, so it is not attempted again
+  every interval, but asked once more every REPROBE_SECONDS, and forgotten when the GPU is lost
+  (it is read afresh once back);
+- LOST: the device is down (`DeviceLost`);
+- SESSION: NVML as a whole is (`SessionLost`);
+- NO_VALUE: the value is absent this time, and that is no failure;
+- FAULT: the value is absent this time, counted as an error, logged once.
 """
 
 from __future__ import annotations
@@ -18,16 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
-from exporter.nvml.codes import (
-    ABSENT_CODES,
-    LOST_CODES,
-    NO_VALUE_CODES,
-    SESSION_CODES,
-    SUCCESS,
-    error_name,
-)
+from exporter.nvml.codes import SUCCESS, ErrorKind, classify, error_name
 from exporter.nvml.driver import Driver
-from exporter.nvml.errors import DeviceLost, SessionLost, error_code
+from exporter.nvml.errors import DeviceLost, NvmlError, SessionLost
 from exporter.nvml.values import (
     FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN,
     FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN,
@@ -65,10 +58,10 @@ SLOW_FIELDS = frozenset(
     }
 )
 SLOW_FIELD_SECONDS = 10.0
-# How long an "absent" answer (NOT_SUPPORTED and the other ABSENT_CODES) stands before the call,
-# field or GPM metric is asked once more, in the sampler's clock. Most such answers are for good
-# (fans on an SXM board), so asking every sample would be waste; but some are not: a driver can
-# answer NOT_SUPPORTED while a GPU is being reconfigured or recovering, and a value that becomes
+# How long an ABSENT answer (NOT_SUPPORTED, say) stands before the call, field or GPM metric is
+# asked once more, in the sampler's clock. Most such answers are for good (fans on an SXM
+# board), so asking every sample would be waste; but some are not: a driver can answer
+# NOT_SUPPORTED while a GPU is being reconfigured or recovering, and a value that becomes
 # supported must come back without a restart. One call per capability per period keeps what
 # stays unsupported cheap, and a value that comes back is missing for at most this long.
 REPROBE_SECONDS = 30.0
@@ -178,11 +171,8 @@ class Device:
             return None
         try:
             result = call()
-        except Exception as exc:
-            code = error_code(exc)
-            if code is None:
-                raise
-            self._apply_policy(key, code, exc)
+        except NvmlError as exc:
+            self._apply_policy(key, exc.code, exc)
             return None
         if self._failing:
             self._recovered(key[0])
@@ -196,17 +186,14 @@ class Device:
 
     def _apply_policy(self, key: _Key, code: int, cause: BaseException | None) -> None:
         """The error policy: raise DeviceLost, or remember an absent value, or count an error."""
-        name = key[0]
-        if code in SESSION_CODES:
-            raise SessionLost(error_name(code)) from cause
-        if code in LOST_CODES:
-            self.forget_absent()
-            raise DeviceLost(error_name(code)) from cause
-        if code in NO_VALUE_CODES:
+        kind = classify(code)
+        self._raise_if_down(kind, code, cause)
+        if kind is ErrorKind.NO_VALUE:
             return
-        if code in ABSENT_CODES:
+        if kind is ErrorKind.ABSENT:
             self._mark_absent(key, error_name(code))
             return
+        name = key[0]
         self.errors[error_name(code)] += 1
         if (name, code) not in self._failing:
             self._failing.add((name, code))
@@ -214,6 +201,14 @@ class Device:
                 "NVML call failed; counted from now on, logged again once it has recovered",
                 extra={"gpu": self.index, "call": name, "reason": error_name(code)},
             )
+
+    def _raise_if_down(self, kind: ErrorKind, code: int, cause: BaseException | None) -> None:
+        """SessionLost or DeviceLost for an error that ends more than this one read."""
+        if kind is ErrorKind.SESSION:
+            raise SessionLost(error_name(code)) from cause
+        if kind is ErrorKind.LOST:
+            self.forget_absent()
+            raise DeviceLost(error_name(code)) from cause
 
     def _mark_absent(self, key: _Key, reason: str) -> None:
         self._absent[key] = self.clock() + REPROBE_SECONDS
@@ -367,18 +362,11 @@ class Device:
             return
         try:
             results = self.driver.field_values(self.handle, asked)
-        except Exception as exc:
-            code = error_code(exc)
-            if code is None:
-                raise
-            if code in SESSION_CODES:
-                raise SessionLost(error_name(code)) from exc
-            if code in LOST_CODES:
-                self.forget_absent()
-                raise DeviceLost(error_name(code)) from exc
+        except NvmlError as exc:
+            self._raise_if_down(classify(exc.code), exc.code, exc)
             # The whole call failed (an old driver without it, say): each field inherits the
             # outcome, so its collector sees it exactly as if its own entry had failed.
-            results = [(code, None)] * len(asked)
+            results = [(exc.code, None)] * len(asked)
         self._fields = dict(zip(asked, results, strict=True))
         for request in fresh:
             # Only answers stand in: a field that failed is asked again at the next sample.
@@ -420,7 +408,7 @@ class Device:
         result = self._field_entry((field_id, scope))
         if result is None or result[0] == SUCCESS:
             return False
-        return result[0] not in ABSENT_CODES and result[0] not in NO_VALUE_CODES
+        return classify(result[0]) not in (ErrorKind.ABSENT, ErrorKind.NO_VALUE)
 
     def field_absent(self, field_id: int, scope: int = 0) -> bool:
         """True once the field's entry answered NOT_SUPPORTED (or another absent code), until

@@ -3,14 +3,15 @@ failed to open, shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
-from exporter.nvml.codes import SESSION_CODES, UNKNOWN, error_name
+from exporter.nvml.codes import ErrorKind, classify, error_name
 from exporter.nvml.device import Device, DeviceIdentity, Selection, System
 from exporter.nvml.driver import Driver
-from exporter.nvml.errors import DeviceLost, error_code
+from exporter.nvml.errors import DeviceLost, NvmlError, error_code
 from exporter.nvml.values import ARCHITECTURES
 
 # One logger for the package: its lines say `logger=exporter.nvml` whichever module wrote them.
@@ -61,11 +62,8 @@ class Session:
         self.attempts += 1
         try:
             self.driver.init()
-        except Exception as exc:
-            code = error_code(exc)
-            if code is None:
-                raise
-            self._failed(error_name(code), now)
+        except NvmlError as exc:
+            self._failed(error_name(exc.code), now)
             return False
         try:
             self._enumerate()
@@ -145,9 +143,7 @@ class Session:
         version = drv.driver_version()
         try:
             cuda = _cuda_version_text(drv.cuda_driver_version())
-        except Exception as exc:
-            if error_code(exc) is None:
-                raise
+        except NvmlError:
             cuda = ""
         self.system = System(driver_version=version, cuda_driver_version=cuda)
         self.total_devices = drv.device_count()
@@ -163,13 +159,10 @@ class Session:
         """The GPU at `index`, a down placeholder if it cannot be opened, None if unselected."""
         try:
             return self._open(index)
-        except Exception as exc:
-            code = error_code(exc)
-            if code is None and not isinstance(exc, DeviceLost):
+        except (NvmlError, DeviceLost) as exc:
+            if isinstance(exc, NvmlError) and classify(exc.code) is ErrorKind.SESSION:
                 raise
-            if code in SESSION_CODES:
-                raise
-            reason = exc.reason if isinstance(exc, DeviceLost) else error_name(code or UNKNOWN)
+            reason = exc.reason if isinstance(exc, DeviceLost) else error_name(exc.code)
             log.warning("GPU could not be opened", extra={"gpu": index, "reason": reason})
             if self.selection is not None and not self.selection.selects(index, "", ""):
                 return None
@@ -206,11 +199,9 @@ class Session:
         return device
 
     def _shutdown_quietly(self) -> None:
-        try:
+        # A library that stopped working may fail to shut down as well; nothing is left to do.
+        with contextlib.suppress(NvmlError):
             self.driver.shutdown()
-        except Exception as exc:
-            if error_code(exc) is None:
-                raise
 
     def shutdown(self) -> None:
         if self.up:
