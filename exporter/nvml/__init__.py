@@ -35,8 +35,6 @@ from exporter.nvml.codes import (
 )
 from exporter.nvml.device import (
     REPROBE_SECONDS,
-    SLOW_FIELD_SECONDS,
-    SLOW_FIELDS,
     Device,
     DeviceIdentity,
     Selection,
@@ -52,6 +50,7 @@ from exporter.nvml.errors import (
     SessionLost,
     error_code,
 )
+from exporter.nvml.fields import SLOW_FIELD_SECONDS, SLOW_FIELDS
 from exporter.nvml.pynvml_driver import (
     PynvmlDriver,
     binding_version,

@@ -21,19 +21,8 @@ from typing import Concatenate, ParamSpec, Protocol, TypeVar
 from exporter.nvml.codes import SUCCESS, ErrorKind, classify, error_name
 from exporter.nvml.driver import Driver
 from exporter.nvml.errors import DeviceLost, NvmlError, SessionLost
-from exporter.nvml.values import (
-    FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN,
-    FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN,
-    FI_NVLINK_ERROR_DL_CRC,
-    FI_NVLINK_ERROR_DL_RECOVERY,
-    FI_NVLINK_ERROR_DL_REPLAY,
-    FI_PCIE_REPLAY_COUNTER,
-    FI_PERF_POLICY_THERMAL,
-    FI_TOTAL_ENERGY_CONSUMPTION,
-    FieldRequest,
-    FieldResult,
-    Handle,
-)
+from exporter.nvml.fields import SLOW_FIELD_SECONDS, FieldBatch
+from exporter.nvml.values import FieldRequest, FieldResult, Handle
 
 # One logger for the package: its lines say `logger=exporter.nvml` whichever module wrote them.
 log = logging.getLogger(__package__)
@@ -41,23 +30,6 @@ log = logging.getLogger(__package__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# Fields a driver answers slowly: each costs the driver far more CPU than most fields do
-# (docs/performance.md). All are counters that rarely need second resolution, so they join the
-# batch only every `sampling.slow_fields_interval` (default SLOW_FIELD_SECONDS) and their last
-# answer stands in between. NVLink's error counters are here on the same reasoning.
-SLOW_FIELDS = frozenset(
-    {
-        FI_TOTAL_ENERGY_CONSUMPTION,
-        FI_PERF_POLICY_THERMAL,
-        FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN,
-        FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN,
-        FI_PCIE_REPLAY_COUNTER,
-        FI_NVLINK_ERROR_DL_REPLAY,
-        FI_NVLINK_ERROR_DL_RECOVERY,
-        FI_NVLINK_ERROR_DL_CRC,
-    }
-)
-SLOW_FIELD_SECONDS = 10.0
 # How long an ABSENT answer (NOT_SUPPORTED, say) stands before the call, field or GPM metric is
 # asked once more, in the sampler's clock. Most such answers are for good (fans on an SXM
 # board), so asking every sample would be waste; but some are not: a driver can answer
@@ -71,7 +43,6 @@ _UNKNOWN = object()
 # What a Device remembers an answer under: a call's name (or "field", or a name a collector
 # chooses) and its arguments.
 _Key = tuple[str, tuple[object, ...]]
-_NEVER = float("inf")
 
 
 @dataclass(frozen=True)
@@ -119,19 +90,8 @@ class Device:
         self._absent: dict[_Key, float] = {}
         self._cached: dict[_Key, object] = {}
         self._recent: dict[_Key, tuple[float, object]] = {}
-        self._fields: dict[FieldRequest, FieldResult] = {}
-        # SLOW_FIELDS' answers from the last batch that asked for them, and when that was.
-        self._slow_fields: dict[FieldRequest, FieldResult] = {}
-        self._slow_read_at = float("-inf")
+        self._fields = FieldBatch()
         self.slow_fields_interval = SLOW_FIELD_SECONDS
-        # Request lists as the collectors ask -> what is asked of NVML (no duplicates, nothing
-        # known to be absent), split into the fields asked every time and SLOW_FIELDS.
-        self._field_plans: dict[
-            tuple[FieldRequest, ...], tuple[tuple[FieldRequest, ...], tuple[FieldRequest, ...]]
-        ] = {}
-        # When the first field a plan leaves out as absent may be asked again: the plans are
-        # built afresh then.
-        self._plans_until = _NEVER
         # Failing calls already logged; a call is logged again only after it worked again.
         self._failing: set[tuple[str, int]] = set()
         # Errors by name, read by the sampler around each collector to attribute them to it.
@@ -167,7 +127,7 @@ class Device:
         return self._guarded((fn.__name__, key_args), lambda: fn(self.handle, *args, **kwargs))
 
     def _guarded(self, key: _Key, call: Callable[[], T]) -> T | None:
-        if self._absent and self._still_absent(key):
+        if self._absent_now(key):
             return None
         try:
             result = call()
@@ -214,8 +174,7 @@ class Device:
         self._absent[key] = self.clock() + REPROBE_SECONDS
         if key[0] == "field":
             # Left out of the batch from now on (until it is due again).
-            self._field_plans.clear()
-            self._plans_until = _NEVER
+            self._fields.replan()
         log.debug(
             "value not available; asking again later",
             extra={
@@ -227,9 +186,11 @@ class Device:
             },
         )
 
-    def _still_absent(self, key: _Key, now: float | None = None) -> bool:
+    def _absent_now(self, key: _Key, now: float | None = None) -> bool:
         """Whether `key` answered "absent" less than REPROBE_SECONDS ago; a mark that is due
         is dropped, so that the next read asks."""
+        if not self._absent:  # the common case, answered without a lookup
+            return False
         until = self._absent.get(key)
         if until is None:
             return False
@@ -238,13 +199,17 @@ class Device:
         del self._absent[key]
         return False
 
+    def _field_absent_until(self, request: FieldRequest, now: float) -> float | None:
+        """Until when a field that answered "absent" is left out of the batch; None to ask it."""
+        key = ("field", request)
+        return self._absent[key] if self._absent_now(key, now) else None
+
     def forget_absent(self) -> None:
         """Forgets every "absent" answer at once, so that each is asked at the next read: for a
         GPU that was lost (reset, re-seated, its driver state rebuilt), which may answer
         differently once back."""
         self._absent.clear()
-        self._field_plans.clear()
-        self._plans_until = _NEVER
+        self._fields.replan()
         # Absence that `recent` holds as a None answer, too.
         self._recent = {key: entry for key, entry in self._recent.items() if entry[1] is not None}
 
@@ -255,7 +220,7 @@ class Device:
 
     def marked_absent(self, name: str, *args: object) -> bool:
         """Whether `mark_absent(name, *args)` still stands."""
-        return bool(self._absent) and self._still_absent((name, args))
+        return self._absent_now((name, args))
 
     def cached(
         self,
@@ -312,7 +277,7 @@ class Device:
         if (
             entry is None
             or now - entry[0] >= max_age
-            or (entry[1] is None and key in self._absent and not self._still_absent(key, now))
+            or (entry[1] is None and key in self._absent and not self._absent_now(key, now))
         ):
             entry = self._recent[key] = (now, self.read(fn, *args, **kwargs))
         return entry[1]  # type: ignore[return-value]
@@ -323,41 +288,9 @@ class Device:
         """Reads every field the collectors want in one nvmlDeviceGetFieldValues call;
         SLOW_FIELDS once `slow_every` seconds have passed, their last entries standing until
         then."""
-        key = tuple(requests)
         now = self.clock()
-        if now >= self._plans_until:
-            self._field_plans.clear()
-            self._plans_until = _NEVER
-        plan = self._field_plans.get(key)
-        if plan is None:
-            if len(self._field_plans) > 16:  # request lists differ only by mode changes
-                self._field_plans.clear()
-                self._plans_until = _NEVER
-            wanted = []
-            for request in dict.fromkeys(key):
-                absent = ("field", request)
-                if self._absent and self._still_absent(absent, now):
-                    self._plans_until = min(self._plans_until, self._absent[absent])
-                else:
-                    wanted.append(request)
-            plan = self._field_plans[key] = (
-                tuple(r for r in wanted if r[0] not in SLOW_FIELDS),
-                tuple(r for r in wanted if r[0] in SLOW_FIELDS),
-            )
-        every, slow = plan
         self.slow_fields_interval = slow_every
-        # A little early rather than a whole sample late: the clock is read when the device's
-        # turn comes, a few ms after the tick.
-        if slow and now - self._slow_read_at >= slow_every * 0.95:
-            asked, self._slow_read_at = every + slow, now
-            self._slow_fields = {}
-            fresh = slow
-        else:
-            # A slow field with no answer to stand in (new to the list, failed last time, or
-            # due again after it was absent) is asked at once, alone: the others' stand.
-            fresh = tuple(r for r in slow if r not in self._slow_fields)
-            asked = every + fresh if fresh else every
-        self._fields = {}
+        asked, fresh = self._fields.due(requests, now, slow_every, self._field_absent_until)
         if not asked:
             return
         try:
@@ -367,22 +300,12 @@ class Device:
             # The whole call failed (an old driver without it, say): each field inherits the
             # outcome, so its collector sees it exactly as if its own entry had failed.
             results = [(exc.code, None)] * len(asked)
-        self._fields = dict(zip(asked, results, strict=True))
-        for request in fresh:
-            # Only answers stand in: a field that failed is asked again at the next sample.
-            entry = self._fields[request]
-            if entry[0] == SUCCESS:
-                self._slow_fields[request] = entry
-
-    def _field_entry(self, request: FieldRequest) -> FieldResult | None:
-        """The field's entry from the last batch, or a slow field's answer from an earlier one
-        (only answers are kept, so a failure is always this sample's)."""
-        return self._fields.get(request) or self._slow_fields.get(request)
+        self._fields.answered(asked, results, fresh)
 
     def field(self, field_id: int, scope: int = 0) -> float | None:
         """A value from the last `fetch_fields` (or, for SLOW_FIELDS, the last that read
         them), with the error policy applied to its entry once."""
-        result = self._field_entry((field_id, scope))
+        result = self._fields.entry((field_id, scope))
         if result is None:
             return None
         code, value = result
@@ -395,17 +318,17 @@ class Device:
         """The raw (code, value) entries of the last `fetch_fields`, None where a field was not
         asked for (or is known to be absent); entries that failed need `field()` for the error
         policy."""
-        return [self._field_entry(request) for request in requests]
+        return [self._fields.entry(request) for request in requests]
 
     def is_absent(self, fn: Callable[..., object], *args: object) -> bool:
         """Whether the call answered "absent" less than REPROBE_SECONDS ago."""
-        return bool(self._absent) and self._still_absent((fn.__name__, args))
+        return self._absent_now((fn.__name__, args))
 
     def field_failed(self, field_id: int, scope: int = 0) -> bool:
         """True when the field's entry in the last `fetch_fields` failed with an error that
         counts (not unsupported, not merely without a value): asking another way in the same
         sample would count the failure twice."""
-        result = self._field_entry((field_id, scope))
+        result = self._fields.entry((field_id, scope))
         if result is None or result[0] == SUCCESS:
             return False
         return classify(result[0]) not in (ErrorKind.ABSENT, ErrorKind.NO_VALUE)
@@ -414,4 +337,4 @@ class Device:
         """True once the field's entry answered NOT_SUPPORTED (or another absent code), until
         it is due to be asked again: meanwhile it is not requested, and a collector may ask
         for an alternative instead."""
-        return bool(self._absent) and self._still_absent(("field", (field_id, scope)))
+        return self._absent_now(("field", (field_id, scope)))
