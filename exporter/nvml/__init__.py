@@ -1,10 +1,11 @@
 """The one place that talks to NVML, and the one place that decides what its errors mean.
 
-Read from the bottom up: `codes` (return codes and their names), `errors`, `values` (nvml.h
-enumerations, field ids, the values calls answer with), `driver` (the `Driver` protocol),
-`pynvml_driver` (the real library, the only module that imports pynvml) beside `structs` (its
-raw answers decoded), `device` (one GPU's reads under the error policy) and `session` (NVML's
-lifecycle). This module is the package's public face: the names other modules use.
+Its modules, each importing only those before it: `codes` (return codes, their names, and
+`classify`, the error policy), `errors`, `values` (nvml.h enumerations and field ids, the
+values calls answer with), `driver` (the `Driver` protocol), `structs` and `pynvml_driver`
+(the real library; the only module that imports pynvml), `fields` (one GPU's batch of field
+values), `device` (one GPU's reads under the error policy) and `session` (NVML's lifecycle).
+This module is the package's public face: the names other modules use.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ knows pynvml's types.
 
 The calls a sample makes most often go to the C functions directly, without pynvml's wrappers,
 whose lock, size queries and conversions cost more than the calls themselves
-(docs/performance.md); `exporter.nvml.structs` decodes their answers.
+(docs/performance.md); `exporter.nvml.structs` decodes their answers. The module is long
+because the binding is one method per `Driver` call, and splitting those would spread pynvml
+over more than one module.
 """
 
 from __future__ import annotations
