@@ -13,7 +13,6 @@ class NvmlError(Exception):
     def __init__(self, code: int, function: str = "") -> None:
         super().__init__(f"{function or 'NVML'}: {error_name(code)} ({code})")
         self.code = code
-        self.function = function
 
 
 class SessionLost(Exception):
