@@ -116,16 +116,12 @@ def test_value_is_read_in_nvml_units() -> None:
     [
         NvmlError(nvml.NOT_SUPPORTED),
         NvmlError(nvml.NO_PERMISSION),
-        pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND),
-        pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED),
-        pynvml.NVMLLibraryMismatchError("unversioned symbol missing"),
+        NvmlError(nvml.FUNCTION_NOT_FOUND),
     ],
     ids=[
         "not_supported",
         "no_permission",
         "function_not_found",
-        "pynvml_not_supported",
-        "library_mismatch",
     ],
 )
 def test_absent_value_is_remembered_and_not_asked_again(error: Exception) -> None:
@@ -149,7 +145,7 @@ def test_absent_value_is_remembered_and_not_asked_again(error: Exception) -> Non
 )
 def test_lost_gpu_raises_device_lost(code: int, reason: str) -> None:
     drv = ScriptedDriver()
-    drv.script["power_usage"] = pynvml.NVMLError(code)
+    drv.script["power_usage"] = NvmlError(code)
     with pytest.raises(DeviceLost) as lost:
         device(drv).read(drv.power_usage)
     assert lost.value.reason == reason
@@ -159,7 +155,7 @@ def test_other_errors_are_counted_logged_once_and_retried(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     drv = ScriptedDriver()
-    drv.script["power_usage"] = pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+    drv.script["power_usage"] = NvmlError(nvml.UNKNOWN)
     dev = device(drv)
     with caplog.at_level(logging.WARNING):
         for _ in range(4):
@@ -187,7 +183,7 @@ def test_cached_reads_static_values_once() -> None:
 
 def test_init_retries_with_capped_exponential_backoff(caplog: pytest.LogCaptureFixture) -> None:
     drv = ScriptedDriver()
-    drv.init_error = pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    drv.init_error = NvmlError(nvml.DRIVER_NOT_LOADED)
     clock = FakeClock()
     session = Session(drv, clock=clock)  # type: ignore[arg-type]
     attempts_at: list[float] = []
@@ -232,7 +228,7 @@ def test_enumeration_reads_static_identity_once() -> None:
 
 def test_a_gpu_that_cannot_be_opened_does_not_hide_the_others() -> None:
     drv = ScriptedDriver(devices=3)
-    drv.script["handle1"] = pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+    drv.script["handle1"] = NvmlError(nvml.GPU_IS_LOST)
     session = Session(drv)  # type: ignore[arg-type]
     assert session.start()
     assert [(d.index, d.down_reason) for d in session.devices] == [
@@ -282,6 +278,27 @@ def test_newest_versioned_call_falls_back_once_to_the_old_one(
     assert calls == [pynvml.nvmlMemory_v2, None, None]  # v2 tried once, then v1 only
 
 
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED), nvml.NOT_SUPPORTED),
+        (pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST), nvml.GPU_IS_LOST),
+        (pynvml.NVMLLibraryMismatchError("unversioned symbol missing"), nvml.FUNCTION_NOT_FOUND),
+    ],
+    ids=["not_supported", "gpu_is_lost", "library_mismatch"],
+)
+def test_pynvml_errors_become_nvml_errors_at_the_driver(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, code: int
+) -> None:
+    def power_usage(handle: object) -> int:
+        raise error
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetPowerUsage", power_usage)
+    with pytest.raises(NvmlError) as raised:
+        PynvmlDriver().power_usage(object())
+    assert raised.value.code == code
+
+
 def test_an_older_binding_without_the_newer_wrapper_falls_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -303,14 +320,16 @@ def test_nothing_to_report_is_neither_an_error_nor_remembered(code: int) -> None
 @pytest.mark.parametrize("code", [nvml.UNINITIALIZED, nvml.DRIVER_NOT_LOADED, 18])
 def test_library_wide_failures_end_the_session(code: int) -> None:
     drv = ScriptedDriver()
-    drv.script["power_usage"] = pynvml.NVMLError(code)
+    drv.script["power_usage"] = NvmlError(code)
     with pytest.raises(nvml.SessionLost):
         device(drv).read(drv.power_usage)
 
 
-def test_every_nvml_error_code_has_a_name() -> None:
-    assert nvml.error_name(pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH) == "lib_rm_version_mismatch"
-    assert nvml.error_name(pynvml.NVML_ERROR_IN_USE) == "in_use"
+def test_every_nvml_error_code_has_its_nvml_h_name() -> None:
+    codes = {n: v for n, v in vars(pynvml).items() if n.startswith("NVML_ERROR_")}
+    assert len(codes) > 30
+    for name, code in codes.items():
+        assert nvml.error_name(code) == name.removeprefix("NVML_ERROR_").lower()
 
 
 class FieldDriver(ScriptedDriver):

@@ -20,7 +20,7 @@ import nvml_stub
 import pynvml
 import pytest
 
-from exporter.nvml import MIN_SAMPLE_CAPACITY
+from exporter.nvml.pynvml_driver import MIN_SAMPLE_CAPACITY
 
 _PRELUDE = """
 import json, sys, threading, time

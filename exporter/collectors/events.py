@@ -20,11 +20,12 @@ from exporter.nvml import (
     EVENT_PSTATE,
     EVENT_SINGLE_BIT_ECC,
     EVENT_XID,
-    SESSION_CODES,
     Device,
     Driver,
+    ErrorKind,
     Handle,
     NvmlEvent,
+    classify,
     error_code,
     error_name,
 )
@@ -233,7 +234,7 @@ class EventWatcher:
         if reason != self._failure:
             self._failure = reason
             log.warning("waiting for GPU events failed; retrying", extra={"reason": reason})
-        if code in SESSION_CODES:
+        if code is not None and classify(code) is ErrorKind.SESSION:
             with self._lock:
                 self._event_set = None
                 self._registered.clear()

@@ -25,11 +25,12 @@ from exporter.collectors.base import Collector, Dcgm, Emitter, MetricSpec
 from exporter.collectors.pcie import DCGM_PCIE_RX_HELP, DCGM_PCIE_TX_HELP
 from exporter.collectors.shared import SampleContext, mig_instances
 from exporter.nvml import (
-    ABSENT_CODES,
     SUCCESS,
     Device,
     Driver,
+    ErrorKind,
     Handle,
+    classify,
     error_code,
     error_name,
 )
@@ -337,11 +338,11 @@ class GpmCollector(Collector):
         for (metric_id, spec, extra, scale), (code, value) in zip(wanted, results, strict=True):
             if code == SUCCESS and value is not None:
                 found.append((spec, value * scale, (*labels, *extra)))
-            elif code in ABSENT_CODES and whole_gpu:
+            elif classify(code) is ErrorKind.ABSENT and whole_gpu:
                 # The chip lacks it; MIG instances may lack what the GPU has, so only the
                 # whole GPU's answer decides.
                 device.mark_absent(_GPM, metric_id, reason=error_name(code))
-            if metric_id in NVDEC_METRICS and code not in ABSENT_CODES:
+            if metric_id in NVDEC_METRICS and classify(code) is not ErrorKind.ABSENT:
                 # An engine the chip has: idle only if measured, and at exactly 0.
                 nvdec_busy = bool(nvdec_busy) or code != SUCCESS or value != 0
         if whole_gpu and nvdec_busy is False:
