@@ -70,7 +70,8 @@ def child(samples: int, processes: bool, top: int, pause: float) -> None:
     from exporter.collectors import Services
     from exporter.config import parse_config
     from exporter.exposition import FamilyBuilder
-    from exporter.nvml import Device, PynvmlDriver
+    from exporter.nvml import Device
+    from exporter.nvml.pynvml_driver import PynvmlDriver
     from exporter.snapshot import Format, Snapshot
 
     spent: dict[str, float] = {}

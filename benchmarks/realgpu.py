@@ -267,7 +267,8 @@ def costs(out: Path) -> None:
     import pynvml
 
     from exporter.collectors.gpm import _METRICS
-    from exporter.nvml import Driver, PynvmlDriver
+    from exporter.nvml import Driver
+    from exporter.nvml.pynvml_driver import PynvmlDriver
 
     driver = PynvmlDriver()
     driver.init()

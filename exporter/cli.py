@@ -29,7 +29,8 @@ from exporter.config import (
     apply_overrides,
     load_config,
 )
-from exporter.nvml import DEVICE_CALLS, Driver, PynvmlDriver
+from exporter.nvml import DEVICE_CALLS, Driver
+from exporter.nvml.pynvml_driver import PynvmlDriver
 from exporter.podresources import PodResourcesWatcher
 from exporter.sampler import Sampler
 from exporter.simulate.attribution import SimulatedAttribution

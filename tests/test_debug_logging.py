@@ -186,7 +186,7 @@ _STUB_RUN = """
 import json, logging, sys, time
 from exporter import logs
 from exporter.config import Config
-from exporter.nvml import PynvmlDriver
+from exporter.nvml.pynvml_driver import PynvmlDriver
 from exporter.sampler import Sampler
 from exporter.snapshot import Format
 

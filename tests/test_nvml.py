@@ -33,9 +33,12 @@ from exporter.nvml import (
     DeviceLost,
     EncoderStats,
     NvmlError,
-    PynvmlDriver,
     Session,
 )
+from exporter.nvml.pynvml_driver import PynvmlDriver
+
+# The config's default sampling.slow_fields_interval.
+SLOW = 10.0
 
 
 class ScriptedDriver:
@@ -353,14 +356,14 @@ def test_an_unsupported_field_is_remembered_and_no_longer_requested() -> None:
     drv.fields = {nvml.FI_POWER_INSTANT: 321_000}
     dev = device(drv)
     wanted = [(nvml.FI_POWER_AVERAGE, 0), (nvml.FI_POWER_INSTANT, 0)]
-    dev.fetch_fields(wanted)
+    dev.fetch_fields(wanted, SLOW)
     assert not dev.field_absent(nvml.FI_POWER_AVERAGE)  # not known until its entry is read
     assert dev.field(nvml.FI_POWER_AVERAGE) is None
     assert dev.field(nvml.FI_POWER_INSTANT) == 321_000
     assert dev.field_absent(nvml.FI_POWER_AVERAGE)
     assert not dev.field_absent(nvml.FI_POWER_INSTANT)
     assert not dev.errors
-    dev.fetch_fields(wanted)
+    dev.fetch_fields(wanted, SLOW)
     assert drv.requests == [wanted, [(nvml.FI_POWER_INSTANT, 0)]]
 
 
@@ -379,13 +382,12 @@ def test_slow_fields_join_the_batch_every_ten_seconds_and_stand_in_between() -> 
     assert nvml.FI_TOTAL_ENERGY_CONSUMPTION in nvml.SLOW_FIELDS
     seen = []
     for _ in range(12):
-        dev.fetch_fields(wanted)
+        dev.fetch_fields(wanted, SLOW)
         seen.append(dev.field(nvml.FI_TOTAL_ENERGY_CONSUMPTION))
         drv.fields[nvml.FI_TOTAL_ENERGY_CONSUMPTION] += 1_000
         clock.advance(1.0)
     asked = [len(r) for r in drv.requests]
     assert asked == [2] + [1] * 9 + [2] + [1]
-    assert nvml.SLOW_FIELD_SECONDS == 10.0
     # The last answer stands until the next read: one call per sample all along.
     assert seen == [7_000] * 10 + [17_000] * 2
 
@@ -404,7 +406,7 @@ def test_a_failed_slow_field_is_asked_again_next_sample_and_an_answer_then_stand
     drv.field_values = answer  # type: ignore[method-assign]
     seen = []
     for _ in range(6):
-        dev.fetch_fields([(nvml.FI_PCIE_REPLAY_COUNTER, 0)])
+        dev.fetch_fields([(nvml.FI_PCIE_REPLAY_COUNTER, 0)], SLOW)
         seen.append(dev.field(nvml.FI_PCIE_REPLAY_COUNTER))
         clock.advance(1.0)
     # Each failed read counts once and is retried at the next sample; the answer then stands
@@ -418,9 +420,11 @@ def test_a_slow_field_new_to_the_request_list_is_read_at_once() -> None:
     drv = FieldDriver()
     drv.fields = {nvml.FI_PERF_POLICY_THERMAL: 5, nvml.FI_TOTAL_ENERGY_CONSUMPTION: 9}
     dev, clock = _clocked(drv)
-    dev.fetch_fields([(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0)])
+    dev.fetch_fields([(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0)], SLOW)
     clock.advance(1.0)
-    dev.fetch_fields([(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0), (nvml.FI_PERF_POLICY_THERMAL, 0)])
+    dev.fetch_fields(
+        [(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0), (nvml.FI_PERF_POLICY_THERMAL, 0)], SLOW
+    )
     assert dev.field(nvml.FI_PERF_POLICY_THERMAL) == 5
     assert dev.field(nvml.FI_TOTAL_ENERGY_CONSUMPTION) == 9
 
@@ -462,7 +466,7 @@ def test_a_failed_power_entry_counts_once_and_does_not_fall_back_to_the_call() -
     dev = device(drv)
     collector = PowerCollector()
     for sample in range(1, 4):
-        dev.fetch_fields(collector.fields(dev))
+        dev.fetch_fields(collector.fields(dev), SLOW)
         out = Emitter()
         collector.collect(dev, out, SampleContext())
         names = {spec.name for spec, _, _ in out.samples}
@@ -670,7 +674,7 @@ def test_energy_falls_back_to_its_call_only_where_the_field_is_unsupported() -> 
     collector = PowerCollector()
     energy = []
     for _ in range(12):
-        dev.fetch_fields(collector.fields(dev))
+        dev.fetch_fields(collector.fields(dev), SLOW)
         out = Emitter()
         collector.collect(dev, out, SampleContext())
         energy += [v for spec, _, v in out.samples if spec.name == "nvml_energy_joules_total"]
@@ -689,7 +693,7 @@ def test_energy_without_a_value_this_sample_is_not_read_another_way() -> None:
 
     drv.field_values = answer  # type: ignore[method-assign]
     collector = PowerCollector()
-    dev.fetch_fields(collector.fields(dev))
+    dev.fetch_fields(collector.fields(dev), SLOW)
     collector.collect(dev, Emitter(), SampleContext())
     assert drv.calls.get("total_energy", 0) == 0
 
@@ -706,6 +710,6 @@ def test_pcie_throughput_only_where_the_byte_counters_are_unsupported(
 
     drv.field_values = answer  # type: ignore[method-assign]
     collector = PcieCollector()
-    dev.fetch_fields(collector.fields(dev))
+    dev.fetch_fields(collector.fields(dev), SLOW)
     collector.collect(dev, Emitter(), SampleContext())
     assert drv.calls.get("pcie_throughput", 0) == throughput_calls

@@ -1240,7 +1240,7 @@ def test_sample_size_query_answers_the_buffer_capacity_like_real_nvml(
 # The exporter's NVML driver in a subprocess, against the stand-in through the real pynvml.
 _DRIVER = f"""
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-from exporter.nvml import PynvmlDriver
+from exporter.nvml.pynvml_driver import PynvmlDriver
 d = PynvmlDriver()
 d.init()
 h = [d.device_handle(i) for i in range(d.device_count())]

@@ -12,7 +12,7 @@ from exporter.attribution import ProcAttribution
 from exporter.cli import App, build_parser, load, make_services
 from exporter.collectors import Services
 from exporter.config import Config, SimulationConfig
-from exporter.nvml import PynvmlDriver
+from exporter.nvml.pynvml_driver import PynvmlDriver
 from exporter.sampler import Sampler
 from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format

@@ -35,6 +35,7 @@ from exporter.nvml import (
     Handle,
     NvmlError,
 )
+from exporter.nvml.pynvml_driver import PynvmlDriver
 from exporter.sampler import Sampler
 from exporter.simulate.driver import SimulatedDriver
 from exporter.snapshot import Format
@@ -358,7 +359,7 @@ def test_losing_the_gpu_forgets_calls_fields_static_values_and_gpm_metrics() -> 
     dev = Device(drv, 0, DeviceIdentity(index=0, uuid="GPU-0"), clock=clock)  # type: ignore[arg-type]
     assert dev.read(drv.temperature, 0) is None
     assert dev.cached(drv.fan_count) is None
-    dev.fetch_fields([(nvml.FI_MEMORY_TEMP, 0)])
+    dev.fetch_fields([(nvml.FI_MEMORY_TEMP, 0)], 10.0)
     assert dev.field(nvml.FI_MEMORY_TEMP) is None
     dev.mark_absent("gpm_metric", GPM_ABSENT_METRIC)
     assert dev.is_absent(drv.temperature, 0) and dev.is_absent(drv.fan_count)
@@ -396,7 +397,7 @@ def test_nvml_initialised_again_tries_the_newest_variant_of_a_call_again(
 
     monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", memory_info)
-    driver = nvml.PynvmlDriver()
+    driver = PynvmlDriver()
     driver.init()
     assert driver.memory(object()).reserved is None  # v1 has no `reserved`
     driver.memory(object())

@@ -81,8 +81,7 @@ def _constraints(device: Device) -> tuple[int, int] | None:
 
 
 def _energy_call(device: Device) -> float | None:
-    # As slow as the field it stands in for.
-    return device.recent(device.slow_fields_interval, device.driver.total_energy)
+    return device.read_slowly(device.driver.total_energy)
 
 
 class PowerCollector(Collector):

@@ -44,6 +44,7 @@ from exporter.nvml.device import (
 from exporter.nvml.driver import (
     DEVICE_CALLS,
     Driver,
+    binding_version,
 )
 from exporter.nvml.errors import (
     DeviceLost,
@@ -51,11 +52,7 @@ from exporter.nvml.errors import (
     SessionLost,
     error_code,
 )
-from exporter.nvml.fields import SLOW_FIELD_SECONDS, SLOW_FIELDS
-from exporter.nvml.pynvml_driver import (
-    PynvmlDriver,
-    binding_version,
-)
+from exporter.nvml.fields import SLOW_FIELDS
 from exporter.nvml.session import (
     Session,
 )
@@ -197,7 +194,6 @@ __all__ = [
     "REPROBE_SECONDS",
     "RESET_REQUIRED",
     "SLOW_FIELDS",
-    "SLOW_FIELD_SECONDS",
     "SUCCESS",
     "TEMPERATURE_GPU",
     "THRESHOLD_GPU_MAX",
@@ -223,7 +219,6 @@ __all__ = [
     "NvmlEvent",
     "ProcessInfo",
     "ProcessSample",
-    "PynvmlDriver",
     "Selection",
     "Session",
     "SessionLost",

@@ -21,7 +21,7 @@ from typing import Concatenate, ParamSpec, Protocol, TypeVar
 from exporter.nvml.codes import SUCCESS, ErrorKind, classify, error_name
 from exporter.nvml.driver import Driver
 from exporter.nvml.errors import DeviceLost, NvmlError, SessionLost
-from exporter.nvml.fields import SLOW_FIELD_SECONDS, FieldBatch
+from exporter.nvml.fields import FieldBatch
 from exporter.nvml.values import FieldRequest, FieldResult, Handle
 
 # One logger for the package: its lines say `logger=exporter.nvml` whichever module wrote them.
@@ -91,13 +91,10 @@ class Device:
         self._cached: dict[_Key, object] = {}
         self._recent: dict[_Key, tuple[float, object]] = {}
         self._fields = FieldBatch()
-        self.slow_fields_interval = SLOW_FIELD_SECONDS
         # Failing calls already logged; a call is logged again only after it worked again.
         self._failing: set[tuple[str, int]] = set()
         # Errors by name, read by the sampler around each collector to attribute them to it.
         self.errors: Counter[str] = Counter()
-        # Reads shared by collectors within one sample; the sampler clears it each sample.
-        self.memo: dict[str, object] = {}
         # Set when the device could not be opened at all; the sampler reports it down.
         self.down_reason: str | None = None
 
@@ -282,14 +279,18 @@ class Device:
             entry = self._recent[key] = (now, self.read(fn, *args, **kwargs))
         return entry[1]  # type: ignore[return-value]
 
-    def fetch_fields(
-        self, requests: Sequence[FieldRequest], slow_every: float = SLOW_FIELD_SECONDS
-    ) -> None:
+    def read_slowly(
+        self, fn: Callable[Concatenate[Handle, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T | None:
+        """Like `recent`, as seldom as the slow fields are read: for a call that stands in for
+        a slow field where the GPU lacks it."""
+        return self.recent(self._fields.slow_every, fn, *args, **kwargs)
+
+    def fetch_fields(self, requests: Sequence[FieldRequest], slow_every: float) -> None:
         """Reads every field the collectors want in one nvmlDeviceGetFieldValues call;
         SLOW_FIELDS once `slow_every` seconds have passed, their last entries standing until
         then."""
         now = self.clock()
-        self.slow_fields_interval = slow_every
         asked, fresh = self._fields.due(requests, now, slow_every, self._field_absent_until)
         if not asked:
             return

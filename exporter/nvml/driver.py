@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Protocol
 
 from exporter.nvml.values import (
@@ -99,3 +100,12 @@ DEVICE_CALLS = tuple(
     for name, member in vars(Driver).items()
     if callable(member) and "handle" in inspect.signature(member).parameters
 )
+
+
+def binding_version() -> str:
+    """The version of the NVML binding (nvidia-ml-py) the real driver would use, read from its
+    package metadata so that asking does not load it."""
+    try:
+        return metadata.version("nvidia-ml-py")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -22,7 +22,7 @@ from exporter.nvml.values import (
 
 # Fields a driver answers slowly: each costs the driver far more CPU than most fields do
 # (docs/performance.md). All are counters that rarely need second resolution, so they join the
-# batch only every `sampling.slow_fields_interval` (default SLOW_FIELD_SECONDS) and their last
+# batch only every `sampling.slow_fields_interval` and their last
 # answer stands in between. NVLink's error counters are here on the same reasoning.
 SLOW_FIELDS = frozenset(
     {
@@ -36,7 +36,6 @@ SLOW_FIELDS = frozenset(
         FI_NVLINK_ERROR_DL_CRC,
     }
 )
-SLOW_FIELD_SECONDS = 10.0
 
 _NEVER = float("inf")
 Requests = tuple[FieldRequest, ...]
@@ -51,6 +50,9 @@ class FieldBatch:
         # SLOW_FIELDS' answers from the last batch that asked for them, and when that was.
         self._slow_answers: dict[FieldRequest, FieldResult] = {}
         self._slow_read_at = float("-inf")
+        # How often the slow fields are read, as the sampler last asked: calls that stand in
+        # for a slow field are read as seldom (Device.read_slowly).
+        self.slow_every = 0.0
         # Request lists as the collectors ask -> what is asked of NVML (no duplicates, nothing
         # known to be absent), split into the fields asked every time and SLOW_FIELDS.
         self._plans: dict[Requests, tuple[Requests, Requests]] = {}
@@ -73,6 +75,7 @@ class FieldBatch:
         """What to ask of NVML now for `requests`, and which of those are slow fields asked
         afresh; the last batch's entries are dropped. `absent_until` tells until when a field
         that answered "absent" is left out, None for a field to ask."""
+        self.slow_every = slow_every
         key = tuple(requests)
         if now >= self._plans_until:
             self.replan()

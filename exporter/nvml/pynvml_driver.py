@@ -16,7 +16,6 @@ import functools
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from typing import Any, ParamSpec, TypeVar
 
 import pynvml
@@ -55,13 +54,6 @@ PROCESS_BUFFER = 64
 MIN_SAMPLE_CAPACITY = 128
 # The struct format of one nvmlFieldValue_t's answer.
 _FIELD_ANSWER = structs.field_entry_format(pynvml.c_nvmlFieldValue_t)
-
-
-def binding_version() -> str:
-    try:
-        return metadata.version("nvidia-ml-py")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _converting_errors(cls: type[C]) -> type[C]:

@@ -119,6 +119,6 @@ H200_DRIVER_580 = CostProfile(
 )
 """One NVIDIA H200 in a Firecracker VM, driver 580.159.04, nvidia-ml-py 13.615.71: thread CPU
 time (time.thread_time) per call, from benchmarks/data/h200-costs.json (benchmarks.realgpu's
-costs(): 20 repetitions per call, made through exporter.nvml.PynvmlDriver) and, for calls that
+costs(): 20 repetitions per call, made through the exporter's PynvmlDriver) and, for calls that
 did not time, h200-probe.json (its probe(): pynvml, 200 repetitions; 3 for
 nvmlDeviceGetPcieThroughput, the one call whose wall time is far above its CPU time)."""
