@@ -32,7 +32,7 @@ from test_web import (
     send,
 )
 
-from exporter import web
+from exporter.web import limits as web
 from exporter.webconfig import WebSecurity
 
 GOOD = "GET /metrics HTTP/1.1\r\nHost: t\r\n{extra}\r\n"
