@@ -18,6 +18,7 @@ from conftest import ExporterProcess, Scrape, start_exporter
 
 from exporter import nvml
 from exporter.collectors import COLLECTORS, clock_events
+from exporter.collectors.base import FieldSeries, field_value
 from exporter.metricsdoc import documented
 from exporter.nvml import CLOCK_GRAPHICS, CLOCK_MEM, CLOCK_SM, CLOCK_VIDEO, LIB_RM_VERSION_MISMATCH
 
@@ -29,13 +30,6 @@ Expectation = Callable[[nvml_stub.Device, Labels], float | None]
 _CLOCKS = {"graphics": CLOCK_GRAPHICS, "sm": CLOCK_SM, "memory": CLOCK_MEM, "video": CLOCK_VIDEO}
 _THRESHOLDS = {"shutdown": 0, "slowdown": 1, "memory_max": 2, "gpu_max": 3}
 _EVENT_BITS = dict(clock_events.REASONS)
-_EVENT_FIELDS = dict(clock_events.DURATION_FIELDS)
-_ECC_FIELDS = {
-    ("corrected", "volatile"): nvml.FI_ECC_SBE_VOL_TOTAL,
-    ("uncorrected", "volatile"): nvml.FI_ECC_DBE_VOL_TOTAL,
-    ("corrected", "aggregate"): nvml.FI_ECC_SBE_AGG_TOTAL,
-    ("uncorrected", "aggregate"): nvml.FI_ECC_DBE_AGG_TOTAL,
-}
 _NVLINK_ERRORS = {
     "crc": nvml.FI_NVLINK_ERROR_DL_CRC,
     "replay": nvml.FI_NVLINK_ERROR_DL_REPLAY,
@@ -57,6 +51,31 @@ def _link_field(field_id: int, scale: float) -> Expectation:
 
 def _scaled(value: float | None, scale: float) -> float | None:
     return None if value is None else value * scale
+
+
+def _from_tables() -> dict[str, Expectation]:
+    """Metrics whose every series is a plain field row of its collector's table (no alternative
+    field, no fallback call): each must equal the stand-in's value of that field, converted as
+    the row says. A new field metric is checked here without a line of its own."""
+    rows: dict[str, dict[tuple[str, ...], FieldSeries]] = {}
+    other: set[str] = set()
+    for cls in COLLECTORS.values():
+        for row in cls.table:
+            if isinstance(row, FieldSeries) and not row.alternatives and row.fallback is None:
+                rows.setdefault(row.spec.name, {})[row.labels] = row
+            else:
+                other.add(row.spec.name)
+
+    def expectation(by_labels: dict[tuple[str, ...], FieldSeries]) -> Expectation:
+        def expect(dev: nvml_stub.Device, labels: Labels) -> float | None:
+            spec = next(iter(by_labels.values())).spec
+            row = by_labels[tuple(labels[name] for name in spec.labels)]
+            raw = dev.field_value(*row.request)
+            return None if raw is None else field_value(row, raw)
+
+        return expect
+
+    return {name: expectation(by_labels) for name, by_labels in rows.items() if name not in other}
 
 
 # What each GPU metric must equal, from the stand-in's raw NVML values. Counters fed by sample
@@ -84,7 +103,6 @@ EXPECTED: dict[str, Expectation] = {
     "nvml_bar1_memory_used_bytes": lambda dev, labels: dev.bar1_used,
     "nvml_bar1_memory_free_bytes": lambda dev, labels: dev.bar1_free,
     "nvml_temperature_celsius": lambda dev, labels: dev.temperature_gpu,
-    "nvml_memory_temperature_celsius": _field(nvml.FI_MEMORY_TEMP),
     "nvml_temperature_threshold_celsius": lambda dev, labels: dev.temperature_thresholds[
         _THRESHOLDS[labels["threshold"]]
     ],
@@ -100,14 +118,10 @@ EXPECTED: dict[str, Expectation] = {
     "nvml_clock_event_active": lambda dev, labels: float(
         bool(dev.clocks_event_reasons & _EVENT_BITS[labels["reason"]])
     ),
-    "nvml_clock_event_seconds_total": lambda dev, labels: _scaled(
-        dev.field_value(_EVENT_FIELDS[labels["reason"]]), 1e-9
-    ),
     "nvml_pcie_tx_bytes_total": _field(nvml.FI_PCIE_COUNT_TX_BYTES),
     "nvml_pcie_rx_bytes_total": _field(nvml.FI_PCIE_COUNT_RX_BYTES),
     "nvml_pcie_tx_bytes_per_second": lambda dev, labels: dev.pcie_tx_throughput * 1024,
     "nvml_pcie_rx_bytes_per_second": lambda dev, labels: dev.pcie_rx_throughput * 1024,
-    "nvml_pcie_replays_total": _field(nvml.FI_PCIE_REPLAY_COUNTER),
     "nvml_pcie_link_generation": lambda dev, labels: dev.pcie_link_gen_current,
     "nvml_pcie_link_width": lambda dev, labels: dev.pcie_link_width_current,
     "nvml_pcie_link_max_generation": lambda dev, labels: dev.pcie_link_gen_max,
@@ -122,18 +136,6 @@ EXPECTED: dict[str, Expectation] = {
     ),
     "nvml_ecc_enabled": lambda dev, labels: dev.ecc_mode_current,
     "nvml_ecc_pending_enabled": lambda dev, labels: dev.ecc_mode_pending,
-    "nvml_ecc_errors_total": lambda dev, labels: dev.field_value(
-        _ECC_FIELDS[(labels["error"], labels["counter"])]
-    ),
-    "nvml_remapped_rows_total": lambda dev, labels: dev.field_value(
-        nvml.FI_REMAPPED_COR if labels["error"] == "correctable" else nvml.FI_REMAPPED_UNC
-    ),
-    "nvml_remapped_rows_pending": _field(nvml.FI_REMAPPED_PENDING),
-    "nvml_remapped_rows_failure": _field(nvml.FI_REMAPPED_FAILURE),
-    "nvml_retired_pages_total": lambda dev, labels: dev.field_value(
-        nvml.FI_RETIRED_SBE if labels["cause"] == "single_bit" else nvml.FI_RETIRED_DBE
-    ),
-    "nvml_retired_pages_pending": _field(nvml.FI_RETIRED_PENDING),
     "nvml_persistence_mode_enabled": lambda dev, labels: dev.persistence_mode,
     "nvml_compute_mode": lambda dev, labels: dev.compute_mode,
     "nvml_mig_mode_enabled": lambda dev, labels: float(dev.mig_mode),
@@ -142,6 +144,8 @@ EXPECTED: dict[str, Expectation] = {
         sum(p.kind == labels["type"] for p in dev.processes)
     ),
 }
+assert not set(EXPECTED) & set(_from_tables()), "a table row's metric is checked from the table"
+EXPECTED |= _from_tables()
 
 
 def by_gpu(scrape: Scrape, name: str) -> dict[str, float]:
