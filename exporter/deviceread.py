@@ -86,7 +86,8 @@ def read_device(
             except Exception as exc:
                 failed.add(collector.name)
                 failures.failed(collector, device, exc)
-        device.fetch_fields(requests, slow_fields_interval)
+        slow = frozenset().union(*(collector.slow_fields for collector in collectors))
+        device.fetch_fields(requests, slow_fields_interval, slow)
     except DeviceLost as lost:
         return DeviceResult(down_reason=lost.reason)
     except SessionLost as lost:

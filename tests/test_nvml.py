@@ -14,6 +14,7 @@ import pytest
 from fakes import FakeClock
 
 from exporter import nvml
+from exporter.collectors import COLLECTORS
 from exporter.collectors.base import Emitter
 from exporter.collectors.busy import BUFFER_READ_EVERY, BUFFER_READ_SECONDS
 from exporter.collectors.pcie import PcieCollector
@@ -37,8 +38,10 @@ from exporter.nvml import (
 )
 from exporter.nvml.pynvml_driver import PynvmlDriver
 
-# The config's default sampling.slow_fields_interval.
+# The config's default sampling.slow_fields_interval, and the fields the collectors' tables mark
+# slow, as the sampler passes them.
 SLOW = 10.0
+SLOW_FIELDS = frozenset[int]().union(*(c.slow_fields for c in COLLECTORS.values()))
 
 
 class ScriptedDriver:
@@ -356,14 +359,14 @@ def test_an_unsupported_field_is_remembered_and_no_longer_requested() -> None:
     drv.fields = {nvml.FI_POWER_INSTANT: 321_000}
     dev = device(drv)
     wanted = [(nvml.FI_POWER_AVERAGE, 0), (nvml.FI_POWER_INSTANT, 0)]
-    dev.fetch_fields(wanted, SLOW)
+    dev.fetch_fields(wanted, SLOW, SLOW_FIELDS)
     assert not dev.field_absent(nvml.FI_POWER_AVERAGE)  # not known until its entry is read
     assert dev.field(nvml.FI_POWER_AVERAGE) is None
     assert dev.field(nvml.FI_POWER_INSTANT) == 321_000
     assert dev.field_absent(nvml.FI_POWER_AVERAGE)
     assert not dev.field_absent(nvml.FI_POWER_INSTANT)
     assert not dev.errors
-    dev.fetch_fields(wanted, SLOW)
+    dev.fetch_fields(wanted, SLOW, SLOW_FIELDS)
     assert drv.requests == [wanted, [(nvml.FI_POWER_INSTANT, 0)]]
 
 
@@ -379,10 +382,10 @@ def test_slow_fields_join_the_batch_every_ten_seconds_and_stand_in_between() -> 
     drv.fields = {nvml.FI_POWER_AVERAGE: 300_000, nvml.FI_TOTAL_ENERGY_CONSUMPTION: 7_000}
     dev, clock = _clocked(drv)
     wanted = [(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0), (nvml.FI_POWER_AVERAGE, 0)]
-    assert nvml.FI_TOTAL_ENERGY_CONSUMPTION in nvml.SLOW_FIELDS
+    assert nvml.FI_TOTAL_ENERGY_CONSUMPTION in SLOW_FIELDS
     seen = []
     for _ in range(12):
-        dev.fetch_fields(wanted, SLOW)
+        dev.fetch_fields(wanted, SLOW, SLOW_FIELDS)
         seen.append(dev.field(nvml.FI_TOTAL_ENERGY_CONSUMPTION))
         drv.fields[nvml.FI_TOTAL_ENERGY_CONSUMPTION] += 1_000
         clock.advance(1.0)
@@ -406,7 +409,7 @@ def test_a_failed_slow_field_is_asked_again_next_sample_and_an_answer_then_stand
     drv.field_values = answer  # type: ignore[method-assign]
     seen = []
     for _ in range(6):
-        dev.fetch_fields([(nvml.FI_PCIE_REPLAY_COUNTER, 0)], SLOW)
+        dev.fetch_fields([(nvml.FI_PCIE_REPLAY_COUNTER, 0)], SLOW, SLOW_FIELDS)
         seen.append(dev.field(nvml.FI_PCIE_REPLAY_COUNTER))
         clock.advance(1.0)
     # Each failed read counts once and is retried at the next sample; the answer then stands
@@ -420,10 +423,10 @@ def test_a_slow_field_new_to_the_request_list_is_read_at_once() -> None:
     drv = FieldDriver()
     drv.fields = {nvml.FI_PERF_POLICY_THERMAL: 5, nvml.FI_TOTAL_ENERGY_CONSUMPTION: 9}
     dev, clock = _clocked(drv)
-    dev.fetch_fields([(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0)], SLOW)
+    dev.fetch_fields([(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0)], SLOW, SLOW_FIELDS)
     clock.advance(1.0)
     dev.fetch_fields(
-        [(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0), (nvml.FI_PERF_POLICY_THERMAL, 0)], SLOW
+        [(nvml.FI_TOTAL_ENERGY_CONSUMPTION, 0), (nvml.FI_PERF_POLICY_THERMAL, 0)], SLOW, SLOW_FIELDS
     )
     assert dev.field(nvml.FI_PERF_POLICY_THERMAL) == 5
     assert dev.field(nvml.FI_TOTAL_ENERGY_CONSUMPTION) == 9
@@ -466,7 +469,7 @@ def test_a_failed_power_entry_counts_once_and_does_not_fall_back_to_the_call() -
     dev = device(drv)
     collector = PowerCollector()
     for sample in range(1, 4):
-        dev.fetch_fields(collector.fields(dev), SLOW)
+        dev.fetch_fields(collector.fields(dev), SLOW, SLOW_FIELDS)
         out = Emitter()
         collector.collect(dev, out, SampleContext())
         names = {spec.name for spec, _, _ in out.samples}
@@ -674,7 +677,7 @@ def test_energy_falls_back_to_its_call_only_where_the_field_is_unsupported() -> 
     collector = PowerCollector()
     energy = []
     for _ in range(12):
-        dev.fetch_fields(collector.fields(dev), SLOW)
+        dev.fetch_fields(collector.fields(dev), SLOW, SLOW_FIELDS)
         out = Emitter()
         collector.collect(dev, out, SampleContext())
         energy += [v for spec, _, v in out.samples if spec.name == "nvml_energy_joules_total"]
@@ -693,7 +696,7 @@ def test_energy_without_a_value_this_sample_is_not_read_another_way() -> None:
 
     drv.field_values = answer  # type: ignore[method-assign]
     collector = PowerCollector()
-    dev.fetch_fields(collector.fields(dev), SLOW)
+    dev.fetch_fields(collector.fields(dev), SLOW, SLOW_FIELDS)
     collector.collect(dev, Emitter(), SampleContext())
     assert drv.calls.get("total_energy", 0) == 0
 
@@ -710,6 +713,6 @@ def test_pcie_throughput_only_where_the_byte_counters_are_unsupported(
 
     drv.field_values = answer  # type: ignore[method-assign]
     collector = PcieCollector()
-    dev.fetch_fields(collector.fields(dev), SLOW)
+    dev.fetch_fields(collector.fields(dev), SLOW, SLOW_FIELDS)
     collector.collect(dev, Emitter(), SampleContext())
     assert drv.calls.get("pcie_throughput", 0) == throughput_calls

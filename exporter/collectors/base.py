@@ -117,6 +117,9 @@ class FieldSeries:
     fallback_only_unsupported: bool = False
     # Asked and emitted only where this holds for the device (ECC counters with ECC on).
     when: Callable[[Device], bool] | None = None
+    # A field the driver answers slowly (docs/performance.md): read every
+    # sampling.slow_fields_interval, its last answer standing in between.
+    slow: bool = False
 
     def wanted(self, device: Device) -> FieldRequest:
         """The field to ask for: the first of the field and its alternatives not known to be
@@ -240,6 +243,9 @@ class Collector:
     after: ClassVar[tuple[str, ...]] = ()
     # Every family the collector emits, in the docs' order: those declared, then the table's.
     metrics: ClassVar[tuple[MetricSpec, ...]] = ()
+    # Field ids read only every sampling.slow_fields_interval: those declared, and the table's
+    # rows marked slow.
+    slow_fields: ClassVar[frozenset[int]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -249,6 +255,9 @@ class Collector:
             if isinstance(row, FieldSeries) and row.fallback is not None:
                 specs.append(row.fallback.spec)
         cls.metrics = tuple(dict.fromkeys(specs))
+        cls.slow_fields = cls.slow_fields | {
+            row.request[0] for row in cls.table if isinstance(row, FieldSeries) and row.slow
+        }
 
     def configure(self, config: Config, services: Services) -> None:
         """Called when the sampler starts and on every reload."""

@@ -30,17 +30,18 @@ REASONS = (
     ("display_clock_setting", 0x100),
 )
 
-# Violation-time fields, in nanoseconds since the driver loaded.
+# Violation-time fields, in nanoseconds since the driver loaded, and whether the driver answers
+# the field slowly (docs/performance.md).
 DURATION_FIELDS = (
-    ("sw_power_cap", FI_PERF_POLICY_POWER),
-    ("thermal", FI_PERF_POLICY_THERMAL),
-    ("sync_boost", FI_PERF_POLICY_SYNC_BOOST),
-    ("board_limit", FI_PERF_POLICY_BOARD_LIMIT),
-    ("low_utilization", FI_PERF_POLICY_LOW_UTILIZATION),
-    ("reliability", FI_PERF_POLICY_RELIABILITY),
-    ("sw_thermal_slowdown", FI_CLOCKS_EVENT_SW_THERM_SLOWDOWN),
-    ("hw_thermal_slowdown", FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN),
-    ("hw_power_brake_slowdown", FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN),
+    ("sw_power_cap", FI_PERF_POLICY_POWER, False),
+    ("thermal", FI_PERF_POLICY_THERMAL, True),
+    ("sync_boost", FI_PERF_POLICY_SYNC_BOOST, False),
+    ("board_limit", FI_PERF_POLICY_BOARD_LIMIT, False),
+    ("low_utilization", FI_PERF_POLICY_LOW_UTILIZATION, False),
+    ("reliability", FI_PERF_POLICY_RELIABILITY, False),
+    ("sw_thermal_slowdown", FI_CLOCKS_EVENT_SW_THERM_SLOWDOWN, False),
+    ("hw_thermal_slowdown", FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN, True),
+    ("hw_power_brake_slowdown", FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN, True),
 )
 
 EVENT_ACTIVE = MetricSpec(
@@ -109,8 +110,8 @@ class ClockEventsCollector(Collector):
     name = "clock_events"
     metrics = (EVENT_ACTIVE,)
     table = tuple(
-        FieldSeries(EVENT_SECONDS, (field_id, 0), (reason,), divisor=1e9)
-        for reason, field_id in DURATION_FIELDS
+        FieldSeries(EVENT_SECONDS, (field_id, 0), (reason,), divisor=1e9, slow=slow)
+        for reason, field_id, slow in DURATION_FIELDS
     )
 
     def collect(self, device: Device, out: Emitter, context: SampleContext) -> None:

@@ -125,6 +125,8 @@ def _plan(links: int) -> FieldPlan:
 class NvlinkCollector(Collector):
     name = "nvlink"
     metrics = (LINK_UP, TX_BYTES, RX_BYTES, ERRORS)
+    # Counters of rare events, and many of them: every slow_fields_interval is plenty.
+    slow_fields = frozenset(field_id for _, field_id in _ERROR_FIELDS)
 
     @staticmethod
     def _links(device: Device) -> int:

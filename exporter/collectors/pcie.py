@@ -110,7 +110,7 @@ class PcieCollector(Collector):
     table = (
         _bytes(TX_BYTES, FI_PCIE_COUNT_TX_BYTES, TX_THROUGHPUT, PCIE_TX_BYTES),
         _bytes(RX_BYTES, FI_PCIE_COUNT_RX_BYTES, RX_THROUGHPUT, PCIE_RX_BYTES),
-        FieldSeries(REPLAYS, (FI_PCIE_REPLAY_COUNTER, 0)),
+        FieldSeries(REPLAYS, (FI_PCIE_REPLAY_COUNTER, 0), slow=True),
         CallSeries(
             LINK_GENERATION, lambda d: d.recent(LINK_STATE_MAX_AGE, d.driver.pcie_link_generation)
         ),

@@ -117,5 +117,6 @@ class PowerCollector(Collector):
             # Never mixed with the field: an older cached answer would make the counter go back.
             fallback=CallSeries(ENERGY, _energy_call, divisor=1000),
             fallback_only_unsupported=True,
+            slow=True,
         ),
     )

@@ -40,7 +40,7 @@ class SamplingConfig:
     interval: float = 1.0
     # Deadline for reading all devices in one sample; None means "the interval".
     timeout: float | None = None
-    # How often the counters a driver answers slowly are read (nvml.SLOW_FIELDS); 0: every
+    # How often the counters a driver answers slowly are read (rows marked slow); 0: every
     # sample.
     slow_fields_interval: float = 10.0
 

@@ -52,7 +52,6 @@ from exporter.nvml.errors import (
     SessionLost,
     error_code,
 )
-from exporter.nvml.fields import SLOW_FIELDS
 from exporter.nvml.session import (
     Session,
 )
@@ -193,7 +192,6 @@ __all__ = [
     "PSTATE_UNKNOWN",
     "REPROBE_SECONDS",
     "RESET_REQUIRED",
-    "SLOW_FIELDS",
     "SUCCESS",
     "TEMPERATURE_GPU",
     "THRESHOLD_GPU_MAX",

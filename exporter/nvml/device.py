@@ -286,12 +286,19 @@ class Device:
         a slow field where the GPU lacks it."""
         return self.recent(self._fields.slow_every, fn, *args, **kwargs)
 
-    def fetch_fields(self, requests: Sequence[FieldRequest], slow_every: float) -> None:
-        """Reads every field the collectors want in one nvmlDeviceGetFieldValues call;
-        SLOW_FIELDS once `slow_every` seconds have passed, their last entries standing until
-        then."""
+    def fetch_fields(
+        self,
+        requests: Sequence[FieldRequest],
+        slow_every: float,
+        slow_fields: frozenset[int] = frozenset(),
+    ) -> None:
+        """Reads every field the collectors want in one nvmlDeviceGetFieldValues call; those
+        in `slow_fields` once `slow_every` seconds have passed, their last entries standing
+        until then."""
         now = self.clock()
-        asked, fresh = self._fields.due(requests, now, slow_every, self._field_absent_until)
+        asked, fresh = self._fields.due(
+            requests, now, slow_every, slow_fields, self._field_absent_until
+        )
         if not asked:
             return
         try:
@@ -304,7 +311,7 @@ class Device:
         self._fields.answered(asked, results, fresh)
 
     def field(self, field_id: int, scope: int = 0) -> float | None:
-        """A value from the last `fetch_fields` (or, for SLOW_FIELDS, the last that read
+        """A value from the last `fetch_fields` (or, for a slow field, the last that read
         them), with the error policy applied to its entry once."""
         result = self._fields.entry((field_id, scope))
         if result is None:

@@ -1,41 +1,17 @@
 """A GPU's field values, read in one nvmlDeviceGetFieldValues call per sample for all its
-collectors: which fields to ask this time (no duplicates, none known to be absent, SLOW_FIELDS
-only every so often), and the entries that stand until the next batch."""
+collectors: which fields to ask this time (no duplicates, none known to be absent, the slow
+ones only every so often), and the entries that stand until the next batch.
+
+Some fields cost the driver far more CPU than most (docs/performance.md); their collectors mark
+them slow, and where they are counters that rarely need second resolution they join the batch
+only every `sampling.slow_fields_interval`, their last answer standing in between."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 from exporter.nvml.codes import SUCCESS
-from exporter.nvml.values import (
-    FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN,
-    FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN,
-    FI_NVLINK_ERROR_DL_CRC,
-    FI_NVLINK_ERROR_DL_RECOVERY,
-    FI_NVLINK_ERROR_DL_REPLAY,
-    FI_PCIE_REPLAY_COUNTER,
-    FI_PERF_POLICY_THERMAL,
-    FI_TOTAL_ENERGY_CONSUMPTION,
-    FieldRequest,
-    FieldResult,
-)
-
-# Fields a driver answers slowly: each costs the driver far more CPU than most fields do
-# (docs/performance.md). All are counters that rarely need second resolution, so they join the
-# batch only every `sampling.slow_fields_interval` and their last
-# answer stands in between. NVLink's error counters are here on the same reasoning.
-SLOW_FIELDS = frozenset(
-    {
-        FI_TOTAL_ENERGY_CONSUMPTION,
-        FI_PERF_POLICY_THERMAL,
-        FI_CLOCKS_EVENT_HW_THERM_SLOWDOWN,
-        FI_CLOCKS_EVENT_HW_POWER_BRAKE_SLOWDOWN,
-        FI_PCIE_REPLAY_COUNTER,
-        FI_NVLINK_ERROR_DL_REPLAY,
-        FI_NVLINK_ERROR_DL_RECOVERY,
-        FI_NVLINK_ERROR_DL_CRC,
-    }
-)
+from exporter.nvml.values import FieldRequest, FieldResult
 
 _NEVER = float("inf")
 Requests = tuple[FieldRequest, ...]
@@ -47,15 +23,15 @@ class FieldBatch:
     def __init__(self) -> None:
         # The entries of the last batch.
         self._entries: dict[FieldRequest, FieldResult] = {}
-        # SLOW_FIELDS' answers from the last batch that asked for them, and when that was.
+        # The slow fields' answers from the last batch that asked for them, and when that was.
         self._slow_answers: dict[FieldRequest, FieldResult] = {}
         self._slow_read_at = float("-inf")
         # How often the slow fields are read, as the sampler last asked: calls that stand in
         # for a slow field are read as seldom (Device.read_slowly).
         self.slow_every = 0.0
         # Request lists as the collectors ask -> what is asked of NVML (no duplicates, nothing
-        # known to be absent), split into the fields asked every time and SLOW_FIELDS.
-        self._plans: dict[Requests, tuple[Requests, Requests]] = {}
+        # known to be absent), split into the fields asked every time and the slow ones.
+        self._plans: dict[tuple[Requests, frozenset[int]], tuple[Requests, Requests]] = {}
         # When the first field a plan leaves out as absent may be asked again: the plans are
         # built afresh then.
         self._plans_until = _NEVER
@@ -70,13 +46,14 @@ class FieldBatch:
         requests: Sequence[FieldRequest],
         now: float,
         slow_every: float,
+        slow_fields: frozenset[int],
         absent_until: Callable[[FieldRequest, float], float | None],
     ) -> tuple[Requests, Requests]:
         """What to ask of NVML now for `requests`, and which of those are slow fields asked
         afresh; the last batch's entries are dropped. `absent_until` tells until when a field
         that answered "absent" is left out, None for a field to ask."""
         self.slow_every = slow_every
-        key = tuple(requests)
+        key = (tuple(requests), slow_fields)
         if now >= self._plans_until:
             self.replan()
         plan = self._plans.get(key)
@@ -84,15 +61,15 @@ class FieldBatch:
             if len(self._plans) > 16:  # request lists differ only by mode changes
                 self.replan()
             wanted = []
-            for request in dict.fromkeys(key):
+            for request in dict.fromkeys(key[0]):
                 until = absent_until(request, now)
                 if until is None:
                     wanted.append(request)
                 else:
                     self._plans_until = min(self._plans_until, until)
             plan = self._plans[key] = (
-                tuple(r for r in wanted if r[0] not in SLOW_FIELDS),
-                tuple(r for r in wanted if r[0] in SLOW_FIELDS),
+                tuple(r for r in wanted if r[0] not in slow_fields),
+                tuple(r for r in wanted if r[0] in slow_fields),
             )
         every, slow = plan
         self._entries = {}
