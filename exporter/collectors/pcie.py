@@ -1,4 +1,5 @@
-"""PCIe traffic, replays, and the link's current and maximum generation and width."""
+"""PCIe traffic, replays and correctable errors, and the link's current and maximum generation
+and width."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from exporter.nvml import (
     PCIE_RX_BYTES,
     PCIE_TX_BYTES,
 )
+from exporter.nvml.values import FI_PCIE_COUNT_CORRECTABLE_ERRORS
 
 # The link trains down when idle and back up under load; a few seconds of lag is plenty.
 LINK_STATE_MAX_AGE = 10.0
@@ -57,6 +59,14 @@ REPLAYS = MetricSpec(
     source="field NVML_FI_DEV_PCIE_REPLAY_COUNTER (every sampling.slow_fields_interval)",
     cadence="Read every {slow}.",
     dcgm=(Dcgm("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "Total PCIe retries.", type="counter"),),
+)
+CORRECTABLE_ERRORS = MetricSpec(
+    "nvml_pcie_correctable_errors_total",
+    "counter",
+    "PCIe correctable errors the GPU's link has seen and recovered from; a count that keeps "
+    "growing points at a marginal link, riser or slot before it costs replays or a fatal error.",
+    source="field NVML_FI_DEV_PCIE_COUNT_CORRECTABLE_ERRORS (every sampling.slow_fields_interval)",
+    cadence="Read every {slow}.",
 )
 LINK_GENERATION = MetricSpec(
     "nvml_pcie_link_generation",
@@ -111,6 +121,7 @@ class PcieCollector(Collector):
         _bytes(TX_BYTES, FI_PCIE_COUNT_TX_BYTES, TX_THROUGHPUT, PCIE_TX_BYTES),
         _bytes(RX_BYTES, FI_PCIE_COUNT_RX_BYTES, RX_THROUGHPUT, PCIE_RX_BYTES),
         FieldSeries(REPLAYS, (FI_PCIE_REPLAY_COUNTER, 0), slow=True),
+        FieldSeries(CORRECTABLE_ERRORS, (FI_PCIE_COUNT_CORRECTABLE_ERRORS, 0), slow=True),
         CallSeries(
             LINK_GENERATION, lambda d: d.recent(LINK_STATE_MAX_AGE, d.driver.pcie_link_generation)
         ),

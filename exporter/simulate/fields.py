@@ -42,6 +42,7 @@ from exporter.nvml import (
     FieldRequest,
     FieldResult,
 )
+from exporter.nvml.values import FI_PCIE_COUNT_CORRECTABLE_ERRORS
 from exporter.simulate.physics import DeviceState
 
 # Fields scoped to one NVLink: the value for link `link` of the device.
@@ -63,6 +64,7 @@ def _device_wide(s: DeviceState) -> dict[int, float]:
         FI_PCIE_COUNT_TX_BYTES: int(s.pcie_tx_bytes),
         FI_PCIE_COUNT_RX_BYTES: int(s.pcie_rx_bytes),
         FI_PCIE_REPLAY_COUNTER: 0,
+        FI_PCIE_COUNT_CORRECTABLE_ERRORS: 2 if s.index == 1 else 0,
         FI_NVLINK_LINK_COUNT: s.model.nvlinks,
         FI_ECC_SBE_VOL_TOTAL: 0,
         FI_ECC_DBE_VOL_TOTAL: 0,

@@ -103,6 +103,7 @@ FI_MEMORY_TEMP = 82
 FI_TOTAL_ENERGY_CONSUMPTION = 83
 FI_NVLINK_LINK_COUNT = 91
 FI_PCIE_REPLAY_COUNTER = 94
+FI_PCIE_COUNT_CORRECTABLE_ERRORS = 173
 FI_NVLINK_THROUGHPUT_DATA_TX = 138
 FI_NVLINK_THROUGHPUT_DATA_RX = 139
 FI_NVLINK_THROUGHPUT_RAW_TX = 140
@@ -343,6 +344,7 @@ class Device:
     decoder_utilization_samples: list[Sample] = field(default_factory=list)
     encoder_session_count: int = 0
     """Sessions open; an encoder without any is idle, its samples 0, as on a real GPU."""
+    pcie_correctable_errors: int = 0
     encoder_average_fps: int = 0
     encoder_average_latency: int = 0
     """Microseconds, as nvmlDeviceGetEncoderStats reports it."""
@@ -406,6 +408,7 @@ class Device:
             (FI_TOTAL_ENERGY_CONSUMPTION, None): FieldValue(ull, self.energy),
             (FI_MEMORY_TEMP, None): FieldValue(uint, self.temperature_memory),
             (FI_PCIE_REPLAY_COUNTER, None): FieldValue(ull, self.pcie_replay_counter),
+            (FI_PCIE_COUNT_CORRECTABLE_ERRORS, None): FieldValue(ull, self.pcie_correctable_errors),
             (FI_PCIE_COUNT_TX_BYTES, None): FieldValue(ull, self.pcie_tx_bytes),
             (FI_PCIE_COUNT_RX_BYTES, None): FieldValue(ull, self.pcie_rx_bytes),
             (FI_POWER_CURRENT_LIMIT, None): FieldValue(uint, self.power_limit_enforced),
@@ -574,6 +577,7 @@ def make_device(index: int, name: str = "NVIDIA H200", architecture: int = ARCH_
         pcie_tx_throughput=1000 + 100 * i,
         pcie_rx_throughput=2000 + 100 * i,
         pcie_replay_counter=i,
+        pcie_correctable_errors=7 * i,
         pcie_tx_bytes=10**12 + i * 10**9,
         pcie_rx_bytes=2 * 10**12 + i * 10**9,
         nvlinks=[
