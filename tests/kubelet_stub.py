@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import grpc  # a test dependency: the Kubernetes support is tested, not skipped
 import pytest
 
 from exporter.podresources import LIST_METHOD
@@ -96,8 +97,6 @@ def sockdir() -> Iterator[Path]:
 @contextlib.contextmanager
 def serving_kubelet(socket_path: str) -> Iterator[FakeKubelet]:
     """A kubelet stand-in answering on `socket_path` while the block runs."""
-    import grpc  # a test dependency: the Kubernetes support is tested, not skipped
-
     fake = FakeKubelet(socket_path, grpc)
 
     def serve(method: str) -> Any:
